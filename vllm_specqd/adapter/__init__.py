@@ -1,0 +1,1 @@
+"""The vLLM adapter: the only part of vllm-specqd that imports vLLM."""

@@ -1,0 +1,153 @@
+"""Build the MXFP4 self-draft from the target's weights in memory.
+
+Two steps, because vLLM may drop a linear layer's BF16 weight right after
+loading (on CPU, ``UnquantizedLinearMethod.process_weights_after_loading``
+repacks it for oneDNN and frees the original):
+
+1. :func:`capture_mxfp4` runs inside that hook (see ``patches.py``) and keeps an
+   MXFP4 copy of each linear weight that a specqd level will need.
+2. :func:`build_mxfp4_draft` instantiates the draft architecture and moves
+   those MXFP4 tensors into it. Embeddings, lm_head and norms are the target's
+   own modules (zero extra bytes); any other parameter is copied.
+
+The checkpoint is never read a second time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn import Parameter
+from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.logger import init_logger
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm, LayerNorm, RMSNorm
+from vllm.model_executor.layers.linear import LinearBase
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.model_loader.utils import initialize_model
+from vllm.utils.torch_utils import set_default_torch_dtype
+
+from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod, finalize_mxfp4_layer
+from vllm_specqd.config import from_dict
+from vllm_specqd.mxfp4 import quantize_mxfp4
+
+logger = init_logger(__name__)
+
+DRAFT_PREFIX = "draft_model"  # vLLM's DraftModelProposer prefix; its attention layers live under it
+INNER_PREFIX = "specqd_inner"  # + level number, for small-model inner levels
+_SHARED_MODULE_TYPES = (VocabParallelEmbedding, RMSNorm, GemmaRMSNorm, LayerNorm)
+_STASH = "specqd_mxfp4"
+
+
+def inner_prefix(level: int) -> str:
+    return f"{INNER_PREFIX}{level}"
+
+
+def _scale_rule_for(prefix: str, specqd: dict) -> str | None:
+    """Scale rule if the model owning ``prefix`` needs an MXFP4 copy, else None."""
+    cfg = from_dict(specqd)
+    if prefix.startswith(DRAFT_PREFIX):
+        return None  # level-1 draft layers are MXFP4 already
+    for level, spec in enumerate(cfg.levels(), start=2):
+        if prefix.startswith(inner_prefix(level)):
+            return spec.scale_rule if spec.quantization == "mxfp4" else None
+    return cfg.draft.scale_rule  # the target: level 1 is made from it
+
+
+def capture_mxfp4(layer: nn.Module) -> None:
+    """Keep an MXFP4 copy of ``layer.weight`` before vLLM may free it."""
+    vllm_config = get_current_vllm_config_or_none()
+    specqd = vllm_config.additional_config.get("specqd") if vllm_config is not None else None
+    if not specqd or not isinstance(layer, LinearBase) or layer.weight.numel() == 0:
+        return
+    rule = _scale_rule_for(layer.prefix, specqd)
+    if rule is not None:
+        setattr(layer, _STASH, quantize_mxfp4(layer.weight.data, scale_rule=rule, name=f"{layer.prefix}.weight"))
+
+
+def _take_stash(layer: nn.Module, name: str):
+    stash = getattr(layer, _STASH, None)
+    if stash is None:
+        raise RuntimeError(
+            f"specqd: no MXFP4 copy of '{name}'. The target must be an unquantized dense "
+            "model loaded with the specqd plugin active."
+        )
+    delattr(layer, _STASH)
+    return stash
+
+
+def _install_mxfp4(layer: nn.Module, stash, name: str) -> None:
+    for attr, tensor in (("weight_packed", stash.packed), ("weight_scale", stash.scales)):
+        placeholder = getattr(layer, attr, None)
+        if placeholder is not None and placeholder.shape != tensor.shape:
+            raise RuntimeError(f"specqd: '{name}.{attr}' expects {tuple(placeholder.shape)}, got {tuple(tensor.shape)}")
+        setattr(layer, attr, Parameter(tensor, requires_grad=False))
+
+
+def build_mxfp4_draft(
+    vllm_config: VllmConfig, target: nn.Module, prefix: str = DRAFT_PREFIX, dequantize_once: bool = True
+) -> nn.Module:
+    """A new model of the target's architecture whose linears hold the captured MXFP4 weights."""
+    model_config = vllm_config.model_config
+    device = next(target.parameters()).device
+    with set_default_torch_dtype(model_config.dtype), device:
+        draft = initialize_model(vllm_config=vllm_config, model_config=model_config, prefix=prefix)
+
+    target_modules = dict(target.named_modules(remove_duplicate=False))
+    replacements = []
+    cpu_copy_bytes = 0
+    for name, module in draft.named_modules(remove_duplicate=False):
+        twin = target_modules.get(name)
+        if isinstance(getattr(module, "quant_method", None), MXFP4LinearMethod):
+            if twin is None:
+                raise RuntimeError(f"specqd: target has no layer '{name}' for the draft to copy")
+            _install_mxfp4(module, _take_stash(twin, name), name)
+            if getattr(module, "bias", None) is not None:
+                module.bias = twin.bias
+            cpu_copy_bytes += finalize_mxfp4_layer(module, dequantize_once)
+        elif isinstance(module, _SHARED_MODULE_TYPES) and twin is not None:
+            replacements.append((name, twin))
+        elif twin is not None:
+            for pname, param in module.named_parameters(recurse=False):
+                param.data.copy_(getattr(twin, pname).data)
+    for name, twin in replacements:
+        parent_name, _, child = name.rpartition(".")
+        setattr(draft.get_submodule(parent_name) if parent_name else draft, child, twin)
+
+    _log_extra_bytes(draft, target, cpu_copy_bytes)
+    return draft.eval()
+
+
+def convert_to_mxfp4_in_place(model: nn.Module, dequantize_once: bool = True) -> int:
+    """Switch a loaded BF16 model's linears to its captured MXFP4 copies (inner levels)."""
+    converted = 0
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase) and hasattr(module, _STASH):
+            _install_mxfp4(module, _take_stash(module, name), name)
+            module.quant_method = MXFP4LinearMethod()
+            module.specqd_in_features = module.input_size_per_partition
+            del module.weight  # the BF16 weight (or its CPU repack) is no longer needed
+            module.__dict__.pop("cpu_linear", None)
+            finalize_mxfp4_layer(module, dequantize_once)
+            converted += 1
+    return converted
+
+
+def _param_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _log_extra_bytes(draft: nn.Module, target: nn.Module, cpu_copy_bytes: int) -> int:
+    target_ptrs = {p.data_ptr() for p in target.parameters()}
+    extra = [p for p in draft.parameters() if p.data_ptr() not in target_ptrs and p.numel()]
+    shared = [p for p in draft.parameters() if p.data_ptr() in target_ptrs]
+    extra_bytes = _param_bytes(extra)
+    logger.info(
+        "specqd: MXFP4 draft adds %.2f MiB of weights; %.2f MiB (embeddings, lm_head, norms) "
+        "are shared with the target by reference.%s",
+        extra_bytes / 2**20,
+        _param_bytes(shared) / 2**20,
+        f" Off CUDA it also keeps a once-dequantized copy for the CPU GEMM: "
+        f"{cpu_copy_bytes / 2**20:.2f} MiB (draft.cpu_dequantize_once)." if cpu_copy_bytes else "",
+    )
+    draft.specqd_extra_weight_bytes = extra_bytes + cpu_copy_bytes
+    return extra_bytes

@@ -1,0 +1,85 @@
+"""Translate a user's ``method: specqd`` config into vLLM's draft_model machinery.
+
+Example: with target ``/models/llama`` and::
+
+    {"method": "specqd", "num_speculative_tokens": 6, "draft": {"scale_rule": "mse"}}
+
+vLLM receives ``{"method": "draft_model", "model": "/models/llama",
+"num_speculative_tokens": 6, "quantization": "specqd_mxfp4", ...}`` (the draft
+has the target's architecture; vLLM reserves its K lookahead KV slots and
+gives it its own KV layers), and ``additional_config["specqd"]`` carries the
+validated specqd settings to every worker.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import vllm.envs as envs
+
+from vllm_specqd.adapter.mxfp4_linear import QUANT_NAME
+from vllm_specqd.config import SpecQDConfig, SpecQDConfigError, parse_config
+
+
+def _tokenizer_vocab(model_dir: Path) -> dict | None:
+    tok = model_dir / "tokenizer.json"
+    if not tok.is_file():
+        return None
+    data = json.loads(tok.read_text())
+    vocab = dict(data.get("model", {}).get("vocab", {}))
+    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    return vocab
+
+
+def _check_inner_vocabularies(cfg: SpecQDConfig, target_model_config: Any) -> None:
+    target_vocab_size = target_model_config.get_vocab_size()
+    target_dir = Path(target_model_config.tokenizer or target_model_config.model)
+    target_vocab = _tokenizer_vocab(target_dir) if target_dir.is_dir() else None
+    for level, spec in enumerate(cfg.levels(), start=2):
+        if spec.method != "draft_model":
+            continue
+        path = f"inner{'.inner' * (level - 2)}.model"
+        config = json.loads((Path(spec.model) / "config.json").read_text())
+        size = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+        if size != target_vocab_size:
+            raise SpecQDConfigError(
+                f"specqd config: '{path}' = {spec.model!r} has vocab_size {size}, the target has "
+                f"{target_vocab_size}; inner levels must share the target's tokenizer"
+            )
+        inner_vocab = _tokenizer_vocab(Path(spec.model))
+        if target_vocab is not None and inner_vocab is not None and inner_vocab != target_vocab:
+            raise SpecQDConfigError(
+                f"specqd config: '{path}' = {spec.model!r} has a different tokenizer vocabulary "
+                "than the target; inner levels must share the target's tokenizer"
+            )
+
+
+def translate_engine_args(engine_args: Any, target_model_config: Any, target_parallel_config: Any) -> None:
+    """Rewrite ``engine_args.speculative_config`` in place when it asks for specqd."""
+    raw = engine_args.speculative_config
+    if not isinstance(raw, dict) or raw.get("method") != "specqd":
+        return
+    cfg = parse_config(raw, target_model=target_model_config.model)
+    if target_model_config.quantization is not None:
+        raise SpecQDConfigError(
+            f"specqd: the target is already quantized ({target_model_config.quantization!r}). "
+            "The MXFP4 draft is direct-cast from BF16/FP16 weights; quantized targets are not "
+            "supported yet. Serve the unquantized checkpoint."
+        )
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
+        raise SpecQDConfigError(
+            "specqd runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER=1 to use it."
+        )
+    _check_inner_vocabularies(cfg, target_model_config)
+    engine_args.speculative_config = {
+        "method": "draft_model",
+        "model": target_model_config.model,
+        "revision": target_model_config.revision,
+        "num_speculative_tokens": cfg.num_speculative_tokens,
+        "quantization": QUANT_NAME,
+        "draft_tensor_parallel_size": target_parallel_config.tensor_parallel_size,
+        "draft_sample_method": cfg.draft_sample_method,
+    }
+    engine_args.additional_config = {**(engine_args.additional_config or {}), "specqd": cfg.to_dict()}

@@ -1,0 +1,155 @@
+"""Every monkeypatch vllm-specqd applies to vLLM, in one place.
+
+Each patch names the vLLM 0.32.0 file and line it wraps. All of them wrap the
+original (never copy it) and are no-ops unless the engine was configured with
+``method: specqd``, so a vLLM with this plugin installed behaves exactly as
+before for every other config. ``apply_all`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from typing import Any, Callable
+
+from vllm.logger import init_logger
+
+from vllm_specqd.config import SpecQDConfigError, load_speculative_config_arg
+
+logger = init_logger(__name__)
+
+_APPLIED: set[str] = set()
+
+
+def _wrap(owner: Any, name: str, make_wrapper: Callable[[Callable], Callable], key: str) -> None:
+    if key in _APPLIED:
+        return
+    original = getattr(owner, name)
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    wrapper.__specqd_original__ = original
+    setattr(owner, name, wrapper)
+    _APPLIED.add(key)
+
+
+def _specqd_settings(vllm_config: Any) -> dict | None:
+    extra = getattr(vllm_config, "additional_config", None)
+    return extra.get("specqd") if isinstance(extra, dict) else None
+
+
+# --------------------------------------------------------------------------
+# 1. vllm/engine/arg_utils.py:1826 -- `--speculative-config` is parsed with
+#    `optional_type(json.loads)`. Accept a path to a .json/.yaml file too.
+#    (AsyncEngineArgs.add_cli_args loads general plugins before building the
+#    parser, so this patch is in place for `vllm serve`.)
+def _patch_cli_speculative_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    def load_or_argparse_error(value: str) -> dict | None:
+        try:
+            return load_speculative_config_arg(value)
+        except SpecQDConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    def make(original):
+        def add_cli_args(parser):
+            parser = original(parser)
+            for action in parser._actions:
+                if "--speculative-config" in action.option_strings:
+                    action.type = load_or_argparse_error
+            return parser
+
+        return staticmethod(add_cli_args)
+
+    if "cli" in _APPLIED:
+        return
+    original = EngineArgs.__dict__["add_cli_args"].__func__
+    EngineArgs.add_cli_args = make(original)
+    _APPLIED.add("cli")
+
+
+# --------------------------------------------------------------------------
+# 2. vllm/engine/arg_utils.py:2060 `EngineArgs.create_speculative_config`:
+#    SpeculativeConfig forbids unknown keys, so `method: specqd` is validated and
+#    translated into vLLM's draft_model machinery first; the specqd settings ride
+#    in `additional_config["specqd"]`, which reaches every worker.
+def _patch_create_speculative_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_specqd.adapter.engine_config import translate_engine_args
+
+    def make(original):
+        def create_speculative_config(self, target_model_config, target_parallel_config):
+            translate_engine_args(self, target_model_config, target_parallel_config)
+            return original(self, target_model_config, target_parallel_config)
+
+        return create_speculative_config
+
+    _wrap(EngineArgs, "create_speculative_config", make, "create_speculative_config")
+
+
+# --------------------------------------------------------------------------
+# 3. vllm/config/vllm.py:2914 `_get_v2_model_runner_unsupported_features`:
+#    specqd hooks the V1 model runner (CPUModelRunner subclasses it), so the V2
+#    runner is declined for specqd configs, with vLLM's usual log line.
+def _patch_v2_runner_opt_out() -> None:
+    from vllm.config import VllmConfig
+
+    def make(original):
+        def unsupported(self):
+            found = original(self)
+            if _specqd_settings(self):
+                found.append("speculative method 'specqd'")
+            return found
+
+        return unsupported
+
+    _wrap(VllmConfig, "_get_v2_model_runner_unsupported_features", make, "v2_runner")
+
+
+# --------------------------------------------------------------------------
+# 4. vllm/v1/worker/gpu_model_runner.py:612 builds `DraftModelProposer(...)`
+#    for method draft_model. For specqd configs the drafter is replaced, right
+#    after construction, by SpecQDProposer (a DraftModelProposer subclass, so
+#    every isinstance check in the runner still holds).
+def _patch_model_runner_drafter() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def make(original):
+        def __init__(self, vllm_config, device, *args, **kwargs):
+            original(self, vllm_config, device, *args, **kwargs)
+            if _specqd_settings(vllm_config) and hasattr(self, "drafter"):
+                from vllm_specqd.adapter.proposer import SpecQDProposer
+
+                self.drafter = SpecQDProposer(vllm_config=vllm_config, device=self.device, runner=self)
+
+        return __init__
+
+    _wrap(GPUModelRunner, "__init__", make, "runner_init")
+
+
+# --------------------------------------------------------------------------
+# 5. vllm/model_executor/layers/linear.py:206
+#    `UnquantizedLinearMethod.process_weights_after_loading` repacks CPU weights
+#    for oneDNN and frees the BF16 original. Capture the MXFP4 copy the draft
+#    needs first (only for specqd engines; see draft_builder.capture_mxfp4).
+def _patch_capture_target_weights() -> None:
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from vllm_specqd.adapter.draft_builder import capture_mxfp4
+
+    def make(original):
+        def process_weights_after_loading(self, layer):
+            capture_mxfp4(layer)
+            return original(self, layer)
+
+        return process_weights_after_loading
+
+    _wrap(UnquantizedLinearMethod, "process_weights_after_loading", make, "capture")
+
+
+def apply_all() -> None:
+    _patch_cli_speculative_config()
+    _patch_create_speculative_config()
+    _patch_v2_runner_opt_out()
+    _patch_model_runner_drafter()
+    _patch_capture_target_weights()

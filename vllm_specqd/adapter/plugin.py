@@ -1,0 +1,25 @@
+"""`vllm.general_plugins` entry point.
+
+vLLM calls :func:`register` in every process (API server, engine core,
+workers) before configs are built. It is idempotent: vLLM may call it more
+than once per process.
+"""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm_specqd.vllm_compat import check_vllm_version
+
+    check_vllm_version(required=True)
+
+    from vllm_specqd.adapter import mxfp4_linear  # noqa: F401  registers "specqd_mxfp4"
+    from vllm_specqd.adapter.patches import apply_all
+
+    apply_all()
+    _registered = True

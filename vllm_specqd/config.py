@@ -1,0 +1,262 @@
+"""The ``specqd`` speculative config: schema, validation and file loading.
+
+Users write one JSON/YAML object (``specqd.json``)::
+
+    {"method": "specqd", "num_speculative_tokens": 8,
+     "draft": {"quantization": "mxfp4", "scale_rule": "floor"},
+     "inner": {"method": "ngram", "num_speculative_tokens": 4,
+               "prompt_lookup_min": 2, "prompt_lookup_max": 5}}
+
+Level 1 is always the MXFP4 self-draft of the target (``draft``). ``inner`` is
+optional and recursive: an ``ngram`` lookup, or a small ``draft_model`` (same
+tokenizer, optionally MXFP4) that may have its own ``inner``.
+
+Every problem raises :class:`SpecQDConfigError` naming the key and what is
+allowed, before anything starts. This module knows nothing of vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+MAX_SPECULATIVE_TOKENS = 16
+QUANTIZATIONS = ("mxfp4",)
+SCALE_RULES = ("floor", "rceil", "mse")
+DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
+INNER_METHODS = ("ngram", "draft_model")
+
+# Chosen by measurement (README, "Choosing the scale rule"): FLOOR is the OCP
+# spec's rule and the one every MXFP4 kernel/tool agrees on.
+DEFAULT_SCALE_RULE = "floor"
+# vLLM's rejection sampler treats a greedy draft as one-hot; measured in the
+# README ("Greedy vs probabilistic draft").
+DEFAULT_DRAFT_SAMPLE_METHOD = "greedy"
+
+
+class SpecQDConfigError(ValueError):
+    """A bad specqd speculative config; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    """Level 1: the target's own weights, direct-cast to MXFP4."""
+
+    quantization: str = "mxfp4"
+    scale_rule: str = DEFAULT_SCALE_RULE
+    # Off CUDA, run the MXFP4 weights as a once-dequantized BF16 copy (exact
+    # values, vLLM's CPU GEMM) instead of dequantizing on every forward pass.
+    cpu_dequantize_once: bool = True
+
+
+@dataclass(frozen=True)
+class InnerSpec:
+    """A level below the MXFP4 draft that proposes tokens for it to verify."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    model: str | None = None
+    quantization: str | None = None
+    scale_rule: str = DEFAULT_SCALE_RULE
+    cpu_dequantize_once: bool = True
+    inner: InnerSpec | None = None
+
+
+@dataclass(frozen=True)
+class SpecQDConfig:
+    num_speculative_tokens: int
+    draft: DraftSpec = DraftSpec()
+    inner: InnerSpec | None = None
+    draft_sample_method: str = DEFAULT_DRAFT_SAMPLE_METHOD
+
+    def levels(self) -> list[InnerSpec]:
+        """The inner levels, outermost first (level 2, level 3, ...)."""
+        chain, spec = [], self.inner
+        while spec is not None:
+            chain.append(spec)
+            spec = spec.inner
+        return chain
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form that round-trips through :func:`parse_config`."""
+
+        def clean(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: (clean(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
+
+        return {"method": "specqd", **clean(asdict(self))}
+
+
+# ---------------------------------------------------------------- validation
+
+_TOP_KEYS = {"method", "num_speculative_tokens", "draft", "inner", "draft_sample_method"}
+_DRAFT_KEYS = {"quantization", "scale_rule", "cpu_dequantize_once"}
+_NGRAM_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
+_MODEL_KEYS = {
+    "method", "num_speculative_tokens", "model", "quantization", "scale_rule", "cpu_dequantize_once", "inner"
+}
+
+
+def _fail(path: str, message: str) -> SpecQDConfigError:
+    return SpecQDConfigError(f"specqd config: '{path}' {message}")
+
+
+def _check_keys(raw: Mapping, allowed: set[str], where: str) -> None:
+    if not isinstance(raw, Mapping):
+        raise _fail(where or "<root>", f"must be an object/dict, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise _fail(prefix + unknown[0], f"is not a known key; allowed keys here: {sorted(allowed)}")
+
+
+def _int_in_range(raw: Mapping, key: str, path: str, lo: int, hi: int, required: bool = True) -> int | None:
+    if key not in raw or raw[key] is None:
+        if required:
+            raise _fail(path, f"is required (an integer in {lo}..{hi})")
+        return None
+    value = raw[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, f"must be an integer in {lo}..{hi}, got {value!r} ({type(value).__name__})")
+    if not lo <= value <= hi:
+        raise _fail(path, f"must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _choice(raw: Mapping, key: str, path: str, allowed: tuple[str, ...], default: str | None) -> str | None:
+    value = raw.get(key, default)
+    if value is None and default is None:
+        return None
+    if not isinstance(value, str) or value not in allowed:
+        raise _fail(path, f"must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def _bool(raw: Mapping, key: str, path: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise _fail(path, f"must be true or false, got {value!r}")
+    return value
+
+
+def _parse_inner(raw: Any, path: str, outer_k: int, seen: set[int], model_chain: list[str]) -> InnerSpec:
+    if id(raw) in seen:
+        raise _fail(path, "forms a cycle: an inner level refers back to one of its outer levels")
+    seen = seen | {id(raw)}
+    if not isinstance(raw, Mapping):
+        raise _fail(path, f"must be an object/dict, got {type(raw).__name__}")
+    method = _choice(raw, "method", f"{path}.method", INNER_METHODS, None)
+    if method is None:
+        raise _fail(f"{path}.method", f"is required; one of {list(INNER_METHODS)}")
+    _check_keys(raw, _NGRAM_KEYS if method == "ngram" else _MODEL_KEYS, path)
+    k = _int_in_range(raw, "num_speculative_tokens", f"{path}.num_speculative_tokens", 1, MAX_SPECULATIVE_TOKENS)
+    if k > outer_k:
+        raise _fail(
+            f"{path}.num_speculative_tokens",
+            f"is {k}, larger than the level above's num_speculative_tokens={outer_k}; "
+            "an inner level proposes tokens for the level above, so it must be <= that",
+        )
+    if method == "ngram":
+        lo = _int_in_range(raw, "prompt_lookup_min", f"{path}.prompt_lookup_min", 1, 1024, required=False)
+        hi = _int_in_range(raw, "prompt_lookup_max", f"{path}.prompt_lookup_max", 1, 1024, required=False)
+        lo, hi = lo or hi or 2, hi or max(lo or 2, 5)
+        if lo > hi:
+            raise _fail(f"{path}.prompt_lookup_min", f"({lo}) must be <= prompt_lookup_max ({hi})")
+        return InnerSpec(method, k, prompt_lookup_min=lo, prompt_lookup_max=hi)
+
+    model = raw.get("model")
+    if not isinstance(model, str) or not model:
+        raise _fail(f"{path}.model", "is required for method 'draft_model': a local HF checkpoint directory")
+    if not (Path(model) / "config.json").is_file():
+        raise _fail(f"{path}.model", f"= {model!r} is not a local checkpoint directory with a config.json")
+    resolved = os.path.realpath(model)
+    if resolved in model_chain:
+        raise _fail(f"{path}.model", f"= {model!r} already drafts at an outer level: the chain forms a cycle")
+    quantization = _choice(raw, "quantization", f"{path}.quantization", QUANTIZATIONS, None)
+    scale_rule = _choice(raw, "scale_rule", f"{path}.scale_rule", SCALE_RULES, DEFAULT_SCALE_RULE)
+    inner = None
+    if raw.get("inner") is not None:
+        inner = _parse_inner(raw["inner"], f"{path}.inner", k, seen, model_chain + [resolved])
+    dequantize_once = _bool(raw, "cpu_dequantize_once", f"{path}.cpu_dequantize_once", True)
+    return InnerSpec(
+        method, k, model=model, quantization=quantization, scale_rule=scale_rule,
+        cpu_dequantize_once=dequantize_once, inner=inner,
+    )
+
+
+def parse_config(raw: Mapping[str, Any], target_model: str | None = None) -> SpecQDConfig:
+    """Validate a user's ``speculative_config`` dict with ``method: specqd``.
+
+    ``target_model`` (a path), when given, lets the cycle check catch an inner
+    level that names the target itself.
+    """
+    _check_keys(raw, _TOP_KEYS, "")
+    if raw.get("method") != "specqd":
+        raise _fail("method", f"must be 'specqd', got {raw.get('method')!r}")
+    k = _int_in_range(raw, "num_speculative_tokens", "num_speculative_tokens", 1, MAX_SPECULATIVE_TOKENS)
+    draft_raw = raw.get("draft") or {}
+    _check_keys(draft_raw, _DRAFT_KEYS, "draft")
+    draft = DraftSpec(
+        quantization=_choice(draft_raw, "quantization", "draft.quantization", QUANTIZATIONS, "mxfp4"),
+        scale_rule=_choice(draft_raw, "scale_rule", "draft.scale_rule", SCALE_RULES, DEFAULT_SCALE_RULE),
+        cpu_dequantize_once=_bool(draft_raw, "cpu_dequantize_once", "draft.cpu_dequantize_once", True),
+    )
+    sample = _choice(raw, "draft_sample_method", "draft_sample_method", DRAFT_SAMPLE_METHODS, DEFAULT_DRAFT_SAMPLE_METHOD)
+    inner = None
+    if raw.get("inner") is not None:
+        chain = [os.path.realpath(target_model)] if target_model and os.path.isdir(target_model) else []
+        inner = _parse_inner(raw["inner"], "inner", k, {id(raw)}, chain)
+    if inner is not None and sample != "greedy":
+        raise _fail(
+            "draft_sample_method",
+            "must be 'greedy' when 'inner' levels are configured: the inner levels verify the "
+            "MXFP4 draft's greedy choices",
+        )
+    return SpecQDConfig(num_speculative_tokens=k, draft=draft, inner=inner, draft_sample_method=sample)
+
+
+def from_dict(data: Mapping[str, Any]) -> SpecQDConfig:
+    """Rebuild a config from :meth:`SpecQDConfig.to_dict` output (workers)."""
+    return parse_config(data)
+
+
+# ---------------------------------------------------------------- file loading
+
+def load_speculative_config_arg(value: str) -> dict[str, Any] | None:
+    """``--speculative-config`` value: inline JSON, or a path to a .json/.yaml/.yml file."""
+    if value in ("", "None"):
+        return None
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecQDConfigError(f"--speculative-config: invalid inline JSON: {e}") from e
+    path = Path(os.path.expanduser(text))
+    if not path.is_file():
+        raise SpecQDConfigError(
+            f"--speculative-config: {value!r} is neither inline JSON nor an existing .json/.yaml file"
+        )
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(path.read_text())
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+        else:
+            raise SpecQDConfigError(f"--speculative-config: {path} must end in .json, .yaml or .yml")
+    except (json.JSONDecodeError, ValueError) as e:
+        if isinstance(e, SpecQDConfigError):
+            raise
+        raise SpecQDConfigError(f"--speculative-config: cannot parse {path}: {e}") from e
+    except Exception as e:  # yaml.YAMLError has no common base with ValueError
+        raise SpecQDConfigError(f"--speculative-config: cannot parse {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise SpecQDConfigError(f"--speculative-config: {path} must hold an object, got {type(data).__name__}")
+    return data
