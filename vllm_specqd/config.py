@@ -84,11 +84,23 @@ class SpecQDConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form that round-trips through :func:`parse_config`."""
+        out: dict[str, Any] = {
+            "method": "specqd",
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "draft": asdict(self.draft),
+            "draft_sample_method": self.draft_sample_method,
+        }
+        if self.inner is not None:
+            out["inner"] = _inner_to_dict(self.inner)
+        return out
 
-        def clean(d: dict[str, Any]) -> dict[str, Any]:
-            return {k: (clean(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
 
-        return {"method": "specqd", **clean(asdict(self))}
+def _inner_to_dict(spec: InnerSpec) -> dict[str, Any]:
+    keys = _NGRAM_KEYS if spec.method == "ngram" else _MODEL_KEYS
+    out = {k: v for k, v in asdict(spec).items() if k in keys and k != "inner" and v is not None}
+    if spec.inner is not None:
+        out["inner"] = _inner_to_dict(spec.inner)
+    return out
 
 
 # ---------------------------------------------------------------- validation

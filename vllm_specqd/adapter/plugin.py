@@ -19,7 +19,10 @@ def register() -> None:
     check_vllm_version(required=True)
 
     from vllm_specqd.adapter import mxfp4_linear  # noqa: F401  registers "specqd_mxfp4"
+    from vllm_specqd.adapter.metrics import ensure_stats_dir, register_collector
     from vllm_specqd.adapter.patches import apply_all
 
     apply_all()
+    ensure_stats_dir()  # before the engine processes start, so they inherit it
+    register_collector()
     _registered = True

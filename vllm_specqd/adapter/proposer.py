@@ -1,22 +1,47 @@
 """SpecQDProposer: vLLM's DraftModelProposer with an in-memory MXFP4 self-draft.
 
-Level 1 reuses vLLM's drafting loop unchanged (its first pass keeps the
-draft's KV cache in step with the target; then one forward pass per draft
-token). When ``inner`` levels are configured, the remaining K-1 tokens come
-from :mod:`vllm_specqd.multilevel` instead, which lets a cheaper proposer
-guess several tokens that the MXFP4 draft checks in one pass.
+Level 1 only: vLLM's drafting loop runs unchanged (a first pass that keeps the
+draft's KV cache in step with the target, then one forward pass per draft
+token).
+
+With ``inner`` levels, a round for K level-1 tokens is:
+
+1. the first pass, as in vLLM, gives d1; small-model levels run the same pass
+   over their own KV layers so every level's KV covers the committed context;
+2. :class:`vllm_specqd.multilevel.SpeculativeLevel` produces d2..dK: the inner
+   chain guesses, the MXFP4 draft checks a whole window per forward pass.
+Greedy drafting makes d1..dK exactly what the MXFP4 draft alone would give.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Hashable
+
+import numpy as np
 import torch
 import torch.nn as nn
 from vllm.compilation.backends import set_model_tag
+from vllm.config import ModelConfig
+from vllm.config.utils import replace
+from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.model_executor.model_loader import get_model
+from vllm.config import get_layers_from_vllm_config
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
-from vllm_specqd.adapter.draft_builder import DRAFT_PREFIX, build_mxfp4_draft
-from vllm_specqd.config import from_dict
+from vllm_specqd.adapter.draft_builder import (
+    DRAFT_PREFIX,
+    build_mxfp4_draft,
+    convert_to_mxfp4_in_place,
+    inner_prefix,
+)
+from vllm_specqd.adapter.level_stats import LevelStatsPublisher
+from vllm_specqd.adapter.window_model import VllmWindowModel
+from vllm_specqd.config import InnerSpec, from_dict
+from vllm_specqd.multilevel import RequestContext, SpeculativeLevel, build_chain
+from vllm_specqd.ngram import NgramProposer
 
 logger = init_logger(__name__)
 
@@ -24,8 +49,14 @@ logger = init_logger(__name__)
 class SpecQDProposer(DraftModelProposer):
     def __init__(self, vllm_config, device: torch.device, runner=None):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
+        self.runner = runner  # the base class does not keep it; we read its input batch
         self.specqd = from_dict(vllm_config.additional_config["specqd"])
         self._target_for_build: nn.Module | None = None
+        self.chain: SpeculativeLevel | None = None
+        self.inner_window_models: list[VllmWindowModel] = []
+        self.stats = LevelStatsPublisher(vllm_config)
+
+    # ------------------------------------------------------------------ loading
 
     def load_model(self, target_model: nn.Module) -> None:
         self._target_for_build = target_model
@@ -33,11 +64,14 @@ class SpecQDProposer(DraftModelProposer):
             super().load_model(target_model)
         finally:
             self._target_for_build = None
+        if self.specqd.inner is not None:
+            self.chain = self._build_chain()
         logger.info(
-            "specqd: level 1 = MXFP4 self-draft (scale rule %s), K=%d, draft sampling %s",
+            "specqd: level 1 = MXFP4 self-draft (scale rule %s), K=%d, draft sampling %s; levels below: %s",
             self.specqd.draft.scale_rule,
             self.specqd.num_speculative_tokens,
             self.specqd.draft_sample_method,
+            [f"{s.method}(k={s.num_speculative_tokens})" for s in self.specqd.levels()] or "none",
         )
 
     def _get_model(self) -> nn.Module:
@@ -48,3 +82,194 @@ class SpecQDProposer(DraftModelProposer):
                 self._target_for_build,
                 dequantize_once=self.specqd.draft.cpu_dequantize_once,
             )
+
+    def _build_chain(self) -> SpeculativeLevel:
+        level1 = VllmWindowModel("level1", self.model, self.vllm_config, self.device)
+        models: list[list] = [[level1, 0]]
+        innermost = None
+        for level, spec in enumerate(self.specqd.levels(), start=2):
+            models[-1][1] = spec.num_speculative_tokens  # the level above asks this many
+            if spec.method == "ngram":
+                innermost = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens)
+                break
+            window_model = self._load_inner_model(spec, level)
+            self.inner_window_models.append(window_model)
+            models.append([window_model, 0])
+        return build_chain([tuple(m) for m in models], innermost)
+
+    def _load_inner_model(self, spec: InnerSpec, level: int) -> VllmWindowModel:
+        target = self.vllm_config.model_config
+        model_config = ModelConfig(
+            model=spec.model,
+            runner="draft",
+            tokenizer=target.tokenizer,
+            tokenizer_mode=target.tokenizer_mode,
+            trust_remote_code=target.trust_remote_code,
+            dtype=target.dtype,
+            seed=target.seed,
+            max_model_len=target.max_model_len,
+            enforce_eager=True,  # ragged windows run eagerly anyway
+            max_logprobs=target.max_logprobs,
+        )
+        inner_config = replace(self.vllm_config, model_config=model_config, quant_config=None)
+        before = set(get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase))
+        prefix = inner_prefix(level)
+        with set_model_tag(prefix):
+            model = get_model(vllm_config=inner_config, model_config=model_config, prefix=prefix)
+        if spec.quantization == "mxfp4":
+            converted = convert_to_mxfp4_in_place(model, dequantize_once=spec.cpu_dequantize_once)
+            logger.info("specqd: level %d (%s) converted %d linear layers to MXFP4", level, spec.model, converted)
+        window_model = VllmWindowModel(f"level{level}", model, self.vllm_config, self.device)
+        after = get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase)
+        window_model.layer_names = sorted(
+            name for name in set(after) - before if after[name].get_kv_cache_spec(self.vllm_config) is not None
+        )
+        return window_model
+
+    def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
+        super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+        if self.chain is None:
+            return
+        level1 = self.chain.model
+        level1.layer_names = sorted(self._draft_attn_layer_names)
+        level1.attn_groups, level1.block_size = self.draft_attn_groups, self.block_size
+        # The base method builds attention groups for `_draft_attn_layer_names`;
+        # run it once per inner model over that model's layers.
+        saved = (self._draft_attn_layer_names, self.draft_attn_groups, self.kv_cache_gid, self.block_size)
+        try:
+            for window_model in self.inner_window_models:
+                self._draft_attn_layer_names = set(window_model.layer_names)
+                super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+                if self.kv_cache_gid != saved[2]:
+                    raise RuntimeError(
+                        f"specqd: {window_model.name}'s KV layers landed in a different KV cache group "
+                        "than the MXFP4 draft's; inner models need the target's KV block layout."
+                    )
+                window_model.attn_groups, window_model.block_size = self.draft_attn_groups, self.block_size
+        finally:
+            self._draft_attn_layer_names, self.draft_attn_groups, self.kv_cache_gid, self.block_size = saved
+
+    # ------------------------------------------------------------------ drafting
+
+    def propose(
+        self,
+        num_speculative_tokens,
+        target_token_ids: torch.Tensor,  # [num_tokens]
+        target_positions: torch.Tensor,  # [num_tokens]
+        target_hidden_states: torch.Tensor,  # [num_tokens, hidden]
+        next_token_ids: torch.Tensor,  # [batch_size]
+        token_indices_to_sample: torch.Tensor | None,
+        common_attn_metadata,
+        sampling_metadata,
+        mm_embed_inputs=None,
+        num_rejected_tokens_gpu: torch.Tensor | None = None,  # [batch_size]
+        slot_mappings=None,
+    ) -> torch.Tensor:  # [batch_size, num_speculative_tokens]
+        if self.chain is None or num_speculative_tokens <= 1:
+            self.stats.level1_passes += max(1, num_speculative_tokens)  # vLLM's loop: K passes
+            self.stats.publish(None, [])
+            return super().propose(
+                num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
+                mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings,
+            )
+        self.num_speculative_tokens = num_speculative_tokens
+        self._last_draft_probs = None
+        contexts = self._committed_contexts(
+            target_token_ids, target_positions, next_token_ids, common_attn_metadata, num_rejected_tokens_gpu
+        )
+        first_tokens = self._first_pass(
+            target_token_ids, target_positions, target_hidden_states, next_token_ids,
+            token_indices_to_sample, common_attn_metadata, mm_embed_inputs, num_rejected_tokens_gpu,
+        )
+        return self._draft_rest(contexts, first_tokens, num_speculative_tokens, common_attn_metadata)
+
+    def _committed_contexts(
+        self, target_token_ids, target_positions, next_token_ids, cad, num_rejected_tokens_gpu
+    ) -> list[np.ndarray]:
+        """Per request: every token up to and including the one the target just sampled.
+
+        The runner has not yet booked this step's tokens (the drafter runs
+        before bookkeeping), so the tail comes from the target's own inputs:
+        token_ids_cpu[:first input position] + the accepted input rows + next token.
+        """
+        batch = self.runner.input_batch
+        qsl = cad.query_start_loc_cpu.tolist()
+        tokens = target_token_ids.tolist()
+        positions = target_positions.tolist()
+        rejected = (
+            num_rejected_tokens_gpu.tolist() if num_rejected_tokens_gpu is not None else [0] * (len(qsl) - 1)
+        )
+        next_tokens = next_token_ids.tolist()
+        contexts = []
+        for i in range(len(qsl) - 1):
+            lo, hi = qsl[i], qsl[i + 1] - rejected[i]
+            first_pos = positions[lo]
+            context = np.concatenate(
+                [
+                    batch.token_ids_cpu[i, :first_pos].astype(np.int64),
+                    np.asarray(tokens[lo:hi], dtype=np.int64),
+                    np.asarray([next_tokens[i]], dtype=np.int64),
+                ]
+            )
+            assert positions[hi - 1] == len(context) - 2, "target rows must be contiguous positions"
+            contexts.append(context)
+        return contexts
+
+    def _first_pass(
+        self, target_token_ids, target_positions, target_hidden_states, next_token_ids,
+        token_indices_to_sample, common_attn_metadata, mm_embed_inputs, num_rejected_tokens_gpu,
+    ) -> torch.Tensor:  # [batch_size] d1 per request
+        """vLLM's first drafting pass (llm_base_proposer.py:535-590), plus the inner models."""
+        num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
+            target_token_ids=target_token_ids,
+            next_token_ids=next_token_ids,
+            target_positions=target_positions,
+            target_hidden_states=target_hidden_states,
+            token_indices_to_sample=token_indices_to_sample,
+            cad=common_attn_metadata,
+            num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+        )
+        _, per_layer = self.build_per_group_and_layer_attn_metadata(cad)
+        mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
+        model_kwargs, slot_mapping_size = self.build_model_inputs_first_pass(
+            num_tokens, num_input_tokens, mm_embed_inputs
+        )
+        with set_forward_context(
+            per_layer,
+            self.vllm_config,
+            num_tokens=num_input_tokens,
+            num_tokens_across_dp=across_dp,
+            cudagraph_runtime_mode=mode,
+            slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping),
+        ):
+            hidden_states = self.model(**model_kwargs)
+        for window_model in self.inner_window_models:
+            window_model.forward(self.input_ids[:num_tokens], self.positions[:num_tokens], cad)
+        self.stats.level1_passes += 1
+        return self._greedy_sample(hidden_states[token_indices_to_sample])
+
+    def _draft_rest(
+        self, contexts: list[np.ndarray], first_tokens: torch.Tensor, k: int, cad
+    ) -> torch.Tensor:
+        batch = self.runner.input_batch
+        req_ids: list[Hashable] = list(batch.req_ids[: len(contexts)])
+        row_of = {req_id: i for i, req_id in enumerate(req_ids)}
+        for window_model in [self.chain.model, *self.inner_window_models]:
+            window_model.bind_batch(row_of, cad.block_table_tensor)
+        discarded = self.runner.discard_request_mask.np[: len(contexts)]
+        first = first_tokens.tolist()
+        requests, wanted = [], []
+        for i, (req_id, context) in enumerate(zip(req_ids, contexts)):
+            for level in self.chain.chain():
+                level.mark_kv_valid(req_id, context)
+            # Windows stay below max_model_len, as vLLM clamps its own draft positions.
+            room = self.max_model_len - len(context)
+            wanted.append(0 if discarded[i] else max(0, min(k - 1, room)))
+            requests.append(RequestContext(req_id, np.append(context, first[i])))
+            self.stats.count_generated(req_id, len(context), discarded[i])
+        self.stats.forget_missing(req_ids, self.chain)
+        rest = self.chain.propose(requests, wanted)
+        drafts = [[first[i], *rest[i]] + [first[i]] * (k - 1 - len(rest[i])) for i in range(len(contexts))]
+        self.stats.publish(self.chain, self.inner_window_models)
+        return torch.tensor(drafts, dtype=first_tokens.dtype, device=first_tokens.device)
