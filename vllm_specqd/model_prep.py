@@ -151,6 +151,55 @@ def _convert(gguf_path: Path, out_dir: Path, destination: Path) -> None:
     log(f"done in {time.monotonic() - started:.1f}s")
 
 
+def kept_layers(total: int, keep: int) -> list[int]:
+    """The first half and the last half of the stack: skipping middle layers hurts least."""
+    if not 1 <= keep <= total:
+        raise ValueError(f"num_layers must be in 1..{total}, got {keep}")
+    return list(range((keep + 1) // 2)) + list(range(total - keep // 2, total))
+
+
+def prepare_small_model(num_layers: int = 8, output_dir: str | Path | None = None,
+                        force: bool = False, quiet: bool = False) -> Path:
+    """A small same-tokenizer draft: the bundled model with only `num_layers` decoder layers.
+
+    For inner speculation levels in tests and benchmarks; no training, so its quality is
+    whatever layer skipping leaves (example: 8 of 30 layers keeps layers 0-3 and 26-29).
+    """
+    source = prepare_model(quiet=quiet)
+    model_dir = (Path(output_dir).expanduser() if output_dir
+                 else source.parent / f"{MODEL_SUBDIR}-{num_layers}layers").absolute()
+    config = json.loads((source / "config.json").read_text())
+    layers = kept_layers(config["num_hidden_layers"], num_layers)
+    fingerprint = {"source": json.loads((source / MARKER_NAME).read_text())["source"], "layers": layers}
+    marker_path = model_dir / MARKER_NAME
+    if not force and marker_path.is_file() and json.loads(marker_path.read_text()).get("source") == fingerprint:
+        return model_dir
+    from safetensors.torch import load_file, save_file
+
+    staging_dir = model_dir.parent / f".{model_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging_dir, ignore_errors=True)
+    shutil.copytree(source, staging_dir)
+    new_index = {old: new for new, old in enumerate(layers)}
+    tensors = {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            old = int(parts[2])
+            if old not in new_index:
+                continue
+            parts[2] = str(new_index[old])
+        tensors[".".join(parts)] = tensor
+    save_file(tensors, staging_dir / "model.safetensors", metadata={"format": "pt"})
+    config["num_hidden_layers"] = num_layers
+    (staging_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (staging_dir / MARKER_NAME).write_text(json.dumps({"source": fingerprint}, indent=2) + "\n")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(staging_dir, model_dir)
+    if not quiet:
+        print(f"[prepare-model] small draft with layers {layers} -> {model_dir}", file=sys.stderr)
+    return model_dir
+
+
 def _drop_load_time_keys(tokenizer_config_path: Path) -> None:
     # transformers records how this tokenizer was *loaded*; that means nothing to a later reader.
     tokenizer_config = json.loads(tokenizer_config_path.read_text())

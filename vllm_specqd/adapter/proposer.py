@@ -15,7 +15,8 @@ Greedy drafting makes d1..dK exactly what the MXFP4 draft alone would give.
 
 from __future__ import annotations
 
-import time
+import json
+import os
 from collections.abc import Hashable
 
 import numpy as np
@@ -44,6 +45,9 @@ from vllm_specqd.multilevel import RequestContext, SpeculativeLevel, build_chain
 from vllm_specqd.ngram import NgramProposer
 
 logger = init_logger(__name__)
+
+# Debug/test hook: append every round's level-1 drafts as JSON lines to this file.
+TRACE_ENV = "VLLM_SPECQD_TRACE_DRAFTS"
 
 
 class SpecQDProposer(DraftModelProposer):
@@ -165,14 +169,53 @@ class SpecQDProposer(DraftModelProposer):
         num_rejected_tokens_gpu: torch.Tensor | None = None,  # [batch_size]
         slot_mappings=None,
     ) -> torch.Tensor:  # [batch_size, num_speculative_tokens]
+        trace_path = os.environ.get(TRACE_ENV)
+        if trace_path:
+            next_positions = self._next_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
         if self.chain is None or num_speculative_tokens <= 1:
             self.stats.level1_passes += max(1, num_speculative_tokens)  # vLLM's loop: K passes
             self.stats.publish(None, [])
-            return super().propose(
+            drafts = super().propose(
                 num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                 next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
                 mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings,
             )
+        else:
+            drafts = self._propose_multilevel(
+                num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                next_token_ids, token_indices_to_sample, common_attn_metadata, num_rejected_tokens_gpu,
+                mm_embed_inputs,
+            )
+        if trace_path:
+            self._trace(trace_path, next_positions, drafts)
+        return drafts
+
+    @staticmethod
+    def _accepted_rows(cad, num_rejected_tokens_gpu) -> list[tuple[int, int]]:
+        """Per request, the [lo, hi) rows of the target's input that it kept this step."""
+        qsl = cad.query_start_loc_cpu.tolist()
+        num_reqs = len(qsl) - 1
+        rejected = num_rejected_tokens_gpu.tolist() if num_rejected_tokens_gpu is not None else [0] * num_reqs
+        return [(qsl[i], qsl[i + 1] - rejected[i]) for i in range(num_reqs)]
+
+    def _next_positions(self, target_positions, cad, num_rejected_tokens_gpu) -> list[int]:
+        """Position of the token the target just sampled, per request."""
+        positions = target_positions.tolist()
+        return [positions[hi - 1] + 1 for _, hi in self._accepted_rows(cad, num_rejected_tokens_gpu)]
+
+    def _trace(self, path: str, next_positions: list[int], drafts: torch.Tensor) -> None:
+        req_ids = self.runner.input_batch.req_ids
+        discarded = self.runner.discard_request_mask.np
+        with open(path, "a") as f:
+            for i, (pos, row) in enumerate(zip(next_positions, drafts.tolist())):
+                if not discarded[i]:
+                    f.write(json.dumps({"req": req_ids[i], "pos": pos, "drafts": row}) + "\n")
+
+    def _propose_multilevel(
+        self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+        next_token_ids, token_indices_to_sample, common_attn_metadata, num_rejected_tokens_gpu,
+        mm_embed_inputs,
+    ) -> torch.Tensor:
         self.num_speculative_tokens = num_speculative_tokens
         self._last_draft_probs = None
         contexts = self._committed_contexts(
@@ -194,16 +237,11 @@ class SpecQDProposer(DraftModelProposer):
         token_ids_cpu[:first input position] + the accepted input rows + next token.
         """
         batch = self.runner.input_batch
-        qsl = cad.query_start_loc_cpu.tolist()
         tokens = target_token_ids.tolist()
         positions = target_positions.tolist()
-        rejected = (
-            num_rejected_tokens_gpu.tolist() if num_rejected_tokens_gpu is not None else [0] * (len(qsl) - 1)
-        )
         next_tokens = next_token_ids.tolist()
         contexts = []
-        for i in range(len(qsl) - 1):
-            lo, hi = qsl[i], qsl[i + 1] - rejected[i]
+        for i, (lo, hi) in enumerate(self._accepted_rows(cad, num_rejected_tokens_gpu)):
             first_pos = positions[lo]
             context = np.concatenate(
                 [
