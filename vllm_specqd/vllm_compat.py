@@ -8,7 +8,6 @@ and checked at import.
 from __future__ import annotations
 
 import importlib.metadata as md
-import sys
 from pathlib import Path
 
 from packaging.version import Version
@@ -94,8 +93,3 @@ def ensure_vllm_metadata_alias(site_packages: Path | None = None) -> Path | None
     (info / "RECORD").write_text("\n".join(record) + "\n")
     return info
 
-
-if __name__ == "__main__":
-    created = ensure_vllm_metadata_alias()
-    print(f"created {created}" if created else "vllm metadata: nothing to do")
-    sys.exit(0)
