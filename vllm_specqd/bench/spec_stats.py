@@ -1,0 +1,164 @@
+"""Acceptance and forward-pass accounting from vLLM's spec-decode counters and the specqd level report.
+
+Pure arithmetic over counter *deltas* (after minus before the timed run), so a
+warm-up does not leak into the numbers. Definitions (per request, summed over
+requests; N requests, G generated tokens):
+
+* D = verified drafts (``vllm:spec_decode_num_drafts``), T = level-1 draft
+  tokens (``..._num_draft_tokens``), A = accepted level-1 tokens,
+  a_i = drafts whose position i was accepted (``..._accepted_tokens_per_pos``).
+* level 1 mean accepted length = 1 + A / D (bonus token included),
+  acceptance rate = A / T, per-position rate = a_i / D.
+* level L >= 2 (from the level report, which describes level L's proposals to
+  level L-1): acceptance rate = accepted / proposed; mean accepted length =
+  (accepted + W_L) / W_L, W_L = ``verify_windows`` (one bonus per window).
+* target forward passes = N prefills + D verify steps + P plain decode steps,
+  P = max(0, G - N - D - A) (steps where the proposer offered nothing).
+* drafting rounds R = D + N: every verified draft, plus each request's last
+  round, drafted in the step that finished the request and never verified
+  (vLLM drafts for the whole batch before it retires finished requests).
+* passes of a model level, per request, over all R rounds: one level of
+  drafting runs K passes per round (K * R); with inner levels, level L's model
+  runs the round's shared first pass plus one pass per window of the level
+  below it: R + W_{L+1}. Per level-1 draft token divides by K * R, so one
+  level gives exactly 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Counter names in `LLM.get_metrics()`; Prometheus appends `_total` to counters.
+NUM_DRAFTS = "vllm:spec_decode_num_drafts"
+NUM_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
+NUM_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
+ACCEPTED_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
+GENERATION_TOKENS = "vllm:generation_tokens"
+LEVEL_COUNTERS = ("forward_passes", "proposed_tokens", "accepted_tokens", "verify_windows",
+                  "verify_windows_without_proposal")  # fmt: skip
+
+
+@dataclass
+class SpecCounters:
+    """vLLM's level-1 spec-decode counters (cumulative, or a delta of two snapshots)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def __sub__(self, before: SpecCounters) -> SpecCounters:
+        width = max(len(self.accepted_per_pos), len(before.accepted_per_pos))
+        pad = lambda v: list(v) + [0] * (width - len(v))  # noqa: E731
+        return SpecCounters(
+            self.num_drafts - before.num_drafts,
+            self.num_draft_tokens - before.num_draft_tokens,
+            self.accepted_tokens - before.accepted_tokens,
+            [a - b for a, b in zip(pad(self.accepted_per_pos), pad(before.accepted_per_pos))],
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def counters_from_metrics(metrics) -> SpecCounters:
+    """From ``LLM.get_metrics()`` (objects with .name and .value / .values), summed over engines."""
+    out = SpecCounters()
+    for metric in metrics:
+        if metric.name == NUM_DRAFTS:
+            out.num_drafts += int(metric.value)
+        elif metric.name == NUM_DRAFT_TOKENS:
+            out.num_draft_tokens += int(metric.value)
+        elif metric.name == NUM_ACCEPTED:
+            out.accepted_tokens += int(metric.value)
+        elif metric.name == ACCEPTED_PER_POS:
+            values = [int(v) for v in metric.values]
+            out.accepted_per_pos = [a + b for a, b in zip(out.accepted_per_pos or [0] * len(values), values)]
+    return out
+
+
+def level_report_delta(after: dict | None, before: dict | None) -> dict[str, dict[str, int]]:
+    """Counter deltas per level of two `read_level_stats` reports (ratios are recomputed, not subtracted)."""
+    if not after:
+        return {}
+    old = (before or {}).get("levels", {})
+    delta = {}
+    for level, entry in after.get("levels", {}).items():
+        delta[level] = {
+            key: entry[key] - old.get(level, {}).get(key, 0) for key in LEVEL_COUNTERS if key in entry
+        }
+    return delta
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def level1_acceptance(c: SpecCounters) -> dict:
+    return {
+        "proposed_tokens": c.num_draft_tokens,
+        "accepted_tokens": c.accepted_tokens,
+        "acceptance_rate": _ratio(c.accepted_tokens, c.num_draft_tokens),
+        "mean_accepted_length": 1 + c.accepted_tokens / c.num_drafts if c.num_drafts else None,
+        "per_position": [a / c.num_drafts for a in c.accepted_per_pos] if c.num_drafts else [],
+        "verify_windows": c.num_drafts,
+    }
+
+
+def inner_acceptance(entry: dict[str, int]) -> dict:
+    windows = entry.get("verify_windows", 0)
+    return {
+        "proposed_tokens": entry.get("proposed_tokens", 0),
+        "accepted_tokens": entry.get("accepted_tokens", 0),
+        "acceptance_rate": _ratio(entry.get("accepted_tokens", 0), entry.get("proposed_tokens", 0)),
+        "mean_accepted_length": _ratio(entry.get("accepted_tokens", 0) + windows, windows),
+        "verify_windows": windows,
+        "verify_windows_without_proposal": entry.get("verify_windows_without_proposal", 0),
+    }
+
+
+def drafting_rounds(c: SpecCounters, num_requests: int) -> int:
+    return c.num_drafts + num_requests if c.num_drafts else 0
+
+
+def model_passes(level: int, num_levels: int, k: int, rounds: int, level_delta: dict) -> int:
+    """Per-request forward passes of the model at ``level`` (see the module docstring)."""
+    if num_levels == 1:
+        return k * rounds
+    return rounds + level_delta.get(str(level + 1), {}).get("verify_windows", 0)
+
+
+def target_passes(c: SpecCounters, generated_tokens: int, num_requests: int) -> int:
+    plain_steps = max(0, generated_tokens - num_requests - c.num_drafts - c.accepted_tokens)
+    return num_requests + c.num_drafts + plain_steps
+
+
+def summarize(
+    level_models: tuple[str | None, ...],
+    k: int,
+    counters: SpecCounters,
+    level_delta: dict,
+    generated_tokens: int,
+    num_requests: int,
+) -> dict:
+    """Per-level acceptance and pass counts of one method's timed run (JSON-ready)."""
+    levels = {}
+    rounds = drafting_rounds(counters, num_requests)
+    for level, model in enumerate(level_models, start=1):
+        entry = level1_acceptance(counters) if level == 1 else inner_acceptance(level_delta.get(str(level), {}))
+        entry["proposer"] = model or "n-gram lookup"
+        if model is not None:
+            passes = model_passes(level, len(level_models), k, rounds, level_delta)
+            entry["forward_passes"] = passes
+            entry["passes_per_generated_token"] = _ratio(passes, generated_tokens)
+            entry["passes_per_level1_draft_token"] = _ratio(passes, k * rounds)
+            entry["passes_per_round"] = _ratio(passes, rounds)
+        levels[str(level)] = entry
+    target = target_passes(counters, generated_tokens, num_requests)
+    return {
+        "levels": levels,
+        "drafting_rounds": rounds,
+        "target_passes": target,
+        "target_passes_per_generated_token": _ratio(target, generated_tokens),
+        "counters": counters.to_dict(),
+    }
