@@ -163,11 +163,16 @@ def build_models(dims: Dims, kv_len: int, max_batch: int, device) -> tuple[Decod
     target_layers, draft_layers = [], []
     qkv_out = (dims.heads + 2 * dims.kv_heads) * dims.head_dim
     for _ in range(dims.layers):
-        ws = {"qkv": weight(qkv_out, dims.hidden), "o": weight(dims.hidden, dims.heads * dims.head_dim),
-              "gate_up": weight(2 * dims.intermediate, dims.hidden), "down": weight(dims.hidden, dims.intermediate)}  # fmt: skip
-        norms = [torch.ones(dims.hidden, dtype=torch.bfloat16, device=device) for _ in range(2)]
-        target_layers.append(Layer(**{k: BF16Linear(w) for k, w in ws.items()}, input_norm=norms[0], post_norm=norms[1]))
-        draft_layers.append(Layer(**{k: MXFP4Linear(w) for k, w in ws.items()}, input_norm=norms[0], post_norm=norms[1]))
+        ws = {
+            "qkv": weight(qkv_out, dims.hidden),
+            "o": weight(dims.hidden, dims.heads * dims.head_dim),
+            "gate_up": weight(2 * dims.intermediate, dims.hidden),
+            "down": weight(dims.hidden, dims.intermediate),
+        }
+        norms = {name: torch.ones(dims.hidden, dtype=torch.bfloat16, device=device)
+                 for name in ("input_norm", "post_norm")}  # fmt: skip
+        target_layers.append(Layer(**{k: BF16Linear(w) for k, w in ws.items()}, **norms))
+        draft_layers.append(Layer(**{k: MXFP4Linear(w) for k, w in ws.items()}, **norms))
     return (DecodeModel(dims, target_layers, shared, kv_len, max_batch, device),
             DecodeModel(dims, draft_layers, shared, kv_len, max_batch, device))  # fmt: skip
 
@@ -249,8 +254,10 @@ def measure(target: DecodeModel, draft: DecodeModel, batches: list[int], iters: 
         token_ids = torch.randint(0, target.dims.vocab, (batch,), device=device)
         t_ms, t_graph = time_step(target.step, token_ids, iters, graphs)
         d_ms, d_graph = time_step(draft.step, token_ids, iters, graphs)
-        row = {"batch": batch, "target_ms": t_ms, "draft_ms": d_ms, "c": d_ms / t_ms,
-               "c_bytes": draft.bytes_read(batch) / target.bytes_read(batch), "cuda_graphs": t_graph and d_graph}  # fmt: skip
+        row = {
+            "batch": batch, "target_ms": t_ms, "draft_ms": d_ms, "c": d_ms / t_ms,
+            "c_bytes": draft.bytes_read(batch) / target.bytes_read(batch), "cuda_graphs": t_graph and d_graph,
+        }  # fmt: skip
         rows.append(row)
         print(f"{batch:>5} {t_ms:>11.3f} {d_ms:>11.3f} {row['c']:>7.3f} {row['c_bytes']:>8.3f} "
               f"{'yes' if row['cuda_graphs'] else 'no':>7}", flush=True)  # fmt: skip
@@ -259,7 +266,7 @@ def measure(target: DecodeModel, draft: DecodeModel, batches: list[int], iters: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=LLAMA_31_8B.layers, help="decoder layers (reduce to fit or to save time)")
+    p.add_argument("--layers", type=int, default=LLAMA_31_8B.layers, help="decoder layers (fewer: less memory, time)")
     p.add_argument("--batch", default="1,2,4,8,16", help="comma list of batch sizes (one decode token each)")
     p.add_argument("--kv-len", type=int, default=1024, help="context tokens already in the KV cache")
     p.add_argument("--iters", type=int, default=50)
@@ -306,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "command": " ".join(["python benchmarks/bench_decode_step.py", *(argv if argv is not None else sys.argv[1:])]),
     }
-    out = args.out or ("results/bench_decode_step_cpu_smoke.json" if args.cpu_smoke else "results/bench_decode_step.json")
+    # A smoke run never overwrites a GPU measurement.
+    out = args.out or f"results/bench_decode_step{'_cpu_smoke' if args.cpu_smoke else ''}.json"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 from engine_harness import Workload, chat_prompts, humaneval_prompts, run_engine  # noqa: E402
 
-SAMPLED_REQUESTS = 500
+SAMPLED_REQUESTS = 400
 SAMPLED_PROMPT = "Pick a random animal and describe it:"
 
 

@@ -67,10 +67,13 @@ class Workload:
 class EngineRun:
     outputs: dict[str, list[list[list[int]]]] = field(default_factory=dict)  # workload -> prompt -> completion
     request_ids: dict[str, list[str]] = field(default_factory=dict)
+    prompt_lens: dict[str, list[int]] = field(default_factory=dict)
+    max_tokens: dict[str, list[int]] = field(default_factory=dict)
     texts: dict[str, list[list[str]]] = field(default_factory=dict)
     finish_reasons: dict[str, list[list[str]]] = field(default_factory=dict)
     spec_metrics: dict[str, dict] = field(default_factory=dict)  # workload -> counter deltas
-    level_stats: dict | None = None
+    level_stats: dict | None = None  # cumulative report after the last workload
+    level_stats_after: dict[str, dict | None] = field(default_factory=dict)  # report after each workload
     draft: dict | None = None
     trace: list[dict] = field(default_factory=list)
 
@@ -132,14 +135,19 @@ def run_engine(
             print(f"[engine] {name}: {time.monotonic() - started:.0f}s", file=sys.stderr)
             run.outputs[name] = [[list(c.token_ids) for c in r.outputs] for r in results]
             run.request_ids[name] = [r.request_id for r in results]
+            run.prompt_lens[name] = [len(r.prompt_token_ids) for r in results]
+            run.max_tokens[name] = [p.max_tokens for p in workload.params]
             run.texts[name] = [[c.text for c in r.outputs] for r in results]
             run.finish_reasons[name] = [[c.finish_reason for c in r.outputs] for r in results]
             run.spec_metrics[name] = _delta(_spec_counters(llm), before)
+            if speculative_config is not None:
+                from vllm_specqd.adapter.metrics import read_level_stats
+
+                run.level_stats_after[name] = read_level_stats(llm)
         if speculative_config is not None:
             from vllm_specqd.adapter.inspection import describe_draft
-            from vllm_specqd.adapter.metrics import read_level_stats
 
-            run.level_stats = read_level_stats(llm)
+            run.level_stats = run.level_stats_after[name]
             run.draft = llm.collective_rpc(describe_draft, kwargs={"layer": inspect_layer})[0]
         with open(trace_file.name) as f:
             run.trace = [json.loads(line) for line in f]
@@ -174,12 +182,34 @@ def same_distribution_pvalue(a: list[int], b: list[int], min_count: int = 10) ->
 
 
 def drafts_by_prompt(run: EngineRun, workload: str) -> dict[tuple[int, int], list[int]]:
-    """Level-1 draft tokens keyed by (prompt index, position of the token drafted after)."""
+    """Level-1 draft tokens keyed by (prompt index, position of the token drafted after).
+
+    Only rounds where all K drafts can be verified: near max_tokens a multi-level
+    drafter stops computing drafts the target could never check (and pads),
+    while vLLM's one-level loop computes them anyway.
+    """
     index_of = {req_id: i for i, req_id in enumerate(run.request_ids[workload])}
     drafts = {}
     for entry in run.trace:
-        # The engine may suffix the request id it shows its workers.
-        prompt = next((i for req_id, i in index_of.items() if entry["req"].startswith(req_id)), None)
-        if prompt is not None:
+        # The engine suffixes the request id it shows its workers ("0" -> "0-93324fb7").
+        prompt = index_of.get(entry["req"].split("-")[0])
+        if prompt is None:
+            continue
+        last_full_round = run.prompt_lens[workload][prompt] + run.max_tokens[workload][prompt] - K - 2
+        if entry["pos"] <= last_full_round:
             drafts[(prompt, entry["pos"])] = entry["drafts"]
     return drafts
+
+
+def level_stats_delta(run: EngineRun, workloads: list[str]) -> dict:
+    """Per-level counters accumulated over the given (consecutive) workloads."""
+    names = list(run.level_stats_after)
+    first = names.index(workloads[0])
+    before = run.level_stats_after[names[first - 1]] if first else None
+    after = run.level_stats_after[workloads[-1]]
+    assert names[first : first + len(workloads)] == workloads
+    delta = {}
+    for level, entry in after["levels"].items():
+        old = (before or {"levels": {}})["levels"].get(level, {})
+        delta[level] = {k: v - old.get(k, 0) for k, v in entry.items() if isinstance(v, int)}
+    return delta

@@ -29,7 +29,8 @@ QUICK_K = 6  # the CLI's default --k
 
 def _counters() -> spec_stats.SpecCounters:
     # 2 requests, K = 4: 10 verified drafts, 20 accepted tokens, G = 2 prefill tokens + 10 bonus + 20 accepted.
-    return spec_stats.SpecCounters(num_drafts=10, num_draft_tokens=40, accepted_tokens=20, accepted_per_pos=[9, 6, 3, 2])
+    return spec_stats.SpecCounters(num_drafts=10, num_draft_tokens=40, accepted_tokens=20,
+                                   accepted_per_pos=[9, 6, 3, 2])  # fmt: skip
 
 
 def test_one_level_accounting():
@@ -66,7 +67,8 @@ def test_counter_and_level_report_deltas():
     assert (after - before).to_dict() == {"num_drafts": 3, "num_draft_tokens": 12, "accepted_tokens": 6,
                                           "accepted_per_pos": [3, 2, 1]}  # fmt: skip
     old = {"levels": {"2": {"proposed_tokens": 4, "verify_windows": 10, "acceptance_rate": 0.5}}}
-    new = {"levels": {"2": {"proposed_tokens": 9, "verify_windows": 25, "acceptance_rate": 0.7}, "3": {"verify_windows": 4}}}
+    new = {"levels": {"2": {"proposed_tokens": 9, "verify_windows": 25, "acceptance_rate": 0.7},
+                      "3": {"verify_windows": 4}}}  # fmt: skip
     assert spec_stats.level_report_delta(new, old) == {"2": {"proposed_tokens": 5, "verify_windows": 15},
                                                        "3": {"verify_windows": 4}}  # fmt: skip
 

@@ -287,6 +287,21 @@ class SpecQDProposer(DraftModelProposer):
         self.stats.level1_passes += 1
         return self._greedy_sample(hidden_states[token_indices_to_sample])
 
+    def _useful_draft_tokens(self, req_id: Hashable, context_len: int, k: int) -> int:
+        """How many of d2..dK the next target step can use.
+
+        Windows stay below max_model_len (vLLM clamps its own draft positions
+        the same way), and a request that may generate only m more tokens can
+        use at most m - 1 drafts, d1 included.
+        """
+        useful = min(k - 1, self.max_model_len - context_len)
+        state = self.runner.requests.get(req_id)
+        params = getattr(state, "sampling_params", None)
+        if params is not None and params.max_tokens is not None:
+            generated = context_len - state.num_prompt_tokens
+            useful = min(useful, params.max_tokens - generated - 2)
+        return max(0, useful)
+
     def _draft_rest(
         self, contexts: list[np.ndarray], first_tokens: torch.Tensor, k: int, cad
     ) -> torch.Tensor:
@@ -301,9 +316,7 @@ class SpecQDProposer(DraftModelProposer):
         for i, (req_id, context) in enumerate(zip(req_ids, contexts)):
             for level in self.chain.chain():
                 level.mark_kv_valid(req_id, context)
-            # Windows stay below max_model_len, as vLLM clamps its own draft positions.
-            room = self.max_model_len - len(context)
-            wanted.append(0 if discarded[i] else max(0, min(k - 1, room)))
+            wanted.append(0 if discarded[i] else self._useful_draft_tokens(req_id, len(context), k))
             requests.append(RequestContext(req_id, np.append(context, first[i])))
             self.stats.count_generated(req_id, len(context), discarded[i])
         self.stats.forget_missing(req_ids, self.chain)

@@ -131,7 +131,7 @@ def _offline(args, methods, prompts, target, small, out_dir, meta, methods_doc):
 
 
 def _served(args, methods, prompts, target, small, out_dir, meta, methods_doc):
-    from vllm_specqd.bench import plot, report
+    from vllm_specqd.bench import plot, served_report
     from vllm_specqd.bench.served import ServeSettings, serve_methods
 
     concurrency = tuple(int(c) for c in args.concurrency.split(","))
@@ -139,5 +139,5 @@ def _served(args, methods, prompts, target, small, out_dir, meta, methods_doc):
     settings = ServeSettings(target, small, args.dtype, args.k, args.max_tokens, args.max_model_len,
                              concurrency, out_dir.resolve())  # fmt: skip
     records = serve_methods(methods, prompts, settings)
-    return _finish(out_dir, meta, records, report.served_markdown, methods_doc, plot.plot_served,
+    return _finish(out_dir, meta, records, served_report.served_markdown, methods_doc, plot.plot_served,
                    "throughput_concurrency.png")  # fmt: skip

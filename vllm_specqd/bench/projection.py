@@ -122,7 +122,8 @@ def project(results: dict, c1: float | None, c2: float | None = None, c_source: 
                  PAPER.get(r["method"], "-")] for r in records]  # fmt: skip
     lines.append(markdown_table(headers, rows))
     lines.append(
-        "n-gram levels are priced at 0 (host cost ignored). The paper's figures are end-to-end measurements on its own models and CPUs, shown for orientation only."
+        "n-gram levels are priced at 0 (host cost ignored). The paper's figures are end-to-end measurements "
+        "on its own models and CPUs, shown for orientation only."
     )
     return "\n\n".join(lines) + "\n"
 

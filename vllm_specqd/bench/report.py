@@ -170,26 +170,26 @@ def notes(meta: dict, records: list[dict]) -> list[str]:
     return out
 
 
-def offline_markdown(meta: dict, records: list[dict], methods_doc: dict[str, str]) -> str:
+def document(title: str, meta: dict, body: list[str], note_lines: list[str], methods_doc: dict[str, str],
+             columns: list[str]) -> str:  # fmt: skip
+    """A results.md: title, run metadata, the tables (``body``), notes, methods, column definitions."""
     parts = [
-        "# vllm-specqd offline benchmark",
-        _meta_block(meta),
-        markdown_table(list(OFFLINE_COLUMNS), [offline_row(r) for r in records]),
-        "## Acceptance per level",
-        level_table(records),
-        "## Notes",
-        "\n".join(f"* {n}" for n in notes(meta, records)) or "* none",
-        "## Methods",
-        "\n".join(f"* **{name}**: {text}" for name, text in methods_doc.items()),
-        "## Columns",
-        definitions(OFFLINE_COLUMNS),
-        "### Acceptance per level",
-        definitions(LEVEL_COLUMNS),
-    ]
+        title, meta_block(meta), *body,
+        "## Notes", "\n".join(f"* {n}" for n in note_lines) or "* none",
+        "## Methods", "\n".join(f"* **{name}**: {text}" for name, text in methods_doc.items()),
+        "## Columns", *columns,
+    ]  # fmt: skip
     return "\n\n".join(parts) + "\n"
 
 
-def _meta_block(meta: dict) -> str:
+def offline_markdown(meta: dict, records: list[dict], methods_doc: dict[str, str]) -> str:
+    body = [markdown_table(list(OFFLINE_COLUMNS), [offline_row(r) for r in records]),
+            "## Acceptance per level", level_table(records)]  # fmt: skip
+    columns = [definitions(OFFLINE_COLUMNS), "### Acceptance per level", definitions(LEVEL_COLUMNS)]
+    return document("# vllm-specqd offline benchmark", meta, body, notes(meta, records), methods_doc, columns)
+
+
+def meta_block(meta: dict) -> str:
     keys = [k for k in meta if k != "command"]
     lines = [f"* {k}: {meta[k]}" for k in keys]
     return "\n".join(lines) + f"\n\nCommand:\n\n```\n{meta['command']}\n```"
@@ -200,71 +200,3 @@ def write_results(out_dir: Path, meta: dict, records: list[dict], markdown: str)
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "methods": records}, indent=2) + "\n")
     (out_dir / "results.md").write_text(markdown)
 
-
-SERVED_COLUMNS = {
-    "method": "speculative method",
-    "conc.": "requests in flight at once (each level sends max(num_prompts, conc.) requests)",
-    "out tok/s": "completion tokens of the level / its wall time",
-    "speedup": "out tok/s / out tok/s of `none` at the same concurrency",
-    "identical": "completion texts equal to `none`'s at the same concurrency",
-    "p50 / p90 latency s": "end-to-end request latency percentiles",
-    "L1 acc. len": "level-1 mean accepted length over the level (from /metrics deltas)",
-    "L1 acc. rate": "level-1 accepted / proposed (from /metrics deltas)",
-    "inner acc. rate": "levels >= 2: accepted / proposed over the level (specqd:level_* deltas)",
-    "target passes/tok": "target forward passes per generated token, per request",
-}
-
-
-def served_rows(record: dict) -> list[list[str]]:
-    if "error" in record:
-        return [[record["method"], "-", f"FAILED: {record['error'][:80]}"] + [""] * 7]
-    rows = []
-    for lv in record["concurrency_levels"]:
-        if "error" in lv:
-            rows.append([record["method"], str(lv["concurrency"]), f"FAILED: {lv['error'][:80]}"] + [""] * 7)
-            continue
-        inner = "; ".join(f"L{k}: {fmt(v['acceptance_rate'])}" for k, v in lv["inner_levels"].items()) or "-"
-        identical = lv.get("identical_to_none")
-        rows.append([
-            record["method"], str(lv["concurrency"]), fmt(lv["output_tokens_per_s"], ".1f"),
-            fmt(lv.get("speedup_vs_none")), "n/a" if identical is None else
-            ("yes" if identical else f"no ({lv['num_different']}/{lv['num_requests']} differ)"),
-            f"{lv['latency_s']['p50']:.2f} / {lv['latency_s']['p90']:.2f}",
-            fmt(lv["level1"]["mean_accepted_length"], none="-"), fmt(lv["level1"]["acceptance_rate"], none="-"),
-            inner, fmt(lv["target_passes_per_generated_token"]),
-        ])  # fmt: skip
-    return rows
-
-
-def served_markdown(meta: dict, records: list[dict], methods_doc: dict[str, str]) -> str:
-    parts = [
-        "# vllm-specqd served benchmark (`vllm serve` + OpenAI completions API)",
-        _meta_block(meta),
-        markdown_table(list(SERVED_COLUMNS), [row for r in records for row in served_rows(r)]),
-        "## Notes",
-        "\n".join(f"* {n}" for n in served_notes(meta, records)),
-        "## Methods",
-        "\n".join(f"* **{name}**: {text}" for name, text in methods_doc.items()),
-        "## Columns",
-        definitions(SERVED_COLUMNS),
-    ]
-    return "\n\n".join(parts) + "\n"
-
-
-def levels_of(record: dict) -> list[dict]:
-    """The concurrency levels of a served record that produced numbers."""
-    return [lv for lv in record.get("concurrency_levels", []) if "error" not in lv]
-
-
-def served_notes(meta: dict, records: list[dict]) -> list[str]:
-    levels = [lv for r in records for lv in levels_of(r)]
-    flat = [{"method": r["method"], "identical_to_none": lv.get("identical_to_none"),
-             "speedup_vs_none": lv.get("speedup_vs_none")} for r in records for lv in levels_of(r)]  # fmt: skip
-    out = notes(meta, flat)
-    out.append("Server logs: " + ", ".join(f"`{r['server_log']}`" for r in records if "server_log" in r) + ".")
-    if levels:
-        out.append(
-            "Inner levels' mean accepted length is only exported as a server-lifetime gauge "
-            "(`specqd:level_mean_accepted_length`); results.json keeps it as `mean_accepted_length_since_start`."
-        )
-    return out
