@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 from engine_harness import Workload, chat_prompts, humaneval_prompts, run_engine  # noqa: E402
 
-SAMPLED_REQUESTS = 400
+SAMPLED_REQUESTS = 300
 SAMPLED_PROMPT = "Pick a random animal and describe it:"
 
 
@@ -76,7 +76,7 @@ def sampled_workload(seed_offset: int) -> Workload:
     from vllm import SamplingParams
 
     params = [
-        SamplingParams(temperature=0.9, top_p=0.95, max_tokens=3, seed=seed_offset + i)
+        SamplingParams(temperature=0.9, top_k=40, max_tokens=3, seed=seed_offset + i)
         for i in range(SAMPLED_REQUESTS)
     ]
     return Workload([SAMPLED_PROMPT] * SAMPLED_REQUESTS, params)

@@ -71,10 +71,16 @@ def test_level1_drafts_identical_with_and_without_inner_levels(runs, levels, wor
     assert not differing, f"level-1 drafts differ at (prompt, position) {differing[:5]}"
 
 
-def test_vllm_level1_metrics_equal_across_levels(runs):
+def test_vllm_level1_metrics_agree_across_levels(runs):
+    """Same rounds, same drafts. Only acceptance counted past max_tokens may differ:
+    there a multi-level drafter pads instead of drafting tokens nobody can keep."""
     one = runs["one"].spec_metrics["greedy"]
     for levels in ("two", "three"):
-        assert runs[levels].spec_metrics["greedy"] == one
+        other = runs[levels].spec_metrics["greedy"]
+        for key in ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens"):
+            assert other[key] == one[key], key
+        per_pos = "vllm:spec_decode_num_accepted_tokens_per_pos"
+        assert other[per_pos][0] == one[per_pos][0]  # d1 is never padded
     assert mean_acceptance_length(one) > 2.0
 
 

@@ -50,6 +50,7 @@ def plot_served(records: list[dict], path: Path) -> Path:
     """Output tokens/s and median request latency against concurrency, one line per method."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    concurrency = sorted({lv["concurrency"] for r in records for lv in r.get("concurrency_levels", [])})
     for record in records:
         levels = [lv for lv in record.get("concurrency_levels", []) if "error" not in lv]
         if not levels:
@@ -59,6 +60,7 @@ def plot_served(records: list[dict], path: Path) -> Path:
         right.plot(x, [lv["latency_s"]["p50"] for lv in levels], marker="o", label=record["method"])
     for axis, label in ((left, "output tokens/s"), (right, "median request latency (s)")):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(concurrency, [str(c) for c in concurrency])
         axis.set_xlabel("concurrent requests")
         axis.set_ylabel(label)
         axis.legend()

@@ -22,6 +22,10 @@ requests; N requests, G generated tokens):
   runs the round's shared first pass plus one pass per window of the level
   below it: R + W_{L+1}. Per level-1 draft token divides by K * R, so one
   level gives exactly 1.
+* with inner levels the adapter drafts only the tokens a request can still
+  use (its max_tokens budget) and pads the rest of the K slots; vLLM counts
+  the padding as proposed and rejected, so near the end of each request
+  level-1 acceptance reads lower than one level's, for the same draft model.
 """
 
 from __future__ import annotations
