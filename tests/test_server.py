@@ -64,7 +64,8 @@ class Server:
         raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log_text()[-3000:]}")
 
     def log_text(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text()
 
     def stop(self) -> int:
