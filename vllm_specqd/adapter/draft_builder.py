@@ -30,7 +30,8 @@ from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod, finalize_mxfp4_l
 from vllm_specqd.config import from_dict
 from vllm_specqd.mxfp4 import quantize_mxfp4
 
-logger = init_logger(__name__)
+# Under "vllm." so vLLM's logging config (handlers, level, process prefix) applies.
+logger = init_logger("vllm." + __name__)
 
 DRAFT_PREFIX = "draft_model"  # vLLM's DraftModelProposer prefix; its attention layers live under it
 INNER_PREFIX = "specqd_inner"  # + level number, for small-model inner levels
@@ -117,9 +118,11 @@ def build_mxfp4_draft(
     return draft.eval()
 
 
-def convert_to_mxfp4_in_place(model: nn.Module, dequantize_once: bool = True) -> int:
-    """Switch a loaded BF16 model's linears to its captured MXFP4 copies (inner levels)."""
-    converted = 0
+def convert_to_mxfp4_in_place(model: nn.Module, dequantize_once: bool = True) -> tuple[int, int]:
+    """Switch a loaded BF16 model's linears to its captured MXFP4 copies (inner levels).
+
+    Returns (layers converted, bytes of CPU dequantized copies)."""
+    converted = cpu_copy_bytes = 0
     for name, module in model.named_modules():
         if isinstance(module, LinearBase) and hasattr(module, _STASH):
             _install_mxfp4(module, _take_stash(module, name), name)
@@ -127,9 +130,9 @@ def convert_to_mxfp4_in_place(model: nn.Module, dequantize_once: bool = True) ->
             module.specqd_in_features = module.input_size_per_partition
             del module.weight  # the BF16 weight (or its CPU repack) is no longer needed
             module.__dict__.pop("cpu_linear", None)
-            finalize_mxfp4_layer(module, dequantize_once)
+            cpu_copy_bytes += finalize_mxfp4_layer(module, dequantize_once)
             converted += 1
-    return converted
+    return converted, cpu_copy_bytes
 
 
 def _param_bytes(params) -> int:

@@ -9,7 +9,11 @@ vLLM's own ``vllm:spec_decode_*`` level-1 metrics:
     specqd:level_accepted_tokens_total{engine, level}
     specqd:level_mean_accepted_length{engine, level}
     specqd:level_forward_passes_per_generated_token{engine, level}
+    specqd:level_verify_windows_total{engine, level}
+    specqd:level_weight_bytes{engine, level}
+    specqd:level_kv_bytes_per_token{engine, level}
     specqd:generated_tokens_total{engine}
+    specqd:rounds_total{engine}
 """
 
 from __future__ import annotations
@@ -76,18 +80,34 @@ class LevelStatsCollector:
                 "Forward passes of a level per token the target generated",
                 labels=["engine", "level"],
             ),
+            "verify_windows": CounterMetricFamily(
+                "specqd:level_verify_windows",
+                "Per-request windows the level above ran to check this level's proposals",
+                labels=["engine", "level"],
+            ),
+            "weight_bytes": GaugeMetricFamily(
+                "specqd:level_weight_bytes", "Weight bytes a level adds to the target's", labels=["engine", "level"]
+            ),
+            "kv_bytes_per_token": GaugeMetricFamily(
+                "specqd:level_kv_bytes_per_token", "KV-cache bytes per token of a level's own KV layers",
+                labels=["engine", "level"],
+            ),
         }
         generated = CounterMetricFamily(
             "specqd:generated_tokens", "Tokens committed by the target while specqd drafted", labels=["engine"]
         )
+        rounds = CounterMetricFamily("specqd:rounds", "(request, drafting round) pairs", labels=["engine"])
         for engine, report in _reports().items():
-            generated.add_metric([engine], report.get("generated_tokens", 0))
+            if "generated_tokens" in report:
+                generated.add_metric([engine], report["generated_tokens"])
+                rounds.add_metric([engine], report["rounds"])
             for level, entry in report.get("levels", {}).items():
                 for key, family in families.items():
                     if key in entry:
                         family.add_metric([engine, level], entry[key])
         yield from families.values()
         yield generated
+        yield rounds
 
 
 def register_collector() -> None:

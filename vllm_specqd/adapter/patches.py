@@ -14,11 +14,7 @@ import argparse
 import functools
 from typing import Any, Callable
 
-from vllm.logger import init_logger
-
 from vllm_specqd.config import SpecQDConfigError, load_speculative_config_arg
-
-logger = init_logger(__name__)
 
 _APPLIED: set[str] = set()
 

@@ -44,7 +44,8 @@ from vllm_specqd.config import InnerSpec, from_dict
 from vllm_specqd.multilevel import RequestContext, SpeculativeLevel, build_chain
 from vllm_specqd.ngram import NgramProposer
 
-logger = init_logger(__name__)
+# Under "vllm." so vLLM's logging config (handlers, level, process prefix) applies.
+logger = init_logger("vllm." + __name__)
 
 # Debug/test hook: append every round's level-1 drafts as JSON lines to this file.
 TRACE_ENV = "VLLM_SPECQD_TRACE_DRAFTS"
@@ -68,6 +69,7 @@ class SpecQDProposer(DraftModelProposer):
             super().load_model(target_model)
         finally:
             self._target_for_build = None
+        self.stats.level_info["1"] = {"weight_bytes": self.model.specqd_extra_weight_bytes}
         if self.specqd.inner is not None:
             self.chain = self._build_chain()
         logger.info(
@@ -120,9 +122,12 @@ class SpecQDProposer(DraftModelProposer):
         prefix = inner_prefix(level)
         with set_model_tag(prefix):
             model = get_model(vllm_config=inner_config, model_config=model_config, prefix=prefix)
+        cpu_copy_bytes = 0
         if spec.quantization == "mxfp4":
-            converted = convert_to_mxfp4_in_place(model, dequantize_once=spec.cpu_dequantize_once)
+            converted, cpu_copy_bytes = convert_to_mxfp4_in_place(model, dequantize_once=spec.cpu_dequantize_once)
             logger.info("specqd: level %d (%s) converted %d linear layers to MXFP4", level, spec.model, converted)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + cpu_copy_bytes
+        self.stats.level_info[str(level)] = {"weight_bytes": weight_bytes}
         window_model = VllmWindowModel(f"level{level}", model, self.vllm_config, self.device)
         after = get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase)
         window_model.layer_names = sorted(
@@ -132,6 +137,7 @@ class SpecQDProposer(DraftModelProposer):
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+        self.stats.level_info["1"]["kv_bytes_per_token"] = self._kv_bytes_per_token(self._draft_attn_layer_names)
         if self.chain is None:
             return
         level1 = self.chain.model
@@ -150,8 +156,15 @@ class SpecQDProposer(DraftModelProposer):
                         "than the MXFP4 draft's; inner models need the target's KV block layout."
                     )
                 window_model.attn_groups, window_model.block_size = self.draft_attn_groups, self.block_size
+                level = window_model.name.removeprefix("level")
+                self.stats.level_info[level]["kv_bytes_per_token"] = self._kv_bytes_per_token(window_model.layer_names)
         finally:
             self._draft_attn_layer_names, self.draft_attn_groups, self.kv_cache_gid, self.block_size = saved
+
+    def _kv_bytes_per_token(self, layer_names) -> int:
+        layers = get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase, sorted(layer_names))
+        specs = [layer.get_kv_cache_spec(self.vllm_config) for layer in layers.values()]
+        return sum(spec.page_size_bytes // spec.block_size for spec in specs if spec is not None)
 
     # ------------------------------------------------------------------ drafting
 
@@ -173,8 +186,8 @@ class SpecQDProposer(DraftModelProposer):
         if trace_path:
             next_positions = self._next_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
         if self.chain is None or num_speculative_tokens <= 1:
-            self.stats.level1_passes += max(1, num_speculative_tokens)  # vLLM's loop: K passes
-            self.stats.publish(None, [])
+            self.stats.first_passes += max(1, num_speculative_tokens)  # vLLM's loop: K passes
+            self.stats.publish(None)
             drafts = super().propose(
                 num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                 next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
@@ -284,7 +297,7 @@ class SpecQDProposer(DraftModelProposer):
             hidden_states = self.model(**model_kwargs)
         for window_model in self.inner_window_models:
             window_model.forward(self.input_ids[:num_tokens], self.positions[:num_tokens], cad)
-        self.stats.level1_passes += 1
+        self.stats.first_passes += 1
         return self._greedy_sample(hidden_states[token_indices_to_sample])
 
     def _useful_draft_tokens(self, req_id: Hashable, context_len: int, k: int) -> int:
@@ -318,9 +331,9 @@ class SpecQDProposer(DraftModelProposer):
                 level.mark_kv_valid(req_id, context)
             wanted.append(0 if discarded[i] else self._useful_draft_tokens(req_id, len(context), k))
             requests.append(RequestContext(req_id, np.append(context, first[i])))
-            self.stats.count_generated(req_id, len(context), discarded[i])
+            self.stats.count_round(req_id, len(context), discarded[i])
         self.stats.forget_missing(req_ids, self.chain)
         rest = self.chain.propose(requests, wanted)
         drafts = [[first[i], *rest[i]] + [first[i]] * (k - 1 - len(rest[i])) for i in range(len(contexts))]
-        self.stats.publish(self.chain, self.inner_window_models)
+        self.stats.publish(self.chain)
         return torch.tensor(drafts, dtype=first_tokens.dtype, device=first_tokens.device)

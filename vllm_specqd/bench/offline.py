@@ -171,11 +171,11 @@ def run_methods(methods: list[Method], prompts: list[Prompt], settings: RunSetti
     return records
 
 
-def default_models(model: str | None, need_small: bool) -> tuple[str, str | None]:
-    """(target dir, small draft dir): the bundled model and its 8-layer cut unless ``model`` is given."""
+def default_models(model: str | None, need_small: bool, small_layers: int = 24) -> tuple[str, str | None]:
+    """(target dir, small draft dir): the bundled model and a layer cut of it unless ``model`` is given."""
     from vllm_specqd import model_prep
 
     if model is not None:
         return str(Path(model).expanduser()), None
-    small = str(model_prep.prepare_small_model(8, quiet=True)) if need_small else None
+    small = str(model_prep.prepare_small_model(small_layers, quiet=True)) if need_small else None
     return str(model_prep.prepare_model(quiet=True)), small
