@@ -118,3 +118,33 @@ def test_top_k_on_an_empty_batch_is_a_no_op():
 
 def test_package_version():
     assert vllm_specqd.__version__ == md.version("vllm-specqd")
+
+
+def test_normal_wheel_install_ships_kernels_inside_the_package(tmp_path):
+    """A non-editable install: the wheel maps kernels/ to vllm_specqd/kernels, nothing top-level."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+        check=True, capture_output=True,
+    )
+    wheel = next(tmp_path.glob("vllm_specqd-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "vllm_specqd/kernels/__init__.py" in names
+    assert not any(name.startswith("kernels/") for name in names)
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True, capture_output=True,
+    )
+    # -S: no site hooks, so the repo's editable-install finder is not there to answer instead.
+    import sysconfig
+
+    path = f"{target}:{sysconfig.get_paths()['purelib']}"
+    code = "import vllm_specqd.kernels as k, vllm_specqd.bench.cli; print(k.__file__)"
+    proc = subprocess.run([sys.executable, "-S", "-c", code], env={**__import__("os").environ, "PYTHONPATH": path}, cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(target / "vllm_specqd" / "kernels" / "__init__.py")

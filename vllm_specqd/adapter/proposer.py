@@ -23,13 +23,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 from vllm.compilation.backends import set_model_tag
-from vllm.config import ModelConfig
+from vllm.config import ModelConfig, get_layers_from_vllm_config
 from vllm.config.utils import replace
 from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.model_executor.model_loader import get_model
-from vllm.config import get_layers_from_vllm_config
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_specqd.adapter.draft_builder import (
