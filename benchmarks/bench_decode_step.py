@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-
 from vllm_specqd.kernels import HAS_TRITON, mxfp4_matmul
+
 from vllm_specqd.mxfp4 import quantize_mxfp4
 
 
@@ -169,12 +169,15 @@ def build_models(dims: Dims, kv_len: int, max_batch: int, device) -> tuple[Decod
             "gate_up": weight(2 * dims.intermediate, dims.hidden),
             "down": weight(dims.hidden, dims.intermediate),
         }
-        norms = {name: torch.ones(dims.hidden, dtype=torch.bfloat16, device=device)
-                 for name in ("input_norm", "post_norm")}  # fmt: skip
+        norms = {
+            name: torch.ones(dims.hidden, dtype=torch.bfloat16, device=device) for name in ("input_norm", "post_norm")
+        }
         target_layers.append(Layer(**{k: BF16Linear(w) for k, w in ws.items()}, **norms))
         draft_layers.append(Layer(**{k: MXFP4Linear(w) for k, w in ws.items()}, **norms))
-    return (DecodeModel(dims, target_layers, shared, kv_len, max_batch, device),
-            DecodeModel(dims, draft_layers, shared, kv_len, max_batch, device))  # fmt: skip
+    return (
+        DecodeModel(dims, target_layers, shared, kv_len, max_batch, device),
+        DecodeModel(dims, draft_layers, shared, kv_len, max_batch, device),
+    )
 
 
 @torch.inference_mode()
@@ -183,17 +186,26 @@ def check_draft(draft: DecodeModel, device) -> dict:
     token_ids = torch.arange(1, device=device)
     reference = copy.copy(draft)  # same KV cache, RoPE and shared weights; only the linears differ
     reference.layers = [
-        Layer(layer.qkv.dequantized(), layer.o.dequantized(), layer.gate_up.dequantized(), layer.down.dequantized(),
-              layer.input_norm, layer.post_norm)
+        Layer(
+            layer.qkv.dequantized(),
+            layer.o.dequantized(),
+            layer.gate_up.dequantized(),
+            layer.down.dequantized(),
+            layer.input_norm,
+            layer.post_norm,
+        )
         for layer in draft.layers
-    ]  # fmt: skip
+    ]
     got, want = draft.step(token_ids).float(), reference.step(token_ids).float()
     del reference
     if device.type == "cuda":
         torch.cuda.empty_cache()
     rel_err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
-    return {"max_rel_err": rel_err, "argmax_equal": bool((got.argmax(-1) == want.argmax(-1)).all()),
-            "ok": rel_err < CHECK_TOLERANCE}  # fmt: skip
+    return {
+        "max_rel_err": rel_err,
+        "argmax_equal": bool((got.argmax(-1) == want.argmax(-1)).all()),
+        "ok": rel_err < CHECK_TOLERANCE,
+    }
 
 
 def time_cuda(step, token_ids: torch.Tensor, iters: int, graphs: bool) -> tuple[float, bool]:
@@ -201,6 +213,7 @@ def time_cuda(step, token_ids: torch.Tensor, iters: int, graphs: bool) -> tuple[
     for _ in range(3):  # Triton autotunes on first calls: never inside a capture
         step(token_ids)
     torch.cuda.synchronize()
+
     def run():
         step(token_ids)
 
@@ -255,12 +268,19 @@ def measure(target: DecodeModel, draft: DecodeModel, batches: list[int], iters: 
         t_ms, t_graph = time_step(target.step, token_ids, iters, graphs)
         d_ms, d_graph = time_step(draft.step, token_ids, iters, graphs)
         row = {
-            "batch": batch, "target_ms": t_ms, "draft_ms": d_ms, "c": d_ms / t_ms,
-            "c_bytes": draft.bytes_read(batch) / target.bytes_read(batch), "cuda_graphs": t_graph and d_graph,
-        }  # fmt: skip
+            "batch": batch,
+            "target_ms": t_ms,
+            "draft_ms": d_ms,
+            "c": d_ms / t_ms,
+            "c_bytes": draft.bytes_read(batch) / target.bytes_read(batch),
+            "cuda_graphs": t_graph and d_graph,
+        }
         rows.append(row)
-        print(f"{batch:>5} {t_ms:>11.3f} {d_ms:>11.3f} {row['c']:>7.3f} {row['c_bytes']:>8.3f} "
-              f"{'yes' if row['cuda_graphs'] else 'no':>7}", flush=True)  # fmt: skip
+        print(
+            f"{batch:>5} {t_ms:>11.3f} {d_ms:>11.3f} {row['c']:>7.3f} {row['c_bytes']:>8.3f} "
+            f"{'yes' if row['cuda_graphs'] else 'no':>7}",
+            flush=True,
+        )
     return rows
 
 
@@ -271,10 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-len", type=int, default=1024, help="context tokens already in the KV cache")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--no-cuda-graphs", action="store_true", help="time eager launches (includes launch overhead)")
-    p.add_argument("--cpu-smoke", action="store_true",
-                   help=f"CPU, tiny dims {asdict(SMOKE)}, no CUDA graphs: exercises the code path, measures nothing")
-    p.add_argument("--out", default=None,
-                   help="JSON path (default results/bench_decode_step.json, or ..._cpu_smoke.json with --cpu-smoke)")
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help=f"CPU, tiny dims {asdict(SMOKE)}, no CUDA graphs: exercises the code path, measures nothing",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default results/bench_decode_step.json, or ..._cpu_smoke.json with --cpu-smoke)",
+    )
     args = p.parse_args(argv)
 
     if args.cpu_smoke:
@@ -282,20 +308,26 @@ def main(argv: list[str] | None = None) -> int:
         args.kv_len, args.batch, args.iters = SMOKE_KV_LEN, SMOKE_BATCHES, SMOKE_ITERS
         print("# CPU SMOKE RUN: tiny dims, torch twin of the MXFP4 kernels; these times say nothing about a GPU.")
     elif not torch.cuda.is_available():
-        print("# No CUDA GPU: nothing measured, no JSON written. This harness times GPU decode steps;\n"
-              "# run it on a CUDA machine, or pass --cpu-smoke to exercise the code path on CPU.")  # fmt: skip
+        print(
+            "# No CUDA GPU: nothing measured, no JSON written. This harness times GPU decode steps;\n"
+            "# run it on a CUDA machine, or pass --cpu-smoke to exercise the code path on CPU."
+        )
         return 0
     else:
         device, dims, graphs = torch.device("cuda"), LLAMA_31_8B, not args.no_cuda_graphs
         dims = Dims(**{**asdict(dims), "layers": args.layers})
-        print(f"# device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}, "
-              f"Triton kernels: {'yes' if HAS_TRITON else 'NO (torch twin)'}")  # fmt: skip
+        print(
+            f"# device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}, "
+            f"Triton kernels: {'yes' if HAS_TRITON else 'NO (torch twin)'}"
+        )
     batches = [int(b) for b in args.batch.split(",")]
     print(f"# model: {asdict(dims)}, kv_len {args.kv_len}, CUDA graphs: {graphs}")
     target, draft = build_models(dims, args.kv_len, max(batches), device)
     check = check_draft(draft, device)
-    print(f"# check: MXFP4 draft step vs the same step on dequantized weights: max rel err "
-          f"{check['max_rel_err']:.2e}, argmax equal: {check['argmax_equal']} -> {'ok' if check['ok'] else 'FAILED'}")
+    print(
+        f"# check: MXFP4 draft step vs the same step on dequantized weights: max rel err "
+        f"{check['max_rel_err']:.2e}, argmax equal: {check['argmax_equal']} -> {'ok' if check['ok'] else 'FAILED'}"
+    )
     print(f"{'batch':>5} {'target_ms':>11} {'draft_ms':>11} {'c':>7} {'c_bytes':>8} {'graphs':>7}")
     rows = measure(target, draft, batches, args.iters, device, graphs)
     result = {

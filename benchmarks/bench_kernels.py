@@ -26,7 +26,6 @@ import sys
 import time
 
 import torch
-
 from vllm_specqd.kernels import HAS_TRITON, mxfp4_matmul
 
 # (layer, N = out features, K = in features) for one decoder layer, tensor-parallel 1.
@@ -130,8 +129,10 @@ def run(args) -> dict:
     ms = [int(v) for v in args.m.split(",")]
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
-    header = (f"{'model':>5} {'layer':>8} {'N':>6} {'K':>6} {'M':>3} {'path':>10} {'mxfp4_us':>10} "
-              f"{'GB/s':>8} {'%ceil':>6} {'bf16_us':>10} {'speedup':>7}")  # fmt: skip
+    header = (
+        f"{'model':>5} {'layer':>8} {'N':>6} {'K':>6} {'M':>3} {'path':>10} {'mxfp4_us':>10} "
+        f"{'GB/s':>8} {'%ceil':>6} {'bf16_us':>10} {'speedup':>7}"
+    )
     print(header)
     print("-" * len(header))
     for model in args.models.split(","):
@@ -148,13 +149,25 @@ def run(args) -> dict:
                 t_b = timer(lambda: torch.matmul(x, w_bf16.t()))
                 nbytes = packed.numel() + scales.numel() + 2 * m * k + 2 * m * n
                 gbps = nbytes / t_q / 1e3
-                row = dict(model=model, layer=layer, N=n, K=k, M=m, path=forced or _gemv_info(m, n, k, device),
-                           time_us=round(t_q, 2), GBps=round(gbps, 2),
-                           pct_of_ceiling=round(100 * gbps / ceiling, 1), bf16_time_us=round(t_b, 2),
-                           speedup_vs_bf16=round(t_b / t_q, 3), bytes=nbytes)  # fmt: skip
+                row = dict(
+                    model=model,
+                    layer=layer,
+                    N=n,
+                    K=k,
+                    M=m,
+                    path=forced or _gemv_info(m, n, k, device),
+                    time_us=round(t_q, 2),
+                    GBps=round(gbps, 2),
+                    pct_of_ceiling=round(100 * gbps / ceiling, 1),
+                    bf16_time_us=round(t_b, 2),
+                    speedup_vs_bf16=round(t_b / t_q, 3),
+                    bytes=nbytes,
+                )
                 rows.append(row)
-                print(f"{model:>5} {layer:>8} {n:>6} {k:>6} {m:>3} {row['path']:>10} {t_q:>10.1f} {gbps:>8.2f} "
-                      f"{row['pct_of_ceiling']:>6.1f} {t_b:>10.1f} {row['speedup_vs_bf16']:>7.2f}")  # fmt: skip
+                print(
+                    f"{model:>5} {layer:>8} {n:>6} {k:>6} {m:>3} {row['path']:>10} {t_q:>10.1f} {gbps:>8.2f} "
+                    f"{row['pct_of_ceiling']:>6.1f} {t_b:>10.1f} {row['speedup_vs_bf16']:>7.2f}"
+                )
             del packed, scales, w_bf16
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -177,12 +190,17 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="8b,70b", help="comma list of: " + ",".join(MODELS))
     p.add_argument("--layers", default=None, help="comma list of layers (qkv,o,gate_up,down); default all")
     p.add_argument("--m", default="1,2,4,8,16", help="comma list of activation rows M")
-    p.add_argument("--iters", type=int, default=50,
-                   help="timed iterations (CPU); on CUDA a do_bench budget of 2 ms each")
+    p.add_argument(
+        "--iters", type=int, default=50, help="timed iterations (CPU); on CUDA a do_bench budget of 2 ms each"
+    )
     p.add_argument("--quick", action="store_true", help=f"small run (fits a CPU in < 2 min): {QUICK}")
     p.add_argument("--cpu", action="store_true", help="time on the CPU even if CUDA is present")
-    p.add_argument("--force-path", choices=("gemv", "tiled", "dequant"), default=None,
-                   help="CUDA only: force a kernel path (e.g. to find the tiled/dequant crossover)")
+    p.add_argument(
+        "--force-path",
+        choices=("gemv", "tiled", "dequant"),
+        default=None,
+        help="CUDA only: force a kernel path (e.g. to find the tiled/dequant crossover)",
+    )
     p.add_argument("--split-k", type=int, default=None, help="CUDA only: force the decode kernel's split-K")
     p.add_argument("--out", default="results/bench_kernels.json", help="JSON output path")
     args = p.parse_args(argv)

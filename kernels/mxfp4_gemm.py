@@ -60,8 +60,7 @@ def check_mxfp4_matmul_inputs(
     ):
         got = _shape(packed) if isinstance(packed, torch.Tensor) else type(packed).__name__
         raise ValueError(
-            f"{who}: packed must be uint8 [N, K_pad/2] = [N, {k_pad // 2}] for x's K={k} "
-            f"(K_pad={k_pad}), got {got}"
+            f"{who}: packed must be uint8 [N, K_pad/2] = [N, {k_pad // 2}] for x's K={k} (K_pad={k_pad}), got {got}"
         )
     n = packed.shape[0]
     if (

@@ -311,10 +311,7 @@ _TILED_INTERP = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_KB=2, GROUP_N=4)
 
 def _gemv_gpu_configs():
     return [
-        triton.Config({"BLOCK_KB": kb}, num_warps=w, num_stages=s)
-        for kb in (4, 8, 16)
-        for w in (4, 8)
-        for s in (2, 4)
+        triton.Config({"BLOCK_KB": kb}, num_warps=w, num_stages=s) for kb in (4, 8, 16) for w in (4, 8) for s in (2, 4)
     ]
 
 
@@ -355,7 +352,7 @@ else:
     )(_mxfp4_tiled_kernel)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device_index: int | None) -> int:
     if device_index is None:  # interpreter on CPU: small, so tests exercise the split heuristic
         return 2
@@ -405,12 +402,16 @@ def mxfp4_dequant_triton(
     inside the normal range).
     """
     if packed.dtype != torch.uint8 or scales.dtype != torch.uint8 or packed.dim() != 2 or scales.dim() != 2:
-        raise ValueError(f"mxfp4_dequant_triton: need 2-D uint8 packed/scales, got {packed.dtype} "
-                         f"{list(packed.shape)} and {scales.dtype} {list(scales.shape)}")
+        raise ValueError(
+            f"mxfp4_dequant_triton: need 2-D uint8 packed/scales, got {packed.dtype} "
+            f"{list(packed.shape)} and {scales.dtype} {list(scales.shape)}"
+        )
     n, k_pad = packed.shape[0], packed.shape[1] * 2
     if tuple(scales.shape) != (n, k_pad // 32) or k_pad % 32:
-        raise ValueError(f"mxfp4_dequant_triton: packed {list(packed.shape)} and scales {list(scales.shape)} "
-                         "are not [N, K_pad/2] and [N, K_pad/32]")
+        raise ValueError(
+            f"mxfp4_dequant_triton: packed {list(packed.shape)} and scales {list(scales.shape)} "
+            "are not [N, K_pad/2] and [N, K_pad/32]"
+        )
     if not (packed.is_contiguous() and scales.is_contiguous()):
         raise ValueError("mxfp4_dequant_triton: packed and scales must be contiguous")
     k = k_pad if k is None else k
@@ -423,9 +424,18 @@ def mxfp4_dequant_triton(
     block_n, block_kb = (16, 2) if INTERPRET else (32, 8)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k_pad // 32, block_kb))
     _mxfp4_dequant_kernel[grid](
-        packed, scales, out, n, k, k_pad // 32, packed.stride(0), scales.stride(0), out.stride(0),
-        BLOCK_N=block_n, BLOCK_KB=block_kb,
-    )  # fmt: skip
+        packed,
+        scales,
+        out,
+        n,
+        k,
+        k_pad // 32,
+        packed.stride(0),
+        scales.stride(0),
+        out.stride(0),
+        BLOCK_N=block_n,
+        BLOCK_KB=block_kb,
+    )
     return out
 
 
@@ -487,10 +497,24 @@ def _run(path, x2d, packed, scales, bias, out, m, n, k, kb, split_k, dev):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
         _tiled_launch[grid](
-            x2d, packed, scales, bias_arg, out, m, n, k, kb,
-            x2d.stride(0), packed.stride(0), scales.stride(0), out.stride(0), triton.next_power_of_2(m),
-            HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype, **meta,
-        )  # fmt: skip
+            x2d,
+            packed,
+            scales,
+            bias_arg,
+            out,
+            m,
+            n,
+            k,
+            kb,
+            x2d.stride(0),
+            packed.stride(0),
+            scales.stride(0),
+            out.stride(0),
+            triton.next_power_of_2(m),
+            HAS_BIAS=has_bias,
+            DOT_DTYPE=dot_dtype,
+            **meta,
+        )
         return
     block_m = triton.next_power_of_2(m)
     block_n = gemv_block_n(m)
@@ -499,12 +523,36 @@ def _run(path, x2d, packed, scales, bias, out, m, n, k, kb, split_k, dev):
     part = torch.empty(splits, m, n, dtype=torch.float32, device=out.device) if write_partial else out
     meta = dict(_GEMV_INTERP) if INTERPRET else {}
     _gemv_launch[(triton.cdiv(n, block_n), splits)](
-        x2d, packed, scales, bias_arg, out, part, m, n, k, kb,
-        x2d.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
-        HAS_BIAS=has_bias, WRITE_PARTIAL=write_partial, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
-    )  # fmt: skip
+        x2d,
+        packed,
+        scales,
+        bias_arg,
+        out,
+        part,
+        m,
+        n,
+        k,
+        kb,
+        x2d.stride(0),
+        packed.stride(0),
+        scales.stride(0),
+        out.stride(0),
+        HAS_BIAS=has_bias,
+        WRITE_PARTIAL=write_partial,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        **meta,
+    )
     if write_partial:
         block = 128 if INTERPRET else 1024
         _splitk_reduce_kernel[(m, triton.cdiv(n, block))](
-            part, bias_arg, out, m, n, splits, out.stride(0), HAS_BIAS=has_bias, BLOCK_N=block,
-        )  # fmt: skip
+            part,
+            bias_arg,
+            out,
+            m,
+            n,
+            splits,
+            out.stride(0),
+            HAS_BIAS=has_bias,
+            BLOCK_N=block,
+        )

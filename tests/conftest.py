@@ -12,7 +12,6 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
 from engine_harness import Workload, chat_prompts, humaneval_prompts, run_engine  # noqa: E402
 
 SAMPLED_REQUESTS = 300
@@ -76,8 +75,7 @@ def sampled_workload(seed_offset: int) -> Workload:
     from vllm import SamplingParams
 
     params = [
-        SamplingParams(temperature=0.9, top_k=40, max_tokens=3, seed=seed_offset + i)
-        for i in range(SAMPLED_REQUESTS)
+        SamplingParams(temperature=0.9, top_k=40, max_tokens=3, seed=seed_offset + i) for i in range(SAMPLED_REQUESTS)
     ]
     return Workload([SAMPLED_PROMPT] * SAMPLED_REQUESTS, params)
 

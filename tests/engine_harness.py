@@ -175,7 +175,10 @@ def same_distribution_pvalue(a: list[int], b: list[int], min_count: int = 10) ->
     counts_a, counts_b = Counter(a), Counter(b)
     total = counts_a + counts_b
     common = sorted(token for token, n in total.items() if n >= min_count)
-    rows = [[counts[t] for t in common] + [sum(counts[t] for t in counts if t not in common)] for counts in (counts_a, counts_b)]
+    rows = [
+        [counts[t] for t in common] + [sum(counts[t] for t in counts if t not in common)]
+        for counts in (counts_a, counts_b)
+    ]
     if rows[0][-1] + rows[1][-1] == 0:
         rows = [row[:-1] for row in rows]
     return float(chi2_contingency(rows).pvalue)

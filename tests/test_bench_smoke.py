@@ -29,8 +29,9 @@ QUICK_K = 6  # the CLI's default --k
 
 def _counters() -> spec_stats.SpecCounters:
     # 2 requests, K = 4: 10 verified drafts, 20 accepted tokens, G = 2 prefill tokens + 10 bonus + 20 accepted.
-    return spec_stats.SpecCounters(num_drafts=10, num_draft_tokens=40, accepted_tokens=20,
-                                   accepted_per_pos=[9, 6, 3, 2])  # fmt: skip
+    return spec_stats.SpecCounters(
+        num_drafts=10, num_draft_tokens=40, accepted_tokens=20, accepted_per_pos=[9, 6, 3, 2]
+    )
 
 
 def test_one_level_accounting():
@@ -64,34 +65,53 @@ def test_no_speculation_takes_one_target_pass_per_token():
 def test_counter_and_level_report_deltas():
     before = spec_stats.SpecCounters(2, 8, 3, [2, 1])
     after = spec_stats.SpecCounters(5, 20, 9, [5, 3, 1])
-    assert (after - before).to_dict() == {"num_drafts": 3, "num_draft_tokens": 12, "accepted_tokens": 6,
-                                          "accepted_per_pos": [3, 2, 1]}  # fmt: skip
+    assert (after - before).to_dict() == {
+        "num_drafts": 3,
+        "num_draft_tokens": 12,
+        "accepted_tokens": 6,
+        "accepted_per_pos": [3, 2, 1],
+    }
     old = {"levels": {"2": {"proposed_tokens": 4, "verify_windows": 10, "acceptance_rate": 0.5}}}
-    new = {"levels": {"2": {"proposed_tokens": 9, "verify_windows": 25, "acceptance_rate": 0.7},
-                      "3": {"verify_windows": 4}}}  # fmt: skip
-    assert spec_stats.level_report_delta(new, old) == {"2": {"proposed_tokens": 5, "verify_windows": 15},
-                                                       "3": {"verify_windows": 4}}  # fmt: skip
+    new = {
+        "levels": {
+            "2": {"proposed_tokens": 9, "verify_windows": 25, "acceptance_rate": 0.7},
+            "3": {"verify_windows": 4},
+        }
+    }
+    assert spec_stats.level_report_delta(new, old) == {
+        "2": {"proposed_tokens": 5, "verify_windows": 15},
+        "3": {"verify_windows": 4},
+    }
 
 
 def test_parse_prometheus_reads_spec_and_level_counters():
-    text = "\n".join([
-        "# TYPE vllm:spec_decode_num_drafts counter",
-        'vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 7.0',
-        "# TYPE vllm:spec_decode_num_draft_tokens counter",
-        'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 42.0',
-        "# TYPE vllm:spec_decode_num_accepted_tokens counter",
-        'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 25.0',
-        "# TYPE vllm:spec_decode_num_accepted_tokens_per_pos counter",
-        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="1"} 6.0',
-        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="0"} 7.0',
-        "# TYPE specqd:level_proposed_tokens counter",
-        'specqd:level_proposed_tokens_total{engine="e",level="2"} 3.0',
-        "# TYPE specqd:level_mean_accepted_length gauge",
-        'specqd:level_mean_accepted_length{engine="e",level="2"} 1.02',
-    ]) + "\n"  # fmt: skip
+    text = (
+        "\n".join(
+            [
+                "# TYPE vllm:spec_decode_num_drafts counter",
+                'vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 7.0',
+                "# TYPE vllm:spec_decode_num_draft_tokens counter",
+                'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 42.0',
+                "# TYPE vllm:spec_decode_num_accepted_tokens counter",
+                'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 25.0',
+                "# TYPE vllm:spec_decode_num_accepted_tokens_per_pos counter",
+                'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="1"} 6.0',
+                'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="0"} 7.0',
+                "# TYPE specqd:level_proposed_tokens counter",
+                'specqd:level_proposed_tokens_total{engine="e",level="2"} 3.0',
+                "# TYPE specqd:level_mean_accepted_length gauge",
+                'specqd:level_mean_accepted_length{engine="e",level="2"} 1.02',
+            ]
+        )
+        + "\n"
+    )
     counters, levels = parse_prometheus(text)
-    assert counters.to_dict() == {"num_drafts": 7, "num_draft_tokens": 42, "accepted_tokens": 25,
-                                  "accepted_per_pos": [7, 6]}  # fmt: skip
+    assert counters.to_dict() == {
+        "num_drafts": 7,
+        "num_draft_tokens": 42,
+        "accepted_tokens": 25,
+        "accepted_per_pos": [7, 6],
+    }
     assert levels == {"2": {"proposed_tokens": 3.0, "mean_accepted_length": 1.02}}
 
 
@@ -100,8 +120,9 @@ def test_parse_prometheus_reads_spec_and_level_counters():
 
 def test_mxfp4_bytes_and_kv_check():
     assert memory.mxfp4_bytes([4, 40]) == 4 * 64 // 2 + 4 * 2  # K padded to 64: 32 code bytes + 2 scales per row
-    kv = memory.kv_report(budget_bytes=2**20, capacity_tokens=160, block_size=16, target_per_token=3000,
-                          added_per_token=3000)  # fmt: skip
+    kv = memory.kv_report(
+        budget_bytes=2**20, capacity_tokens=160, block_size=16, target_per_token=3000, added_per_token=3000
+    )
     assert kv["kv_capacity_check"] == "matches the engine"  # 2**20 // (6000 * 16) = 10 blocks
     wrong = memory.kv_report(2**20, 320, 16, 3000, 3000)
     assert wrong["kv_capacity_check"].startswith("MISMATCH")
@@ -167,17 +188,46 @@ def test_markdown_table_and_cells():
     assert report.markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
     assert report.fmt(None) == "n/a" and report.fmt(1.234) == "1.23" and report.fmt(True) == "yes"
     record = {
-        "method": "specqd-1", "num_levels": 1, "tokens_per_s": 12.345, "speedup_vs_none": 0.5,
-        "identical_to_none": False, "num_different": 1, "num_requests": 4,
-        "levels": {"1": {"mean_accepted_length": 4.5, "acceptance_rate": 0.58, "passes_per_generated_token": 1.3,
-                         "passes_per_level1_draft_token": 1.0}},
+        "method": "specqd-1",
+        "num_levels": 1,
+        "tokens_per_s": 12.345,
+        "speedup_vs_none": 0.5,
+        "identical_to_none": False,
+        "num_different": 1,
+        "num_requests": 4,
+        "levels": {
+            "1": {
+                "mean_accepted_length": 4.5,
+                "acceptance_rate": 0.58,
+                "passes_per_generated_token": 1.3,
+                "passes_per_level1_draft_token": 1.0,
+            }
+        },
         "target_passes_per_generated_token": 0.22,
-        "memory": {"added_weight_bytes": 2 * report.MiB, "cpu_dequantized_copy_bytes": 0,
-                   "added_kv_bytes_per_token": 46080, "kv_capacity_tokens": 23296},
-    }  # fmt: skip
+        "memory": {
+            "added_weight_bytes": 2 * report.MiB,
+            "cpu_dequantized_copy_bytes": 0,
+            "added_kv_bytes_per_token": 46080,
+            "kv_capacity_tokens": 23296,
+        },
+    }
     row = report.offline_row(record)
-    assert row == ["specqd-1", "1", "12.3", "0.50x", "no (1/4 differ)", "4.50", "0.58", "0.22", "1.30", "1.00",
-                   "2.0", "0.0", "46080", "23296"]  # fmt: skip
+    assert row == [
+        "specqd-1",
+        "1",
+        "12.3",
+        "0.50x",
+        "no (1/4 differ)",
+        "4.50",
+        "0.58",
+        "0.22",
+        "1.30",
+        "1.00",
+        "2.0",
+        "0.0",
+        "46080",
+        "23296",
+    ]
     assert len(row) == len(report.OFFLINE_COLUMNS)
     failed = report.offline_row({"method": "ngram", "num_levels": 1, "error": "boom"})
     assert len(failed) == len(report.OFFLINE_COLUMNS) and "FAILED" in failed[2]
@@ -194,8 +244,12 @@ def test_bf16_difference_is_explained_and_fp32_difference_is_flagged():
 
 def test_decode_step_cpu_smoke(tmp_path):
     out = tmp_path / "decode.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_decode_step.py"), "--cpu-smoke",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_decode_step.py"), "--cpu-smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "CPU SMOKE RUN" in proc.stdout and "target_ms" in proc.stdout and "-> ok" in proc.stdout
     data = json.loads(out.read_text())
@@ -227,8 +281,12 @@ def quick_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_specqd", "bench", "--quick", "--methods", QUICK_METHODS, "--out", str(out)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=900,
+    )
     return out, proc
 
 

@@ -28,7 +28,9 @@ def test_defaults():
 
 
 def test_round_trip_is_json():
-    cfg = parse_config(specqd(draft={"scale_rule": "floor"}, inner={**NGRAM, "prompt_lookup_min": 3, "prompt_lookup_max": 4}))
+    cfg = parse_config(
+        specqd(draft={"scale_rule": "floor"}, inner={**NGRAM, "prompt_lookup_min": 3, "prompt_lookup_max": 4})
+    )
     assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
@@ -46,14 +48,26 @@ def test_round_trip_is_json():
         (specqd(draft={"quantization": "int4"}), "'draft.quantization' must be one of ['mxfp4']"),
         (specqd(draft={"cpu_dequantize_once": "yes"}), "'draft.cpu_dequantize_once' must be true or false"),
         (specqd(draft_sample_method="top1"), "must be one of ['greedy', 'probabilistic']"),
-        (specqd(inner={**NGRAM, "num_speculative_tokens": 7}), "is 7, larger than the level above's num_speculative_tokens=6"),
-        (specqd(inner={"method": "eagle", "num_speculative_tokens": 2}), "'inner.method' must be one of ['ngram', 'draft_model']"),
+        (
+            specqd(inner={**NGRAM, "num_speculative_tokens": 7}),
+            "is 7, larger than the level above's num_speculative_tokens=6",
+        ),
+        (
+            specqd(inner={"method": "eagle", "num_speculative_tokens": 2}),
+            "'inner.method' must be one of ['ngram', 'draft_model']",
+        ),
         (specqd(inner={"num_speculative_tokens": 2}), "'inner.method' is required"),
         (specqd(inner={**NGRAM, "model": "/x"}), "'inner.model' is not a known key"),
         (specqd(inner={**NGRAM, "prompt_lookup_min": 5, "prompt_lookup_max": 2}), "must be <= prompt_lookup_max"),
         (specqd(inner={"method": "draft_model", "num_speculative_tokens": 2}), "'inner.model' is required"),
-        (specqd(inner={"method": "draft_model", "model": "/no/such/dir", "num_speculative_tokens": 2}), "is not a local checkpoint directory"),
-        (specqd(inner=NGRAM, draft_sample_method="probabilistic"), "must be 'greedy' when 'inner' levels are configured"),
+        (
+            specqd(inner={"method": "draft_model", "model": "/no/such/dir", "num_speculative_tokens": 2}),
+            "is not a local checkpoint directory",
+        ),
+        (
+            specqd(inner=NGRAM, draft_sample_method="probabilistic"),
+            "must be 'greedy' when 'inner' levels are configured",
+        ),
         ([1, 2], "must be an object/dict"),
     ],
 )
@@ -82,17 +96,28 @@ def test_cycle_through_model_paths_is_refused(model_dir, small_model_dir):
 
 def test_three_levels_parse(small_model_dir):
     cfg = parse_config(
-        specqd(inner={"method": "draft_model", "model": str(small_model_dir), "quantization": "mxfp4",
-                      "num_speculative_tokens": 3, "inner": {**NGRAM, "num_speculative_tokens": 2}})
+        specqd(
+            inner={
+                "method": "draft_model",
+                "model": str(small_model_dir),
+                "quantization": "mxfp4",
+                "num_speculative_tokens": 3,
+                "inner": {**NGRAM, "num_speculative_tokens": 2},
+            }
+        )
     )
     assert [level.method for level in cfg.levels()] == ["draft_model", "ngram"]
     assert from_dict(cfg.to_dict()) == cfg
 
 
 def test_config_argument_accepts_inline_json_and_files(tmp_path):
-    assert load_speculative_config_arg('{"method": "specqd", "num_speculative_tokens": 2}')["num_speculative_tokens"] == 2
+    assert (
+        load_speculative_config_arg('{"method": "specqd", "num_speculative_tokens": 2}')["num_speculative_tokens"] == 2
+    )
     (tmp_path / "a.json").write_text(json.dumps(specqd()))
-    (tmp_path / "a.yaml").write_text("method: specqd\nnum_speculative_tokens: 3\ninner:\n  method: ngram\n  num_speculative_tokens: 2\n")
+    (tmp_path / "a.yaml").write_text(
+        "method: specqd\nnum_speculative_tokens: 3\ninner:\n  method: ngram\n  num_speculative_tokens: 2\n"
+    )
     assert load_speculative_config_arg(str(tmp_path / "a.json")) == specqd()
     assert load_speculative_config_arg(str(tmp_path / "a.yaml"))["inner"]["method"] == "ngram"
     assert load_speculative_config_arg("None") is None
@@ -123,8 +148,9 @@ def test_config_argument_errors(tmp_path, name, content, message):
 def engine_config(model_dir, spec, **kwargs):
     from vllm.engine.arg_utils import EngineArgs
 
-    args = EngineArgs(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024,
-                      speculative_config=spec, **kwargs)
+    args = EngineArgs(
+        model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024, speculative_config=spec, **kwargs
+    )
     return args.create_engine_config()
 
 

@@ -33,12 +33,12 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pytest
 import torch
-
 from vllm_specqd.kernels import HAS_TRITON, check_mxfp4_matmul_inputs, mxfp4_matmul, mxfp4_matmul_torch
+
 from vllm_specqd.mxfp4 import dequantize_mxfp4, pack_fp4, quantize_mxfp4
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -189,8 +189,9 @@ def _run_case(c: Case) -> dict:
         return {"ok": False, "error": f"got {y.dtype} {list(y.shape)}, want {y_ref.dtype} {list(y_ref.shape)}"}
     x2d = x.reshape(-1, c.k)
     w = dequantize_mxfp4(packed, scales, k=c.k).nan_to_num()  # NaN positions are compared apart
-    tol = gemm_tolerance(x2d, w, bias, y.reshape(-1, c.n), y_ref.reshape(-1, c.n), y.dtype,
-                         extra_ulps=1 if c.path == "dequant" else 0)  # fmt: skip
+    tol = gemm_tolerance(
+        x2d, w, bias, y.reshape(-1, c.n), y_ref.reshape(-1, c.n), y.dtype, extra_ulps=1 if c.path == "dequant" else 0
+    )
     verdict = compare(y.reshape(-1, c.n), y_ref.reshape(-1, c.n), tol)
     if c.kind == "exact":
         verdict["ok"] = verdict["bit_equal"]
@@ -239,8 +240,11 @@ def interp_results() -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--interp-worker"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -349,8 +353,9 @@ def test_triton_launcher_argument_errors():
     with pytest.raises(ValueError, match="force_path must be one of"):
         mxfp4_matmul_triton(**_GOOD, force_path="fast")
     with pytest.raises(ValueError, match="gemv path takes M <= 16"):
-        mxfp4_matmul_triton(torch.randn(17, 64, dtype=torch.bfloat16), _GOOD["packed"], _GOOD["scales"],
-                            force_path="gemv")  # fmt: skip
+        mxfp4_matmul_triton(
+            torch.randn(17, 64, dtype=torch.bfloat16), _GOOD["packed"], _GOOD["scales"], force_path="gemv"
+        )
     with pytest.raises(ValueError, match="split_k"):
         mxfp4_matmul_triton(**_GOOD, force_path="tiled", split_k=2)
     with pytest.raises(ValueError, match="split_k"):
@@ -374,8 +379,16 @@ def test_split_k_heuristic_fills_an_h100():
     from vllm_specqd.kernels.mxfp4_triton import gemv_block_n, gemv_split_k
 
     assert gemv_block_n(1) >= gemv_block_n(16) >= 16
-    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
-              (10240, 8192), (8192, 8192), (57344, 8192), (8192, 28672)]  # fmt: skip
+    shapes = [
+        (6144, 4096),
+        (4096, 4096),
+        (28672, 4096),
+        (4096, 14336),
+        (10240, 8192),
+        (8192, 8192),
+        (57344, 8192),
+        (8192, 28672),
+    ]
     for n, k in shapes:
         for block_n in (16, 32, 64):
             kb = k // 32
@@ -386,9 +399,11 @@ def test_split_k_heuristic_fills_an_h100():
 
 
 # ----------------------------------------------------------------------------- CUDA (real kernels)
-_CUDA_CASES = [c for c in CASES if c.kind in ("random", "exact", "nan", "lead", "strided")][::3] + [
-    Case(None, m, 4096, 4096, dt, True, seed=m) for m in (1, 4, 16, 64, 1024) for dt in ("bfloat16", "float16")
-] + [Case("gemv", 1, 4096, 14336, "bfloat16", False, None, seed=9)]  # fmt: skip
+_CUDA_CASES = (
+    [c for c in CASES if c.kind in ("random", "exact", "nan", "lead", "strided")][::3]
+    + [Case(None, m, 4096, 4096, dt, True, seed=m) for m in (1, 4, 16, 64, 1024) for dt in ("bfloat16", "float16")]
+    + [Case("gemv", 1, 4096, 14336, "bfloat16", False, None, seed=9)]
+)
 
 
 @pytest.mark.cuda
@@ -405,8 +420,16 @@ def test_triton_cuda_matches_twin(case):
     assert torch.equal(mxfp4_matmul(x, packed, scales, bias), mxfp4_matmul_triton(x, packed, scales, bias))
     w = dequantize_mxfp4(packed, scales, k=case.k).nan_to_num()
     x2d, n = x.reshape(-1, case.k), case.n
-    tol = gemm_tolerance(x2d, w, bias, y.reshape(-1, n), y_ref.reshape(-1, n), y.dtype, u=2.0**-22,
-                         extra_ulps=1 if case.path == "dequant" or x2d.shape[0] >= 1024 else 0)  # fmt: skip
+    tol = gemm_tolerance(
+        x2d,
+        w,
+        bias,
+        y.reshape(-1, n),
+        y_ref.reshape(-1, n),
+        y.dtype,
+        u=2.0**-22,
+        extra_ulps=1 if case.path == "dequant" or x2d.shape[0] >= 1024 else 0,
+    )
     verdict = compare(y.reshape(-1, n), y_ref.reshape(-1, n), tol)
     if case.kind == "exact":
         assert verdict["bit_equal"], verdict

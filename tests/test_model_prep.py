@@ -3,6 +3,7 @@ result actually generates sensible text (a wrong Q/K un-permutation or dtype mix
 
 The model is prepared in the default cache dir so later test modules and the demo reuse it.
 """
+
 import argparse
 import json
 import os
@@ -31,7 +32,8 @@ def model_and_tokenizer(model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model, loading_info = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16, local_files_only=True, output_loading_info=True)
+        model_dir, dtype=torch.bfloat16, local_files_only=True, output_loading_info=True
+    )
     # lm_head is not stored: it must come back tied to the embedding, nothing else missing.
     assert not any(loading_info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -40,9 +42,10 @@ def model_and_tokenizer(model_dir):
 
 def greedy(model, tokenizer, input_ids, max_new_tokens):
     with torch.no_grad():
-        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+        output = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False
+        )
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_default_dir_honours_env(monkeypatch, tmp_path):
@@ -62,10 +65,17 @@ def test_second_call_is_fast_and_idempotent(model_dir):
 
 
 def test_cached_path_imports_no_transformers(model_dir):
-    probe = ("import sys, time; from vllm_specqd.model_prep import prepare_model; t = time.perf_counter(); "
-             "print(prepare_model(quiet=True)); print(time.perf_counter() - t); print('transformers' in sys.modules)")
-    lines = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                           cwd=os.path.dirname(os.path.dirname(model_prep.__file__))).stdout.split()
+    probe = (
+        "import sys, time; from vllm_specqd.model_prep import prepare_model; t = time.perf_counter(); "
+        "print(prepare_model(quiet=True)); print(time.perf_counter() - t); print('transformers' in sys.modules)"
+    )
+    lines = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(model_prep.__file__)),
+    ).stdout.split()
     assert lines[0] == str(model_dir) and float(lines[1]) < 1.0 and lines[2] == "False", lines
 
 
@@ -118,15 +128,21 @@ def test_chat_answer_is_sensible(model_and_tokenizer):
     # This phrasing wins by ~1.5 nats in HF and vLLM, BF16 and FP32 alike.
     input_ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     answer = greedy(model, tokenizer, input_ids, max_new_tokens=20)
     assert "Paris" in answer, answer
 
 
-@pytest.mark.parametrize("prompt, expected", [
-    ("The capital of Germany is", "Berlin"),
-    ("One, two, three, four,", "five, six"),
-])
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("The capital of Germany is", "Berlin"),
+        ("One, two, three, four,", "five, six"),
+    ],
+)
 def test_factual_completion(model_and_tokenizer, prompt, expected):
     model, tokenizer = model_and_tokenizer
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -137,14 +153,17 @@ def test_factual_completion(model_and_tokenizer, prompt, expected):
 def test_fresh_conversion_offline_matches_cache(model_dir, tmp_path, monkeypatch):
     """Convert again from scratch with every socket connection refused: proves the conversion
     needs no hub, and that the cached checkpoint is what the current code produces."""
+
     def refuse(*args, **kwargs):
         raise OSError("network access attempted during model preparation")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     fresh_dir = model_prep.prepare_model(tmp_path / "fresh", force=True, quiet=True)
     assert not list(tmp_path.glob(".fresh.*-*"))  # staging dir renamed away
-    with safe_open(model_dir / "model.safetensors", framework="pt") as cached, \
-            safe_open(fresh_dir / "model.safetensors", framework="pt") as fresh:
+    with (
+        safe_open(model_dir / "model.safetensors", framework="pt") as cached,
+        safe_open(fresh_dir / "model.safetensors", framework="pt") as fresh,
+    ):
         assert set(cached.keys()) == set(fresh.keys())
         for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
             assert torch.equal(cached.get_tensor(name), fresh.get_tensor(name)), name

@@ -99,9 +99,7 @@ class CappedLevel:
         self.level, self.model = level, model
 
     def propose(self, contexts, max_new_tokens):
-        self.model.kv_limits = {
-            c.req_id: len(c.tokens) + n - 1 for c, n in zip(contexts, max_new_tokens)
-        }
+        self.model.kv_limits = {c.req_id: len(c.tokens) + n - 1 for c, n in zip(contexts, max_new_tokens)}
         drafts = self.level.propose(contexts, max_new_tokens)
         self.model.kv_limits = {}
         for context, n, draft in zip(contexts, max_new_tokens, drafts):
@@ -134,10 +132,7 @@ class RandomProposer:
         self.rng = np.random.default_rng(seed)
 
     def propose(self, contexts, max_new_tokens):
-        return [
-            self.rng.integers(0, VOCAB, int(self.rng.integers(0, n + 1))).tolist()
-            for n in max_new_tokens
-        ]
+        return [self.rng.integers(0, VOCAB, int(self.rng.integers(0, n + 1))).tolist() for n in max_new_tokens]
 
 
 class EmptyProposer:
@@ -146,10 +141,7 @@ class EmptyProposer:
 
 
 def _contexts(rng, req_ids, min_len=1, max_len=30):
-    return [
-        RequestContext(r, rng.integers(0, VOCAB, int(rng.integers(min_len, max_len + 1))))
-        for r in req_ids
-    ]
+    return [RequestContext(r, rng.integers(0, VOCAB, int(rng.integers(min_len, max_len + 1)))) for r in req_ids]
 
 
 def _build(kind: str, big: ToyModel, seed: int, k1: int, k2: int):
@@ -192,8 +184,9 @@ def _run_rounds(level, big, rng, req_ids, rounds, max_k, check_kv=True):
                 assert held == context.tokens.tolist() + draft[:-1]
                 assert big.cached_tokens(context.req_id)[: len(held)] == held
         contexts = [
-            RequestContext(c.req_id, np.concatenate([c.tokens, d[: int(rng.integers(0, k + 1))],
-                                                     [int(rng.integers(0, VOCAB))]]))
+            RequestContext(
+                c.req_id, np.concatenate([c.tokens, d[: int(rng.integers(0, k + 1))], [int(rng.integers(0, VOCAB))]])
+            )
             for c, k, d in zip(contexts, ks, drafts)
         ]
 
@@ -239,8 +232,7 @@ def test_stale_kv_is_caught_by_the_toy_model():
     big = ToyModel(3)
     level = NoRewindLevel(big, RandomProposer(1), 3)
     with pytest.raises(AssertionError):
-        _run_rounds(level, big, np.random.default_rng(1), [0, 1, 2], rounds=10, max_k=5,
-                    check_kv=False)
+        _run_rounds(level, big, np.random.default_rng(1), [0, 1, 2], rounds=10, max_k=5, check_kv=False)
 
 
 def test_window_never_passes_the_plain_levels_kv():
@@ -248,7 +240,7 @@ def test_window_never_passes_the_plain_levels_kv():
     level = SpeculativeLevel(big, NoisyOracle(big, 0.0, exact_length=True), 8)
     context = RequestContext("r", [1, 2, 3])
     level.propose([context], [4])
-    (req, start, window), = big.calls[-1]
+    ((req, start, window),) = big.calls[-1]
     # A perfect inner proposer asked for 8 may only offer 3; the window ends at the
     # position of the 3rd draft token (3 + 4 - 2), as a plain level's last one would.
     assert (start, len(window)) == (0, 6) and start + len(window) - 1 == 3 + 4 - 2
@@ -298,8 +290,7 @@ def test_partial_fallback_within_a_batch():
 
     class OnlyForA:
         def propose(self, contexts, max_new_tokens):
-            return [big.plain_greedy(c.tokens, n) if c.req_id == "a" else []
-                    for c, n in zip(contexts, max_new_tokens)]
+            return [big.plain_greedy(c.tokens, n) if c.req_id == "a" else [] for c, n in zip(contexts, max_new_tokens)]
 
     level = SpeculativeLevel(big, OnlyForA(), 4)
     contexts = [RequestContext("a", [1, 2]), RequestContext("b", [3, 4])]
@@ -329,7 +320,7 @@ def test_mark_kv_valid_and_forget():
     level = SpeculativeLevel(big, NgramProposer(1, 2, 2), 2)
     prompt = [1, 2, 3, 1, 2]
     # The adapter runs the first pass itself, then asks for the rest.
-    (first,), = [c[-1:] for c in big.greedy_next_tokens(["r"], [prompt], [0])]
+    ((first,),) = [c[-1:] for c in big.greedy_next_tokens(["r"], [prompt], [0])]
     level.mark_kv_valid("r", np.array(prompt))
     drafts = level.propose([RequestContext("r", prompt + [first])], [3])
     assert [first] + drafts[0] == big.plain_greedy(prompt, 4)
@@ -388,5 +379,4 @@ def test_ngram_matches_vllm():
         max_n = int(rng.integers(min_n, 7))
         k = int(rng.integers(1, 6))
         expected = vllm_find(tokens, min_n, max_n, 1_000_000, k).tolist()
-        assert find_ngram_continuation(tokens, min_n, max_n, k).tolist() == expected, (
-            tokens.tolist(), min_n, max_n, k)
+        assert find_ngram_continuation(tokens, min_n, max_n, k).tolist() == expected, (tokens.tolist(), min_n, max_n, k)

@@ -29,11 +29,23 @@ from vllm_specqd.mxfp4 import (
 
 # [MX §5.3.3] E2M1: code -> value, written out by hand.
 SPEC_E2M1 = {
-    0b0000: 0.0, 0b0001: 0.5, 0b0010: 1.0, 0b0011: 1.5,
-    0b0100: 2.0, 0b0101: 3.0, 0b0110: 4.0, 0b0111: 6.0,
-    0b1000: -0.0, 0b1001: -0.5, 0b1010: -1.0, 0b1011: -1.5,
-    0b1100: -2.0, 0b1101: -3.0, 0b1110: -4.0, 0b1111: -6.0,
-}  # fmt: skip
+    0b0000: 0.0,
+    0b0001: 0.5,
+    0b0010: 1.0,
+    0b0011: 1.5,
+    0b0100: 2.0,
+    0b0101: 3.0,
+    0b0110: 4.0,
+    0b0111: 6.0,
+    0b1000: -0.0,
+    0b1001: -0.5,
+    0b1010: -1.0,
+    0b1011: -1.5,
+    0b1100: -2.0,
+    0b1101: -3.0,
+    0b1110: -4.0,
+    0b1111: -6.0,
+}
 MAGNITUDES = [SPEC_E2M1[c] for c in range(8)]
 
 
@@ -58,6 +70,7 @@ def ref_block_exponent(vals: list[float], rule: str) -> int:
     elif rule == "rceil":
         exp = next(x for x in range(floor_exp - 2, floor_exp + 3) if Fraction(amax) <= 6 * Fraction(2) ** x)
     else:  # mse, with exact rational errors
+
         def sq_err(x):
             x = max(-127, min(127, x))
             X = Fraction(2) ** x
@@ -143,22 +156,44 @@ def test_pack_rejects_odd_length_and_wrong_dtype():
     "scaled, expected",
     [
         # exact ties: round to the even code (mantissa bit 0)
-        (0.25, 0.0), (0.75, 1.0), (1.25, 1.0), (1.75, 2.0), (2.5, 2.0), (3.5, 4.0), (5.0, 4.0),
+        (0.25, 0.0),
+        (0.75, 1.0),
+        (1.25, 1.0),
+        (1.75, 2.0),
+        (2.5, 2.0),
+        (3.5, 4.0),
+        (5.0, 4.0),
         # exact grid values
-        (0.5, 0.5), (1.5, 1.5), (3.0, 3.0), (6.0, 6.0),
+        (0.5, 0.5),
+        (1.5, 1.5),
+        (3.0, 3.0),
+        (6.0, 6.0),
         # saturation
-        (6.5, 6.0), (7.0, 6.0), (7.999, 6.0), (100.0, 6.0), (3e38, 6.0), (math.inf, 6.0),
+        (6.5, 6.0),
+        (7.0, 6.0),
+        (7.999, 6.0),
+        (100.0, 6.0),
+        (3e38, 6.0),
+        (math.inf, 6.0),
     ],
-)  # fmt: skip
+)
 def test_round_to_nearest_even_and_saturate(scaled, expected):
     x = torch.tensor([scaled, -scaled], dtype=torch.float32)
     assert fp4_codes_to_float(float_to_fp4_codes(x)).tolist() == [expected, -expected]
 
 
-@pytest.mark.parametrize("tie, below, above", [
-    (0.25, 0.0, 0.5), (0.75, 0.5, 1.0), (1.25, 1.0, 1.5), (1.75, 1.5, 2.0),
-    (2.5, 2.0, 3.0), (3.5, 3.0, 4.0), (5.0, 4.0, 6.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "tie, below, above",
+    [
+        (0.25, 0.0, 0.5),
+        (0.75, 0.5, 1.0),
+        (1.25, 1.0, 1.5),
+        (1.75, 1.5, 2.0),
+        (2.5, 2.0, 3.0),
+        (3.5, 3.0, 4.0),
+        (5.0, 4.0, 6.0),
+    ],
+)
 def test_one_ulp_off_a_tie_rounds_to_nearest(tie, below, above):
     t = torch.tensor(tie, dtype=torch.float32)
     x = torch.stack([torch.nextafter(t, t.new_tensor(0.0)), torch.nextafter(t, t.new_tensor(10.0))])
@@ -209,12 +244,25 @@ def test_docstring_worked_example():
     assert q.dequantize()[0, :5].tolist() == [0.0, -2.0, 6.0, 8.0, 0.0]
 
 
-@pytest.mark.parametrize("amax, floor_byte, rceil_byte", [
-    (4.0, 127, 127), (6.0, 127, 127), (6.000001, 127, 128), (7.99, 127, 128),
-    (8.0, 128, 128), (10.0, 128, 128), (12.0, 128, 128), (12.5, 128, 129),
-    (3.0, 126, 126), (3.01, 126, 127), (3.99, 126, 127), (1.0, 125, 125),
-    (0.01, 118, 118), (3e38, 252, 253),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "amax, floor_byte, rceil_byte",
+    [
+        (4.0, 127, 127),
+        (6.0, 127, 127),
+        (6.000001, 127, 128),
+        (7.99, 127, 128),
+        (8.0, 128, 128),
+        (10.0, 128, 128),
+        (12.0, 128, 128),
+        (12.5, 128, 129),
+        (3.0, 126, 126),
+        (3.01, 126, 127),
+        (3.99, 126, 127),
+        (1.0, 125, 125),
+        (0.01, 118, 118),
+        (3e38, 252, 253),
+    ],
+)
 def test_floor_and_rceil_scale_bytes(amax, floor_byte, rceil_byte):
     w = block(amax, -amax / 3, 0.1 * amax)
     assert quantize_mxfp4(w, "floor").scales.item() == floor_byte

@@ -41,13 +41,18 @@ def test_quantization_method_is_registered():
     assert get_quantization_config("specqd_mxfp4").__name__ == "SpecQDMXFP4Config"
 
 
-@pytest.mark.parametrize("version, ok", [("0.32.0", True), ("0.32.0+cpu", True), ("0.32.5", True), ("0.31.2", False), ("0.33.0", False), ("1.0.0", False)])
+@pytest.mark.parametrize(
+    "version, ok",
+    [("0.32.0", True), ("0.32.0+cpu", True), ("0.32.5", True), ("0.31.2", False), ("0.33.0", False), ("1.0.0", False)],
+)
 def test_version_range(monkeypatch, version, ok):
     monkeypatch.setattr(vllm_compat, "installed_vllm", lambda: ("vllm", version))
     if ok:
         assert vllm_compat.check_vllm_version(required=True) == version
     else:
-        with pytest.raises(vllm_compat.UnsupportedVLLMError, match=f"supports vLLM >=0.32.0,<0.33, but vllm=={version}"):
+        with pytest.raises(
+            vllm_compat.UnsupportedVLLMError, match=f"supports vLLM >=0.32.0,<0.33, but vllm=={version}"
+        ):
             vllm_compat.check_vllm_version(required=True)
 
 
@@ -84,7 +89,8 @@ def test_cli_accepts_a_yaml_speculative_config_file(tmp_path):
     path.write_text("method: specqd\nnum_speculative_tokens: 5\n")
     parser = make_arg_parser(FlexibleArgumentParser())
     assert parser.parse_args(["--speculative-config", str(path)]).speculative_config == {
-        "method": "specqd", "num_speculative_tokens": 5,
+        "method": "specqd",
+        "num_speculative_tokens": 5,
     }
     assert parser.parse_args(["--speculative-config", '{"method": "ngram"}']).speculative_config == {"method": "ngram"}
 
@@ -127,8 +133,20 @@ def test_normal_wheel_install_ships_kernels_inside_the_package(tmp_path):
     import zipfile
 
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
     )
     wheel = next(tmp_path.glob("vllm_specqd-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
@@ -137,14 +155,20 @@ def test_normal_wheel_install_ships_kernels_inside_the_package(tmp_path):
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     # -S: no site hooks, so the repo's editable-install finder is not there to answer instead.
     import sysconfig
 
     path = f"{target}:{sysconfig.get_paths()['purelib']}"
     code = "import vllm_specqd.kernels as k, vllm_specqd.bench.cli; print(k.__file__)"
-    proc = subprocess.run([sys.executable, "-S", "-c", code], env={**__import__("os").environ, "PYTHONPATH": path}, cwd=tmp_path,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={**__import__("os").environ, "PYTHONPATH": path},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(target / "vllm_specqd" / "kernels" / "__init__.py")

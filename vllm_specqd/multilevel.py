@@ -39,9 +39,7 @@ class Proposer(Protocol):
     It may also have `forget(req_id)`; `SpeculativeLevel.forget` passes it on.
     """
 
-    def propose(
-        self, contexts: Sequence[RequestContext], max_new_tokens: Sequence[int]
-    ) -> list[list[int]]:
+    def propose(self, contexts: Sequence[RequestContext], max_new_tokens: Sequence[int]) -> list[list[int]]:
         """Up to max_new_tokens[i] tokens that may follow contexts[i].tokens (may be none)."""
         ...
 
@@ -127,9 +125,7 @@ class SpeculativeLevel:
         name: str = "level",
     ):
         assert inner_max_tokens >= 0, inner_max_tokens
-        assert (inner is None) == (inner_max_tokens == 0), (
-            "an inner proposer needs inner_max_tokens >= 1, and only it"
-        )
+        assert (inner is None) == (inner_max_tokens == 0), "an inner proposer needs inner_max_tokens >= 1, and only it"
         self.model = model
         self.inner = inner
         self.inner_max_tokens = inner_max_tokens
@@ -137,9 +133,7 @@ class SpeculativeLevel:
         self.stats = LevelStats()
         self._kv_tokens: dict[Hashable, np.ndarray] = {}
 
-    def propose(
-        self, contexts: Sequence[RequestContext], max_new_tokens: Sequence[int]
-    ) -> list[list[int]]:
+    def propose(self, contexts: Sequence[RequestContext], max_new_tokens: Sequence[int]) -> list[list[int]]:
         """Return exactly max_new_tokens[i] greedy tokens of the level model after contexts[i].
 
         Example: one request with context [a b] (KV held for [a]),
@@ -160,10 +154,7 @@ class SpeculativeLevel:
         assert len({c.req_id for c in contexts}) == len(contexts), "duplicate req_id"
         drafts: list[list[int]] = [[] for _ in contexts]
         while active := [i for i, n in enumerate(max_new_tokens) if len(drafts[i]) < n]:
-            extended = [
-                RequestContext(contexts[i].req_id, _append(contexts[i].tokens, drafts[i]))
-                for i in active
-            ]
+            extended = [RequestContext(contexts[i].req_id, _append(contexts[i].tokens, drafts[i])) for i in active]
             still_needed = [max_new_tokens[i] - len(drafts[i]) for i in active]
             kv_limits = [len(contexts[i].tokens) + max_new_tokens[i] - 1 for i in active]
             guesses = self._ask_inner(extended, still_needed)
@@ -171,16 +162,12 @@ class SpeculativeLevel:
             greedy = self.model.greedy_next_tokens([c.req_id for c in extended], windows, starts)
             self.stats.forward_passes += 1
             assert len(greedy) == len(windows)
-            for i, context, guess, start, window, choices in zip(
-                active, extended, guesses, starts, windows, greedy
-            ):
+            for i, context, guess, start, window, choices in zip(active, extended, guesses, starts, windows, greedy):
                 assert len(choices) == len(window), (len(choices), len(window))
                 drafts[i] += self._accept(context, guess, start, list(choices))
         return drafts
 
-    def _ask_inner(
-        self, contexts: list[RequestContext], still_needed: list[int]
-    ) -> list[list[int]]:
+    def _ask_inner(self, contexts: list[RequestContext], still_needed: list[int]) -> list[list[int]]:
         """Phase 1: the inner proposer's guesses, capped so the bonus token still fits."""
         caps = [min(self.inner_max_tokens, n - 1) for n in still_needed]
         guesses: list[list[int]] = [[] for _ in contexts]
@@ -207,9 +194,7 @@ class SpeculativeLevel:
             windows.append(window)
         return starts, windows
 
-    def _accept(
-        self, context: RequestContext, guess: list[int], start: int, choices: list[int]
-    ) -> list[int]:
+    def _accept(self, context: RequestContext, guess: list[int], start: int, choices: list[int]) -> list[int]:
         """Phase 3: keep the guesses that match the model's greedy choices, plus the bonus."""
         # choices[j] is the model's pick for the position after window token j;
         # the first guess sits right after the context's last token.
@@ -270,9 +255,7 @@ class SpeculativeLevel:
         return {level.name: level.stats.to_dict() for level in self.chain()}
 
 
-def build_chain(
-    levels: Sequence[tuple[WindowModel, int]], innermost: Proposer | None = None
-) -> SpeculativeLevel:
+def build_chain(levels: Sequence[tuple[WindowModel, int]], innermost: Proposer | None = None) -> SpeculativeLevel:
     """Nest levels: levels[0] is level 1 (the draft right below the target).
 
     Each entry is (model, k): the level's model and how many tokens it asks the

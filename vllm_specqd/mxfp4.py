@@ -68,14 +68,12 @@ ZERO_BLOCK_SCALE_BYTE = 0
 SCALE_RULES = ("floor", "rceil", "mse")
 
 # Value of every E2M1 code, indexed by the nibble [MX §5.3.3]; 0x8 is negative zero.
-FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-                   -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # fmt: skip
+FP4_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 # Midpoints between consecutive magnitudes 0 < 0.5 < 1 < ... < 6. At a tie, round-to-nearest-even
 # keeps the neighbour whose mantissa bit is 0: that is the lower code when the lower code is even
 # (strict ">" to move up) and the upper code when the lower code is odd (">=" moves up).
-_MIDPOINTS_TIE_UP = ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
-                     (2.5, False), (3.5, True), (5.0, False))  # fmt: skip
+_MIDPOINTS_TIE_UP = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 
 
 class MXFP4Tensor(NamedTuple):
@@ -130,8 +128,7 @@ def fp4_codes_to_float(codes: torch.Tensor) -> torch.Tensor:
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
     """``codes``: ``[..., 2M]`` uint8 nibbles. Returns ``[..., M]`` uint8, element 2i in the low nibble."""
     if codes.dtype != torch.uint8 or codes.shape[-1] % 2:
-        raise ValueError(f"pack_fp4 needs uint8 codes with an even last dim, "
-                         f"got {codes.dtype} {tuple(codes.shape)}")
+        raise ValueError(f"pack_fp4 needs uint8 codes with an even last dim, got {codes.dtype} {tuple(codes.shape)}")
     return (codes[..., 0::2] & 0xF) | (codes[..., 1::2] << 4)
 
 
@@ -206,8 +203,7 @@ def quantize_mxfp4(w: torch.Tensor, scale_rule: str = "floor", name: str = "weig
     if scale_rule not in SCALE_RULES:
         raise ValueError(f"unknown MXFP4 scale_rule {scale_rule!r}; expected one of {SCALE_RULES}")
     if not w.is_floating_point() or w.dim() == 0:
-        raise ValueError(f"{name}: need a floating-point tensor with at least 1 dim, "
-                         f"got {w.dtype} {tuple(w.shape)}")
+        raise ValueError(f"{name}: need a floating-point tensor with at least 1 dim, got {w.dtype} {tuple(w.shape)}")
     w32 = w.detach().float()
     finite = torch.isfinite(w32)  # checked after the cast: a float64 beyond fp32 range is Inf here
     if not finite.all():
@@ -249,8 +245,10 @@ def dequantize_mxfp4(
         raise ValueError(f"packed and scales must be uint8, got {packed.dtype} and {scales.dtype}")
     k_pad = packed.shape[-1] * 2
     if packed.shape[:-1] != scales.shape[:-1] or scales.shape[-1] * BLOCK_SIZE != k_pad:
-        raise ValueError(f"packed {tuple(packed.shape)} and scales {tuple(scales.shape)} do not describe "
-                         f"the same [..., K_pad] weight with {BLOCK_SIZE}-element blocks")
+        raise ValueError(
+            f"packed {tuple(packed.shape)} and scales {tuple(scales.shape)} do not describe "
+            f"the same [..., K_pad] weight with {BLOCK_SIZE}-element blocks"
+        )
     if k is None:
         k = k_pad
     if -(-k // BLOCK_SIZE) * BLOCK_SIZE != k_pad:

@@ -65,9 +65,7 @@ class NgramProposer:
         self.max_n = max_n
         self.num_speculative_tokens = num_speculative_tokens
 
-    def propose(
-        self, contexts: Sequence[RequestContext], max_new_tokens: Sequence[int]
-    ) -> list[list[int]]:
+    def propose(self, contexts: Sequence[RequestContext], max_new_tokens: Sequence[int]) -> list[list[int]]:
         """For each request, up to min(num_speculative_tokens, max_new_tokens[i]) tokens."""
         assert len(contexts) == len(max_new_tokens)
         return [

@@ -92,4 +92,3 @@ def ensure_vllm_metadata_alias(site_packages: Path | None = None) -> Path | None
     record = [f"{info.name}/{name},," for name in files] + [f"{info.name}/RECORD,,"]
     (info / "RECORD").write_text("\n".join(record) + "\n")
     return info
-

@@ -15,7 +15,6 @@ The checkpoint is never read a second time.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch.nn import Parameter
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
@@ -150,7 +149,9 @@ def _log_extra_bytes(draft: nn.Module, target: nn.Module, cpu_copy_bytes: int) -
         extra_bytes / 2**20,
         _param_bytes(shared) / 2**20,
         f" Off CUDA it also keeps a once-dequantized copy for the CPU GEMM: "
-        f"{cpu_copy_bytes / 2**20:.2f} MiB (draft.cpu_dequantize_once)." if cpu_copy_bytes else "",
+        f"{cpu_copy_bytes / 2**20:.2f} MiB (draft.cpu_dequantize_once)."
+        if cpu_copy_bytes
+        else "",
     )
     draft.specqd_extra_weight_bytes = extra_bytes + cpu_copy_bytes
     return extra_bytes

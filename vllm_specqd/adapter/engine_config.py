@@ -69,17 +69,13 @@ def translate_engine_args(engine_args: Any, target_model_config: Any, target_par
             "supported yet. Serve the unquantized checkpoint."
         )
     if envs.VLLM_USE_V2_MODEL_RUNNER:
-        raise SpecQDConfigError(
-            "specqd runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER=1 to use it."
-        )
+        raise SpecQDConfigError("specqd runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER=1 to use it.")
     _check_inner_vocabularies(cfg, target_model_config)
     if cfg.inner is not None:
         # Inner levels read each request's committed tokens on the host while
         # drafting; async scheduling would leave the newest ones unbooked.
         if engine_args.async_scheduling:
-            raise SpecQDConfigError(
-                "specqd: 'inner' levels need async_scheduling off; drop --async-scheduling."
-            )
+            raise SpecQDConfigError("specqd: 'inner' levels need async_scheduling off; drop --async-scheduling.")
         engine_args.async_scheduling = False
     engine_args.speculative_config = {
         "method": "draft_model",

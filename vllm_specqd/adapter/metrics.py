@@ -89,7 +89,8 @@ class LevelStatsCollector:
                 "specqd:level_weight_bytes", "Weight bytes a level adds to the target's", labels=["engine", "level"]
             ),
             "kv_bytes_per_token": GaugeMetricFamily(
-                "specqd:level_kv_bytes_per_token", "KV-cache bytes per token of a level's own KV layers",
+                "specqd:level_kv_bytes_per_token",
+                "KV-cache bytes per token of a level's own KV layers",
                 labels=["engine", "level"],
             ),
         }

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch.nn import Parameter
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase
-from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_specqd.kernels import mxfp4_matmul

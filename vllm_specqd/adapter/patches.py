@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vllm_specqd.config import SpecQDConfigError, load_speculative_config_arg
 

@@ -188,14 +188,28 @@ class SpecQDProposer(DraftModelProposer):
             self.stats.first_passes += max(1, num_speculative_tokens)  # vLLM's loop: K passes
             self.stats.publish(None)
             drafts = super().propose(
-                num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
-                next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
-                mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings,
+                num_speculative_tokens,
+                target_token_ids,
+                target_positions,
+                target_hidden_states,
+                next_token_ids,
+                token_indices_to_sample,
+                common_attn_metadata,
+                sampling_metadata,
+                mm_embed_inputs,
+                num_rejected_tokens_gpu,
+                slot_mappings,
             )
         else:
             drafts = self._propose_multilevel(
-                num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
-                next_token_ids, token_indices_to_sample, common_attn_metadata, num_rejected_tokens_gpu,
+                num_speculative_tokens,
+                target_token_ids,
+                target_positions,
+                target_hidden_states,
+                next_token_ids,
+                token_indices_to_sample,
+                common_attn_metadata,
+                num_rejected_tokens_gpu,
                 mm_embed_inputs,
             )
         if trace_path:
@@ -224,8 +238,15 @@ class SpecQDProposer(DraftModelProposer):
                     f.write(json.dumps({"req": req_ids[i], "pos": pos, "drafts": row}) + "\n")
 
     def _propose_multilevel(
-        self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
-        next_token_ids, token_indices_to_sample, common_attn_metadata, num_rejected_tokens_gpu,
+        self,
+        num_speculative_tokens,
+        target_token_ids,
+        target_positions,
+        target_hidden_states,
+        next_token_ids,
+        token_indices_to_sample,
+        common_attn_metadata,
+        num_rejected_tokens_gpu,
         mm_embed_inputs,
     ) -> torch.Tensor:
         self.num_speculative_tokens = num_speculative_tokens
@@ -234,8 +255,14 @@ class SpecQDProposer(DraftModelProposer):
             target_token_ids, target_positions, next_token_ids, common_attn_metadata, num_rejected_tokens_gpu
         )
         first_tokens = self._first_pass(
-            target_token_ids, target_positions, target_hidden_states, next_token_ids,
-            token_indices_to_sample, common_attn_metadata, mm_embed_inputs, num_rejected_tokens_gpu,
+            target_token_ids,
+            target_positions,
+            target_hidden_states,
+            next_token_ids,
+            token_indices_to_sample,
+            common_attn_metadata,
+            mm_embed_inputs,
+            num_rejected_tokens_gpu,
         )
         return self._draft_rest(contexts, first_tokens, num_speculative_tokens, common_attn_metadata)
 
@@ -267,8 +294,15 @@ class SpecQDProposer(DraftModelProposer):
         return contexts
 
     def _first_pass(
-        self, target_token_ids, target_positions, target_hidden_states, next_token_ids,
-        token_indices_to_sample, common_attn_metadata, mm_embed_inputs, num_rejected_tokens_gpu,
+        self,
+        target_token_ids,
+        target_positions,
+        target_hidden_states,
+        next_token_ids,
+        token_indices_to_sample,
+        common_attn_metadata,
+        mm_embed_inputs,
+        num_rejected_tokens_gpu,
     ) -> torch.Tensor:  # [batch_size] d1 per request
         """vLLM's first drafting pass (llm_base_proposer.py:535-590), plus the inner models."""
         num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
@@ -314,9 +348,7 @@ class SpecQDProposer(DraftModelProposer):
             useful = min(useful, params.max_tokens - generated - 2)
         return max(0, useful)
 
-    def _draft_rest(
-        self, contexts: list[np.ndarray], first_tokens: torch.Tensor, k: int, cad
-    ) -> torch.Tensor:
+    def _draft_rest(self, contexts: list[np.ndarray], first_tokens: torch.Tensor, k: int, cad) -> torch.Tensor:
         batch = self.runner.input_batch
         req_ids: list[Hashable] = list(batch.req_ids[: len(contexts)])
         row_of = {req_id: i for i, req_id in enumerate(req_ids)}

@@ -84,7 +84,9 @@ class VllmWindowModel:
         starts = torch.tensor(start_positions, dtype=torch.int64)
         seq_lens_cpu = (starts + cpu_lens).to(torch.int32)
         token_req = torch.repeat_interleave(torch.arange(len(lens)), cpu_lens.long())
-        positions_cpu = starts[token_req] + (torch.arange(int(query_start_loc_cpu[-1])) - query_start_loc_cpu[:-1].long()[token_req])
+        positions_cpu = starts[token_req] + (
+            torch.arange(int(query_start_loc_cpu[-1])) - query_start_loc_cpu[:-1].long()[token_req]
+        )
         input_ids_cpu = torch.tensor([t for w in windows for t in w], dtype=torch.int32)
 
         dev = self.device

@@ -22,24 +22,43 @@ QUICK = {"num_prompts": 2, "max_tokens": 16}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vllm_specqd bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m vllm_specqd bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--model", default=None, help="target checkpoint dir (default: the bundled SmolLM2-135M)")
-    p.add_argument("--small-model", default=None,
-                   help="same-tokenizer small model for specqd-small (default: a layer cut of the bundled model)")
-    p.add_argument("--small-layers", type=int, default=24,
-                   help="decoder layers kept in the default small model (of 30). Layer-skipped cuts are poor "
-                        "drafts without training: greedy agreement with the full model was 0.3%% (8), 16%% (20), "
-                        "60%% (24) on HumanEval continuations")
+    p.add_argument(
+        "--small-model",
+        default=None,
+        help="same-tokenizer small model for specqd-small (default: a layer cut of the bundled model)",
+    )
+    p.add_argument(
+        "--small-layers",
+        type=int,
+        default=24,
+        help="decoder layers kept in the default small model (of 30). Layer-skipped cuts are poor "
+        "drafts without training: greedy agreement with the full model was 0.3%% (8), 16%% (20), "
+        "60%% (24) on HumanEval continuations",
+    )
     p.add_argument("--dataset", choices=("humaneval", "chat", "both"), default="both")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {','.join(METHODS)}")
     p.add_argument("--num-prompts", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=1,
-                   help="prompts per generate call, and the engine's max_num_seqs (offline mode)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="prompts per generate call, and the engine's max_num_seqs (offline mode)",
+    )
     p.add_argument("--k", type=int, default=6, help="level-1 draft tokens per round (num_speculative_tokens)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="float32 by default: on CPU only float32 makes speculation token-identical in vLLM")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="float32 by default: on CPU only float32 makes speculation token-identical in vLLM",
+    )
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens")
     p.add_argument("--out", default=None, help="results directory (default: results/bench-<timestamp>)")
@@ -49,12 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     served.add_argument("--served", action="store_true", help="benchmark `vllm serve` subprocesses instead")
     served.add_argument("--concurrency", default="1,4,16,64", help="comma list of concurrent request counts")
     proj = p.add_argument_group("projection (no engine is started)")
-    proj.add_argument("--project-from", default=None, metavar="RESULTS_JSON",
-                      help="project an 8B batch-1 speedup from an offline results.json")
+    proj.add_argument(
+        "--project-from",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="project an 8B batch-1 speedup from an offline results.json",
+    )
     proj.add_argument("--c", type=float, default=None, help="MXFP4 draft pass / target step cost ratio")
     proj.add_argument("--c-json", default=None, help="bench_decode_step.py JSON to read c (batch 1) from")
-    proj.add_argument("--c2", type=float, default=None,
-                      help="small-model level pass / target step (default: c x small layers / target layers)")
+    proj.add_argument(
+        "--c2",
+        type=float,
+        default=None,
+        help="small-model level pass / target step (default: c x small layers / target layers)",
+    )
     return p
 
 
@@ -99,14 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out or f"results/bench-{dt.datetime.now():%Y%m%d-%H%M%S}")
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
-        "mode": "served" if args.served else "offline", "model": target, "small_model": small,
-        "target_layers": _num_layers(target), "small_layers": _num_layers(small), "dataset": args.dataset,
-        "num_prompts": len(prompts), "max_tokens": args.max_tokens, "k": args.k, "dtype": args.dtype,
-        "max_model_len": args.max_model_len, "ignore_eos": args.ignore_eos,
-    }  # fmt: skip
+        "mode": "served" if args.served else "offline",
+        "model": target,
+        "small_model": small,
+        "target_layers": _num_layers(target),
+        "small_layers": _num_layers(small),
+        "dataset": args.dataset,
+        "num_prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "k": args.k,
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "ignore_eos": args.ignore_eos,
+    }
     methods_doc = {m.name: m.description for m in methods}
-    records, markdown = (_served if args.served else _offline)(args, methods, prompts, target, small, out_dir, meta,
-                                                               methods_doc)  # fmt: skip
+    records, markdown = (_served if args.served else _offline)(
+        args, methods, prompts, target, small, out_dir, meta, methods_doc
+    )
     print(markdown)
     print(f"[bench] wrote {out_dir}/results.md, results.json and the plot")
     return 0 if all("error" not in r for r in records) else 1
@@ -127,11 +163,19 @@ def _offline(args, methods, prompts, target, small, out_dir, meta, methods_doc):
     from vllm_specqd.bench.offline import RunSettings, run_methods
 
     meta["batch_size"] = args.batch_size
-    settings = RunSettings(target, small, args.dtype, args.k, args.max_tokens, args.batch_size,
-                           args.max_model_len, args.ignore_eos)  # fmt: skip
+    settings = RunSettings(
+        target, small, args.dtype, args.k, args.max_tokens, args.batch_size, args.max_model_len, args.ignore_eos
+    )
     records = run_methods(methods, prompts, settings)
-    return _finish(out_dir, meta, records, report.offline_markdown, methods_doc, plot.plot_speedup_acceptance,
-                   "speedup_acceptance.png")  # fmt: skip
+    return _finish(
+        out_dir,
+        meta,
+        records,
+        report.offline_markdown,
+        methods_doc,
+        plot.plot_speedup_acceptance,
+        "speedup_acceptance.png",
+    )
 
 
 def _served(args, methods, prompts, target, small, out_dir, meta, methods_doc):
@@ -140,8 +184,16 @@ def _served(args, methods, prompts, target, small, out_dir, meta, methods_doc):
 
     concurrency = tuple(int(c) for c in args.concurrency.split(","))
     meta["concurrency"] = list(concurrency)
-    settings = ServeSettings(target, small, args.dtype, args.k, args.max_tokens, args.max_model_len,
-                             concurrency, out_dir.resolve())  # fmt: skip
+    settings = ServeSettings(
+        target, small, args.dtype, args.k, args.max_tokens, args.max_model_len, concurrency, out_dir.resolve()
+    )
     records = serve_methods(methods, prompts, settings)
-    return _finish(out_dir, meta, records, served_report.served_markdown, methods_doc, plot.plot_served,
-                   "throughput_concurrency.png")  # fmt: skip
+    return _finish(
+        out_dir,
+        meta,
+        records,
+        served_report.served_markdown,
+        methods_doc,
+        plot.plot_served,
+        "throughput_concurrency.png",
+    )

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from vllm_specqd.mxfp4 import BLOCK_SIZE
 
+
 def checkpoint_shapes(model_dir: str | Path) -> dict[str, list[int]]:
     """Tensor name -> shape for every ``*.safetensors`` file in ``model_dir`` (headers only)."""
     from safetensors import safe_open
@@ -88,8 +89,9 @@ def kv_bytes_per_token(model_dir: str | Path, elem_bytes: int) -> int:
     return 2 * config["num_hidden_layers"] * kv_heads * head_dim * elem_bytes
 
 
-def added_kv_bytes_per_token(method_name: str, target_dir: str | Path, small_dir: str | Path | None,
-                             elem_bytes: int) -> int:  # fmt: skip
+def added_kv_bytes_per_token(
+    method_name: str, target_dir: str | Path, small_dir: str | Path | None, elem_bytes: int
+) -> int:
     """KV bytes per token of the draft models' own KV layers (n-gram levels hold none)."""
     if method_name in ("none", "ngram"):
         return 0
@@ -99,16 +101,22 @@ def added_kv_bytes_per_token(method_name: str, target_dir: str | Path, small_dir
     return added
 
 
-def kv_report(budget_bytes: int | None, capacity_tokens: int | None, block_size: int, target_per_token: int,
-              added_per_token: int) -> dict:  # fmt: skip
+def kv_report(
+    budget_bytes: int | None, capacity_tokens: int | None, block_size: int, target_per_token: int, added_per_token: int
+) -> dict:
     """KV capacity and per-token bytes, with a check that the engine's capacity agrees with the count."""
-    out = {"kv_capacity_tokens": capacity_tokens, "target_kv_bytes_per_token": target_per_token,
-           "added_kv_bytes_per_token": added_per_token, "kv_capacity_check": "no KV budget reported"}  # fmt: skip
+    out = {
+        "kv_capacity_tokens": capacity_tokens,
+        "target_kv_bytes_per_token": target_per_token,
+        "added_kv_bytes_per_token": added_per_token,
+        "kv_capacity_check": "no KV budget reported",
+    }
     if budget_bytes and capacity_tokens:
         block_bytes = (target_per_token + added_per_token) * block_size
         expected = budget_bytes // block_bytes * block_size
         out["kv_capacity_check"] = (
-            "matches the engine" if expected == capacity_tokens
+            "matches the engine"
+            if expected == capacity_tokens
             else f"MISMATCH: the engine holds {capacity_tokens} tokens, the layer count predicts {expected}"
         )
     return out

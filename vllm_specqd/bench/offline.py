@@ -74,7 +74,10 @@ def _memory(llm, method: Method, settings: RunSettings) -> dict:
         method.name, settings.model_dir, settings.small_dir, elem_bytes, cpu_copy=not current_platform.is_cuda()
     )
     kv = kv_report(
-        cache.kv_cache_memory_bytes, capacity, cache.block_size, kv_bytes_per_token(settings.model_dir, elem_bytes),
+        cache.kv_cache_memory_bytes,
+        capacity,
+        cache.block_size,
+        kv_bytes_per_token(settings.model_dir, elem_bytes),
         added_kv_bytes_per_token(method.name, settings.model_dir, settings.small_dir, elem_bytes),
     )
     return {**weights, **kv}
@@ -114,8 +117,12 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
     from vllm_specqd.adapter.metrics import read_level_stats
 
     spec = speculative_config(method, settings.k, settings.model_dir, settings.small_dir)
-    record = {"method": method.name, "description": method.description, "speculative_config": spec,
-              "num_levels": method.num_levels}  # fmt: skip
+    record = {
+        "method": method.name,
+        "description": method.description,
+        "speculative_config": spec,
+        "num_levels": method.num_levels,
+    }
     llm = None
     try:
         started = time.perf_counter()
@@ -140,8 +147,10 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
             tokens_per_s=generated / wall if wall else None,
             **summarize(method.level_models, settings.k, counters, level_delta, generated, len(prompts)),
             memory=_memory(llm, method, settings),
-            outputs=[{"source": p.source, "token_ids": t, "text": o.outputs[0].text}
-                     for p, t, o in zip(prompts, token_ids, outputs)],  # fmt: skip
+            outputs=[
+                {"source": p.source, "token_ids": t, "text": o.outputs[0].text}
+                for p, t, o in zip(prompts, token_ids, outputs)
+            ],
         )
     except Exception as error:  # one failing method must not cost the others' numbers
         record["error"] = f"{type(error).__name__}: {error}"

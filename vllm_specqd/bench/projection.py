@@ -73,8 +73,13 @@ def measured_c(path: str | Path, batch: int = 1) -> float:
 def _projectable(results: dict) -> list[dict]:
     # specqd only: its level 1 drafts K tokens every round, so E = 1 + sum(a_i) holds per target step.
     # (vLLM's n-gram skips rounds it has no match for; draft_model's full copy is priced at c = 1 anyway.)
-    return [r for r in results["methods"] if r["method"].startswith("specqd") and "error" not in r
-            and r.get("levels", {}).get("1", {}).get("per_position")]  # fmt: skip
+    return [
+        r
+        for r in results["methods"]
+        if r["method"].startswith("specqd")
+        and "error" not in r
+        and r.get("levels", {}).get("1", {}).get("per_position")
+    ]
 
 
 def _c2_for(results: dict, c1: float, c2: float | None) -> float | None:
@@ -106,20 +111,42 @@ def project(results: dict, c1: float | None, c2: float | None = None, c_source: 
         c2_used = _c2_for(results, c1, c2)
         if c2 is None and c2_used is not None:
             lines.append(f"Small-model level: c2 = c x small layers / target layers = {c2_used:.3g} (assumed).")
-        headers = ["method", "E[tokens/target step]", "draft cost per round (passes x c)", "projected speedup",
-                   "paper (measured there)"]  # fmt: skip
-        rows = [[r["method"], f"{expected_tokens_per_round(r['levels']['1']['per_position']):.2f}",
-                 *_speedup_cell(r, c1, c2_used), PAPER.get(r["method"], "-")] for r in records]  # fmt: skip
+        headers = [
+            "method",
+            "E[tokens/target step]",
+            "draft cost per round (passes x c)",
+            "projected speedup",
+            "paper (measured there)",
+        ]
+        rows = [
+            [
+                r["method"],
+                f"{expected_tokens_per_round(r['levels']['1']['per_position']):.2f}",
+                *_speedup_cell(r, c1, c2_used),
+                PAPER.get(r["method"], "-"),
+            ]
+            for r in records
+        ]
     else:
         lines.append(
             "**NO c WAS MEASURED** (no GPU run of benchmarks/bench_decode_step.py was given): the columns are "
             "HYPOTHETICAL values of c. Small-model levels use c x small layers / target layers."
         )
-        headers = ["method", "E[tokens/target step]", *[f"c={c:g} (hypothetical)" for c in HYPOTHETICAL_C],
-                   "paper (measured there)"]  # fmt: skip
-        rows = [[r["method"], f"{expected_tokens_per_round(r['levels']['1']['per_position']):.2f}",
-                 *[_speedup_cell(r, c, _c2_for(results, c, c2))[1] for c in HYPOTHETICAL_C],
-                 PAPER.get(r["method"], "-")] for r in records]  # fmt: skip
+        headers = [
+            "method",
+            "E[tokens/target step]",
+            *[f"c={c:g} (hypothetical)" for c in HYPOTHETICAL_C],
+            "paper (measured there)",
+        ]
+        rows = [
+            [
+                r["method"],
+                f"{expected_tokens_per_round(r['levels']['1']['per_position']):.2f}",
+                *[_speedup_cell(r, c, _c2_for(results, c, c2))[1] for c in HYPOTHETICAL_C],
+                PAPER.get(r["method"], "-"),
+            ]
+            for r in records
+        ]
     lines.append(markdown_table(headers, rows))
     lines.append(
         "n-gram levels are priced at 0 (host cost ignored). The paper's figures are end-to-end measurements "

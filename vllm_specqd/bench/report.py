@@ -128,14 +128,19 @@ def level_rows(record: dict) -> list[list[str]]:
     rows = []
     for level, entry in record.get("levels", {}).items():
         per_pos = " ".join(f"{p:.2f}" for p in entry.get("per_position", []))
-        rows.append([
-            record["method"], level, entry["proposer"],
-            f"{entry['proposed_tokens']} / {entry['accepted_tokens']}",
-            fmt(entry["acceptance_rate"]), fmt(entry["mean_accepted_length"]),
-            fmt(entry.get("passes_per_generated_token"), none="-"),
-            fmt(entry.get("passes_per_level1_draft_token"), none="-"),
-            per_pos or "-",
-        ])  # fmt: skip
+        rows.append(
+            [
+                record["method"],
+                level,
+                entry["proposer"],
+                f"{entry['proposed_tokens']} / {entry['accepted_tokens']}",
+                fmt(entry["acceptance_rate"]),
+                fmt(entry["mean_accepted_length"]),
+                fmt(entry.get("passes_per_generated_token"), none="-"),
+                fmt(entry.get("passes_per_level1_draft_token"), none="-"),
+                per_pos or "-",
+            ]
+        )
     return rows
 
 
@@ -170,21 +175,30 @@ def notes(meta: dict, records: list[dict]) -> list[str]:
     return out
 
 
-def document(title: str, meta: dict, body: list[str], note_lines: list[str], methods_doc: dict[str, str],
-             columns: list[str]) -> str:  # fmt: skip
+def document(
+    title: str, meta: dict, body: list[str], note_lines: list[str], methods_doc: dict[str, str], columns: list[str]
+) -> str:
     """A results.md: title, run metadata, the tables (``body``), notes, methods, column definitions."""
     parts = [
-        title, meta_block(meta), *body,
-        "## Notes", "\n".join(f"* {n}" for n in note_lines) or "* none",
-        "## Methods", "\n".join(f"* **{name}**: {text}" for name, text in methods_doc.items()),
-        "## Columns", *columns,
-    ]  # fmt: skip
+        title,
+        meta_block(meta),
+        *body,
+        "## Notes",
+        "\n".join(f"* {n}" for n in note_lines) or "* none",
+        "## Methods",
+        "\n".join(f"* **{name}**: {text}" for name, text in methods_doc.items()),
+        "## Columns",
+        *columns,
+    ]
     return "\n\n".join(parts) + "\n"
 
 
 def offline_markdown(meta: dict, records: list[dict], methods_doc: dict[str, str]) -> str:
-    body = [markdown_table(list(OFFLINE_COLUMNS), [offline_row(r) for r in records]),
-            "## Acceptance per level", level_table(records)]  # fmt: skip
+    body = [
+        markdown_table(list(OFFLINE_COLUMNS), [offline_row(r) for r in records]),
+        "## Acceptance per level",
+        level_table(records),
+    ]
     columns = [definitions(OFFLINE_COLUMNS), "### Acceptance per level", definitions(LEVEL_COLUMNS)]
     return document("# vllm-specqd offline benchmark", meta, body, notes(meta, records), methods_doc, columns)
 
@@ -199,4 +213,3 @@ def write_results(out_dir: Path, meta: dict, records: list[dict], markdown: str)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "methods": records}, indent=2) + "\n")
     (out_dir / "results.md").write_text(markdown)
-

@@ -22,8 +22,14 @@ from vllm_specqd.bench.datasets import Prompt
 from vllm_specqd.bench.methods import Method, speculative_config
 from vllm_specqd.bench.server_process import scrape_metrics, start_server, stop_server, wait_healthy
 from vllm_specqd.bench.spec_stats import (
-    ACCEPTED_PER_POS, NUM_ACCEPTED, NUM_DRAFT_TOKENS, NUM_DRAFTS, SpecCounters, level1_acceptance, target_passes,
-)  # fmt: skip
+    ACCEPTED_PER_POS,
+    NUM_ACCEPTED,
+    NUM_DRAFT_TOKENS,
+    NUM_DRAFTS,
+    SpecCounters,
+    level1_acceptance,
+    target_passes,
+)
 
 REQUEST_TIMEOUT_S = 3600.0
 LEVEL_COUNTER_PREFIX = "specqd:level_"
@@ -41,8 +47,17 @@ class ServeSettings:
     out_dir: Path
 
     def serve_flags(self) -> list[str]:
-        return ["--dtype", self.dtype, "--enforce-eager", "--max-model-len", str(self.max_model_len),
-                "--max-num-seqs", str(max(self.concurrency)), "--seed", "0"]  # fmt: skip
+        return [
+            "--dtype",
+            self.dtype,
+            "--enforce-eager",
+            "--max-model-len",
+            str(self.max_model_len),
+            "--max-num-seqs",
+            str(max(self.concurrency)),
+            "--seed",
+            "0",
+        ]
 
 
 def parse_prometheus(text: str) -> tuple[SpecCounters, dict[str, dict[str, float]]]:
@@ -65,7 +80,10 @@ def parse_prometheus(text: str) -> tuple[SpecCounters, dict[str, dict[str, float
                 key = name.removeprefix(LEVEL_COUNTER_PREFIX)
                 entry[key] = entry.get(key, 0.0) + sample.value
     counters.num_drafts, counters.num_draft_tokens, counters.accepted_tokens = (
-        int(totals[NUM_DRAFTS]), int(totals[NUM_DRAFT_TOKENS]), int(totals[NUM_ACCEPTED]))  # fmt: skip
+        int(totals[NUM_DRAFTS]),
+        int(totals[NUM_DRAFT_TOKENS]),
+        int(totals[NUM_ACCEPTED]),
+    )
     counters.accepted_per_pos = [int(per_pos[i]) for i in sorted(per_pos)]
     return counters, levels
 
@@ -96,10 +114,14 @@ async def _send_all(base_url: str, model: str, prompts: list[str], max_tokens: i
     async def one(prompt: str) -> dict:
         async with gate:
             start = time.perf_counter()
-            response = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                                       temperature=0.0)  # fmt: skip
-            return {"latency_s": time.perf_counter() - start, "completion_tokens": response.usage.completion_tokens,
-                    "text": response.choices[0].text}  # fmt: skip
+            response = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0
+            )
+            return {
+                "latency_s": time.perf_counter() - start,
+                "completion_tokens": response.usage.completion_tokens,
+                "text": response.choices[0].text,
+            }
 
     try:
         return await asyncio.gather(*(one(p) for p in prompts))
@@ -109,8 +131,12 @@ async def _send_all(base_url: str, model: str, prompts: list[str], max_tokens: i
 
 def _latency_summary(latencies: list[float]) -> dict:
     ordered = sorted(latencies)
-    return {"mean": statistics.fmean(ordered), "p50": statistics.median(ordered),
-            "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "max": ordered[-1]}  # fmt: skip
+    return {
+        "mean": statistics.fmean(ordered),
+        "p50": statistics.median(ordered),
+        "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "max": ordered[-1],
+    }
 
 
 def run_level(server, prompts: list[Prompt], settings: ServeSettings, concurrency: int) -> dict:
@@ -139,14 +165,24 @@ def run_level(server, prompts: list[Prompt], settings: ServeSettings, concurrenc
 
 def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings) -> dict:
     spec = speculative_config(method, settings.k, settings.model_dir, settings.small_dir)
-    record = {"method": method.name, "description": method.description, "speculative_config": spec,
-              "num_levels": method.num_levels, "concurrency_levels": []}  # fmt: skip
+    record = {
+        "method": method.name,
+        "description": method.description,
+        "speculative_config": spec,
+        "num_levels": method.num_levels,
+        "concurrency_levels": [],
+    }
     log_path = settings.out_dir / f"server-{method.name}.log"
     record["server_log"] = log_path.name
     server = None
     try:
-        server = start_server(settings.model_dir, spec, settings.serve_flags(), log_path,
-                              settings.out_dir / f"speculative-config-{method.name}.json")  # fmt: skip
+        server = start_server(
+            settings.model_dir,
+            spec,
+            settings.serve_flags(),
+            log_path,
+            settings.out_dir / f"speculative-config-{method.name}.json",
+        )
         record["server_start_s"] = wait_healthy(server)
         asyncio.run(_send_all(server.base_url, server.model, [prompts[0].text], 8, 1))  # warm-up
         for concurrency in tqdm(settings.concurrency, desc=f"{method.name} concurrency", leave=False, position=1):

@@ -28,21 +28,35 @@ def served_rows(record: dict) -> list[list[str]]:
             continue
         inner = "; ".join(f"L{k}: {fmt(v['acceptance_rate'])}" for k, v in lv["inner_levels"].items()) or "-"
         identical = lv.get("identical_to_none")
-        rows.append([
-            record["method"], str(lv["concurrency"]), fmt(lv["output_tokens_per_s"], ".1f"),
-            fmt(lv.get("speedup_vs_none")), "n/a" if identical is None else
-            ("yes" if identical else f"no ({lv['num_different']}/{lv['num_requests']} differ)"),
-            f"{lv['latency_s']['p50']:.2f} / {lv['latency_s']['p90']:.2f}",
-            fmt(lv["level1"]["mean_accepted_length"], none="-"), fmt(lv["level1"]["acceptance_rate"], none="-"),
-            inner, fmt(lv["target_passes_per_generated_token"]),
-        ])  # fmt: skip
+        rows.append(
+            [
+                record["method"],
+                str(lv["concurrency"]),
+                fmt(lv["output_tokens_per_s"], ".1f"),
+                fmt(lv.get("speedup_vs_none")),
+                "n/a"
+                if identical is None
+                else ("yes" if identical else f"no ({lv['num_different']}/{lv['num_requests']} differ)"),
+                f"{lv['latency_s']['p50']:.2f} / {lv['latency_s']['p90']:.2f}",
+                fmt(lv["level1"]["mean_accepted_length"], none="-"),
+                fmt(lv["level1"]["acceptance_rate"], none="-"),
+                inner,
+                fmt(lv["target_passes_per_generated_token"]),
+            ]
+        )
     return rows
 
 
 def served_markdown(meta: dict, records: list[dict], methods_doc: dict[str, str]) -> str:
     table = markdown_table(list(SERVED_COLUMNS), [row for r in records for row in served_rows(r)])
-    return document("# vllm-specqd served benchmark (`vllm serve` + OpenAI completions API)", meta, [table],
-                    served_notes(meta, records), methods_doc, [definitions(SERVED_COLUMNS)])  # fmt: skip
+    return document(
+        "# vllm-specqd served benchmark (`vllm serve` + OpenAI completions API)",
+        meta,
+        [table],
+        served_notes(meta, records),
+        methods_doc,
+        [definitions(SERVED_COLUMNS)],
+    )
 
 
 def levels_of(record: dict) -> list[dict]:
@@ -52,8 +66,15 @@ def levels_of(record: dict) -> list[dict]:
 
 def served_notes(meta: dict, records: list[dict]) -> list[str]:
     levels = [lv for r in records for lv in levels_of(r)]
-    flat = [{"method": r["method"], "identical_to_none": lv.get("identical_to_none"),
-             "speedup_vs_none": lv.get("speedup_vs_none")} for r in records for lv in levels_of(r)]  # fmt: skip
+    flat = [
+        {
+            "method": r["method"],
+            "identical_to_none": lv.get("identical_to_none"),
+            "speedup_vs_none": lv.get("speedup_vs_none"),
+        }
+        for r in records
+        for lv in levels_of(r)
+    ]
     out = notes(meta, flat)
     out.append("Server logs: " + ", ".join(f"`{r['server_log']}`" for r in records if "server_log" in r) + ".")
     if levels:

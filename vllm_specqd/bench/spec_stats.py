@@ -38,8 +38,13 @@ NUM_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
 NUM_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
 ACCEPTED_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
 GENERATION_TOKENS = "vllm:generation_tokens"
-LEVEL_COUNTERS = ("forward_passes", "proposed_tokens", "accepted_tokens", "verify_windows",
-                  "verify_windows_without_proposal")  # fmt: skip
+LEVEL_COUNTERS = (
+    "forward_passes",
+    "proposed_tokens",
+    "accepted_tokens",
+    "verify_windows",
+    "verify_windows_without_proposal",
+)
 
 
 @dataclass
@@ -88,9 +93,7 @@ def level_report_delta(after: dict | None, before: dict | None) -> dict[str, dic
     old = (before or {}).get("levels", {})
     delta = {}
     for level, entry in after.get("levels", {}).items():
-        delta[level] = {
-            key: entry[key] - old.get(level, {}).get(key, 0) for key in LEVEL_COUNTERS if key in entry
-        }
+        delta[level] = {key: entry[key] - old.get(level, {}).get(key, 0) for key in LEVEL_COUNTERS if key in entry}
     return delta
 
 
