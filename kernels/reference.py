@@ -1,8 +1,10 @@
-"""MXFP4 weight-only GEMM: ``y = x @ W.T (+ bias)`` with ``W`` stored as MXFP4 (docs/CONTRACTS.md).
+"""Reference half of the MXFP4 kernels: input checks and the torch twins every kernel is tested against.
 
-This file holds the device-independent half: input checks, the torch twin (the reference every
-Triton kernel is tested against) and the public entry point that picks the implementation.
-The Triton kernels live in ``mxfp4_triton.py``.
+* ``mxfp4_matmul_torch``: exact dequantize + fp32 matmul (twin of the Triton kernels).
+* ``mxfp4_matmul_int_act_torch``: twin of the native CPU kernel (``cpu_ops.py``), which quantizes
+  activations per 32-element block to int8 or int16 before an exact integer dot per block.
+
+The kernels live in ``triton_mxfp4.py`` and ``cpu/``; ``__init__.py`` dispatches. No vLLM here.
 
 Weight layout: exactly the contract's, no pre-shuffle. ``packed`` is ``[N, K_pad/2]`` uint8 (element
 ``2i`` in the low nibble of byte ``i``), ``scales`` is ``[N, K_pad/32]`` uint8 E8M0. Row-major along
@@ -17,7 +19,7 @@ Worked example::
     >>> w = torch.tensor([[0.5, -2.0] + [0.0] * 30, [6.0, 1.0] + [0.0] * 30])   # [N=2, K=32]
     >>> q = quantize_mxfp4(w)            # every value is an E2M1 code times its block scale: exact
     >>> x = torch.tensor([[2.0, 1.0] + [0.0] * 30], dtype=torch.bfloat16)      # [M=1, K=32]
-    >>> mxfp4_matmul(x, q.packed, q.scales)   # CPU tensors -> torch twin; CUDA -> Triton
+    >>> mxfp4_matmul(x, q.packed, q.scales)   # CUDA -> Triton; CPU -> native kernel (int16 activations)
     tensor([[-1., 13.]], dtype=torch.bfloat16)
 """
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_specqd.mxfp4 import BLOCK_SIZE, dequantize_mxfp4
+from vllm_specqd.mxfp4 import BLOCK_SIZE, dequantize_mxfp4, unpack_fp4
 
 ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -110,30 +112,64 @@ def mxfp4_matmul_torch(
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def _triton_module():
-    # Triton is an optional extra: CPU-only installs must still import this package.
-    try:
-        from . import mxfp4_triton
-    except ImportError:
-        return None
-    return mxfp4_triton
+# 2 * E2M1 value of every code: integers, so a block's dot with integer activations is exact.
+_TWICE_E2M1 = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 
 
-def mxfp4_matmul(
-    x: torch.Tensor,  # [..., K] bf16/fp16/fp32
+def quantize_activations_torch(
+    x: torch.Tensor,  # [M, K] float32 | bfloat16
+    bits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # q [M, K_pad/32, 32] int64, scale [M, K_pad/32] float32
+    """Symmetric per-32-block quantization, op for op as the native kernel does it.
+
+    ``inv = qmax / amax`` and ``q = rint(x * inv)`` in fp32 (qmax 127 or 32767); ``scale = amax / qmax``;
+    an all-zero block gets q = 0 and scale 0. K is padded with zeros to a multiple of 32.
+    """
+    qmax = 127.0 if bits == 8 else 32767.0
+    m, k = x.shape
+    k_pad = -(-k // BLOCK_SIZE) * BLOCK_SIZE
+    xf = torch.nn.functional.pad(x.float(), (0, k_pad - k)).reshape(m, -1, BLOCK_SIZE)
+    amax = xf.abs().amax(dim=-1)
+    nonzero = amax > 0
+    inv = torch.where(nonzero, torch.tensor(qmax) / amax, torch.zeros_like(amax))
+    q = torch.round(xf * inv.unsqueeze(-1)).to(torch.int64)
+    scale = torch.where(nonzero, amax / torch.tensor(qmax), torch.zeros_like(amax))
+    return q, scale
+
+
+def mxfp4_matmul_int_act_torch(
+    x: torch.Tensor,  # [..., K] float32 | bfloat16
     packed: torch.Tensor,  # [N, K_pad/2] uint8
     scales: torch.Tensor,  # [N, K_pad/32] uint8
     bias: torch.Tensor | None = None,  # [N]
-) -> torch.Tensor:  # [..., N] in x.dtype
-    """``x @ W.T + bias`` for an MXFP4 weight ``W`` ``[N, K]``; the one entry point callers use.
+    act_bits: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:  # y [..., N] float64, sum_b |term_b| [..., N] float64
+    """Torch twin of ``cpu_ops.mxfp4_linear_cpu`` in float64: the exact value the kernel rounds, and a scale.
 
-    CUDA tensors (with Triton installed) run the Triton kernels: a split-K decode kernel for
-    M <= 16 rows, a tiled ``tl.dot`` kernel above that. Anything else runs the torch twin, so callers
-    never branch on the device. Shapes/dtypes/devices are checked first (ValueError on mismatch).
-    See the module docstring for a worked example.
+    Per block b: an exact integer dot ``sum(q_x * 2w)``, times ``2^(e_b - 127) * scale_x / 2``, summed
+    over blocks. One deliberate difference from ``dequantize_mxfp4``: E8M0 byte 0 (2^-127) reads as 0,
+    as in the kernel's exponent-field trick; quantizers only emit it for all-zero blocks.
+    The kernel sums the same terms in fp32 with one rounding per block and lane, so
+    ``|kernel - twin| <= (K_pad/32 + 8) * 2^-24 * sum_b |term_b|`` (``mxfp4_int_act_error_bound``),
+    plus the final rounding to x.dtype.
     """
-    if x.is_cuda:
-        triton_impl = _triton_module()
-        if triton_impl is not None:
-            return triton_impl.mxfp4_matmul_triton(x, packed, scales, bias)
-    return mxfp4_matmul_torch(x, packed, scales, bias)
+    x2d, n, k = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_matmul_int_act_torch")
+    q, sx = quantize_activations_torch(x2d, act_bits)  # [M, B, 32], [M, B]
+    codes = unpack_fp4(packed).long().reshape(n, -1, BLOCK_SIZE)  # [N, B, 32]
+    w2 = torch.tensor(_TWICE_E2M1, dtype=torch.int64)[codes]
+    dots = torch.einsum("mbk,nbk->mnb", q, w2).double()  # exact: |dot| < 2^31
+    sw = torch.where(scales == 0, 0.0, torch.exp2(scales.double() - 127.0))  # [N, B]
+    terms = dots * sw.unsqueeze(0) * (sx.double() * 0.5).unsqueeze(1)  # [M, N, B]
+    y = terms.sum(-1)
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], n), terms.abs().sum(-1).reshape(*x.shape[:-1], n)
+
+
+def mxfp4_int_act_error_bound(abs_terms: torch.Tensor, k: int, out_dtype: torch.dtype, y: torch.Tensor) -> torch.Tensor:
+    """Bound on |kernel - twin| from fp32 accumulation (see ``mxfp4_matmul_int_act_torch``)."""
+    nblocks = -(-k // BLOCK_SIZE)
+    bound = (nblocks + 8) * 2.0**-24 * abs_terms + 2.0**-23 * y.abs()  # + bias add and fp32 result
+    if out_dtype == torch.bfloat16:
+        bound = bound + y.abs() * 2.0**-8  # one bf16 rounding: half an ulp of 8 bits, with slack
+    return bound

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mxfp4_gemm import check_mxfp4_matmul_inputs
+from .reference import check_mxfp4_matmul_inputs
 
 # Read once, at import, because that is when triton decided between JIT and interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")

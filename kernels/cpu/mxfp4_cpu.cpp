@@ -1,0 +1,311 @@
+// Native x86 MXFP4 weight-only linear for CPUs: y = x @ W.T (+ bias), W in canonical MXFP4 bytes.
+//
+// Registered as torch ops in the `specqd` namespace (see kernels/cpu_ops.py for the Python side):
+//   specqd::mxfp4_linear(x[M,K] fp32|bf16, packed[N,Kp/2] u8, scales[N,Kp/32] u8, bias[N]?, act_bits, isa) -> y[M,N]
+//   specqd::cpu_isas() -> str          ISAs this CPU can run, best first
+//   specqd::resolve_isa(name) -> str   the ISA "auto" (or a name) resolves to, honouring VLLM_SPECQD_CPU_ISA
+//   specqd::stream_read(buf u8) -> int reads every byte once with vector loads (bandwidth ceiling)
+//
+// One source, one binary, run-time ISA choice: each ISA's code is compiled inside its own
+// `#pragma GCC target` region, so the library runs on any x86-64 and picks the best path it may.
+// Design and numbers: benchmarks/README.md; numerics: kernels/reference.py (the torch twin).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#ifdef SPECQD_EMULATE_AVX512
+#include <simde/x86/avx512.h>
+#define X512(f) simde_mm512_##f
+#define X128(f) simde_mm_##f
+using T512i = simde__m512i;
+using T512 = simde__m512;
+using T128i = simde__m128i;
+// SIMDe 0.7.4 (Debian 12) lacks these three; build them from its 256-bit halves.
+static inline simde__m512 specqd_emu_cvtepi32_ps(simde__m512i a) {
+  simde__m256 lo = simde_mm256_cvtepi32_ps(simde_mm512_castsi512_si256(a));
+  simde__m256 hi = simde_mm256_cvtepi32_ps(simde_mm512_extracti64x4_epi64(a, 1));
+  return simde_mm512_insertf32x8(simde_mm512_castps256_ps512(lo), hi, 1);
+}
+static inline simde__m512i specqd_emu_cvtepu8_epi32(simde__m128i a) {
+  simde__m256i lo = simde_mm256_cvtepu8_epi32(a);
+  simde__m256i hi = simde_mm256_cvtepu8_epi32(simde_mm_srli_si128(a, 8));
+  return simde_mm512_inserti64x4(simde_mm512_castsi256_si512(lo), hi, 1);
+}
+static inline float specqd_emu_reduce_add_ps(simde__m512 a) {
+  simde__m256 hi = simde_mm256_castsi256_ps(simde_mm512_extracti64x4_epi64(simde_mm512_castps_si512(a), 1));
+  simde__m256 s8 = simde_mm256_add_ps(simde_mm512_castps512_ps256(a), hi);
+  simde__m128 s4 = simde_mm_add_ps(simde_mm256_castps256_ps128(s8), simde_mm256_extractf128_ps(s8, 1));
+  float v[4];
+  simde_mm_storeu_ps(v, s4);
+  return (v[0] + v[2]) + (v[1] + v[3]);
+}
+#define simde_mm512_cvtepi32_ps specqd_emu_cvtepi32_ps
+#define simde_mm512_cvtepu8_epi32 specqd_emu_cvtepu8_epi32
+#define simde_mm512_reduce_add_ps specqd_emu_reduce_add_ps
+#else
+#define X512(f) _mm512_##f
+#define X128(f) _mm_##f
+using T512i = __m512i;
+using T512 = __m512;
+using T128i = __m128i;
+#endif
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "vec_avx2.h"
+#include "gemm_body.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+// GCC does not expand macros inside `#pragma GCC target`, hence the spelled-out variants. The
+// emulated build compiles the AVX-512 code for AVX2 (SIMDe provides the 512-bit intrinsics).
+#pragma GCC push_options
+#ifdef SPECQD_EMULATE_AVX512
+#pragma GCC target("avx2,fma")
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#endif
+namespace avx512bw {
+#define SPECQD_VNNI 0
+#include "vec_avx512.h"
+#include "gemm_body.h"
+#undef SPECQD_VNNI
+}  // namespace avx512bw
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#ifdef SPECQD_EMULATE_AVX512
+#pragma GCC target("avx2,fma")
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")
+#endif
+namespace avx512vnni {
+#define SPECQD_VNNI 1
+#include "vec_avx512.h"
+#include "gemm_body.h"
+#undef SPECQD_VNNI
+}  // namespace avx512vnni
+#pragma GCC pop_options
+
+namespace {
+
+enum class Isa { avx2, avx512bw, avx512vnni };
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx2:
+      return "avx2";
+    case Isa::avx512bw:
+      return "avx512bw";
+    case Isa::avx512vnni:
+      return "avx512vnni";
+  }
+  return "?";
+}
+
+bool cpu_has(Isa isa) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#ifdef SPECQD_EMULATE_AVX512
+  return avx2;  // SIMDe runs the AVX-512 code on AVX2
+#else
+  const bool bw = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  switch (isa) {
+    case Isa::avx2:
+      return avx2;
+    case Isa::avx512bw:
+      return bw;
+    case Isa::avx512vnni:
+      return bw && __builtin_cpu_supports("avx512vnni");
+  }
+  return false;
+#endif
+}
+
+Isa parse_isa(const std::string& name) {
+  std::string want = name;
+  if (want.empty() || want == "auto") {
+    const char* env = std::getenv("VLLM_SPECQD_CPU_ISA");
+    want = env && *env ? env : "auto";
+  }
+  if (want == "auto") {
+    for (Isa isa : {Isa::avx512vnni, Isa::avx512bw, Isa::avx2})
+      if (cpu_has(isa)) return isa;
+    TORCH_CHECK(false, "specqd::mxfp4_linear needs an x86-64 CPU with AVX2 and FMA");
+  }
+  // "avx512" means the best AVX-512 flavour this CPU has.
+  if (want == "avx512") want = cpu_has(Isa::avx512vnni) ? "avx512vnni" : "avx512bw";
+  for (Isa isa : {Isa::avx2, Isa::avx512bw, Isa::avx512vnni}) {
+    if (want == isa_name(isa)) {
+      TORCH_CHECK(cpu_has(isa), "specqd::mxfp4_linear: ISA '", want, "' is not supported by this CPU");
+      return isa;
+    }
+  }
+  TORCH_CHECK(false, "specqd::mxfp4_linear: unknown ISA '", want,
+              "' (VLLM_SPECQD_CPU_ISA / isa=): use auto, avx2, avx512, avx512bw or avx512vnni");
+}
+
+int blocks_per_group(Isa isa) { return isa == Isa::avx2 ? 2 : 4; }
+
+template <typename T>
+void quantize_any(Isa isa, const T* x, int64_t m, int64_t k, int64_t groups, int bits, int8_t* q8, int16_t* q16,
+                  int32_t* offsets, float* scales) {
+  switch (isa) {
+    case Isa::avx2:
+      return avx2::quantize_rows<T>(x, m, k, groups, bits, q8, q16, offsets, scales);
+    case Isa::avx512bw:
+      return avx512bw::quantize_rows<T>(x, m, k, groups, bits, q8, q16, offsets, scales);
+    case Isa::avx512vnni:
+      return avx512vnni::quantize_rows<T>(x, m, k, groups, bits, q8, q16, offsets, scales);
+  }
+}
+
+void gemm_any(Isa isa, int bits, const uint8_t* packed, const uint8_t* scales, int64_t nblocks, int64_t n_begin,
+              int64_t n_end, int64_t groups, const int8_t* q8, const int16_t* q16, const int32_t* offsets,
+              const float* act_scales, int64_t m, float* out, int64_t n_total) {
+  switch (isa) {
+    case Isa::avx2: {
+      avx2::QuantizedRows xq{groups, q8, q16, offsets, act_scales};
+      return avx2::gemm_rows(bits, packed, scales, nblocks, n_begin, n_end, xq, m, out, n_total);
+    }
+    case Isa::avx512bw: {
+      avx512bw::QuantizedRows xq{groups, q8, q16, offsets, act_scales};
+      return avx512bw::gemm_rows(bits, packed, scales, nblocks, n_begin, n_end, xq, m, out, n_total);
+    }
+    case Isa::avx512vnni: {
+      avx512vnni::QuantizedRows xq{groups, q8, q16, offsets, act_scales};
+      return avx512vnni::gemm_rows(bits, packed, scales, nblocks, n_begin, n_end, xq, m, out, n_total);
+    }
+  }
+}
+
+at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                        const c10::optional<at::Tensor>& bias, int64_t act_bits, const std::string& isa_arg) {
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(),
+              "specqd::mxfp4_linear: all tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "specqd::mxfp4_linear: x must be a contiguous [M, K] tensor, got ",
+              x.sizes(), x.is_contiguous() ? "" : " (non-contiguous)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "specqd::mxfp4_linear: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(act_bits == 8 || act_bits == 16, "specqd::mxfp4_linear: act_bits must be 8 or 16, got ", act_bits);
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t nblocks = (k + 31) / 32;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) == nblocks * 16 &&
+                  packed.is_contiguous(),
+              "specqd::mxfp4_linear: packed must be contiguous uint8 [N, ", nblocks * 16, "] for K=", k, ", got ",
+              packed.scalar_type(), " ", packed.sizes());
+  const int64_t n = packed.size(0);
+  TORCH_CHECK(scales.scalar_type() == at::kByte && scales.dim() == 2 && scales.size(0) == n &&
+                  scales.size(1) == nblocks && scales.is_contiguous(),
+              "specqd::mxfp4_linear: scales must be contiguous uint8 [", n, ", ", nblocks, "], got ",
+              scales.scalar_type(), " ", scales.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() && bias->is_floating_point(),
+                "specqd::mxfp4_linear: bias must be a contiguous floating-point [", n, "] tensor, got ",
+                bias->sizes());
+  }
+  const Isa isa = parse_isa(isa_arg);
+  const int64_t groups = (nblocks + blocks_per_group(isa) - 1) / blocks_per_group(isa);
+  const int64_t lanes = 4 * blocks_per_group(isa);
+  const int64_t group_elems = 32 * blocks_per_group(isa);
+
+  auto opts = x.options();
+  at::Tensor q = at::empty({m * groups * group_elems * (act_bits / 8)}, opts.dtype(at::kByte));
+  at::Tensor offsets = at::empty({act_bits == 8 ? m * groups * lanes : 0}, opts.dtype(at::kInt));
+  at::Tensor act_scales = at::empty({m * groups * lanes}, opts.dtype(at::kFloat));
+  int8_t* q8 = act_bits == 8 ? reinterpret_cast<int8_t*>(q.data_ptr<uint8_t>()) : nullptr;
+  int16_t* q16 = act_bits == 16 ? reinterpret_cast<int16_t*>(q.data_ptr<uint8_t>()) : nullptr;
+  int32_t* off = act_bits == 8 ? offsets.data_ptr<int32_t>() : nullptr;
+  if (x.scalar_type() == at::kFloat)
+    quantize_any<float>(isa, x.data_ptr<float>(), m, k, groups, act_bits, q8, q16, off, act_scales.data_ptr<float>());
+  else
+    quantize_any<c10::BFloat16>(isa, x.data_ptr<c10::BFloat16>(), m, k, groups, act_bits, q8, q16, off,
+                                act_scales.data_ptr<float>());
+
+  at::Tensor out32 = x.scalar_type() == at::kFloat ? at::empty({m, n}, opts) : at::empty({m, n}, opts.dtype(at::kFloat));
+  float* out = out32.data_ptr<float>();
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const uint8_t* s = scales.data_ptr<uint8_t>();
+  const float* sx = act_scales.data_ptr<float>();
+  // Work is split over output features in whole 16-row chunks, so every thread streams whole rows.
+  constexpr int64_t kChunk = 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    gemm_any(isa, static_cast<int>(act_bits), w, s, nblocks, c0 * kChunk, std::min(n, c1 * kChunk), groups, q8, q16,
+             off, sx, m, out, n);
+  });
+  if (bias.has_value()) out32.add_(bias->to(at::kFloat).unsqueeze(0));
+  return x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
+}
+
+std::string resolve_isa(const std::string& name) { return isa_name(parse_isa(name)); }
+
+std::string cpu_isas() {
+  std::string names;
+  for (Isa isa : {Isa::avx512vnni, Isa::avx512bw, Isa::avx2}) {
+    if (!cpu_has(isa)) continue;
+    if (!names.empty()) names += ",";
+    names += isa_name(isa);
+  }
+  return names;
+}
+
+int64_t stream_read(const at::Tensor& buf) {
+  TORCH_CHECK(buf.scalar_type() == at::kByte && buf.is_contiguous(), "stream_read: contiguous uint8 buffer");
+  const uint8_t* p = buf.data_ptr<uint8_t>();
+  const int64_t bytes = buf.numel() / 128 * 128;
+  const int64_t chunks = bytes / 128;
+  int64_t total = 0;
+  at::parallel_for(0, chunks, 4096, [&](int64_t c0, int64_t c1) {
+    uint64_t acc = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      uint64_t v[16];
+      std::memcpy(v, p + c * 128, 128);  // compiles to vector loads
+      for (int i = 0; i < 16; ++i) acc ^= v[i];
+    }
+    __atomic_fetch_xor(reinterpret_cast<uint64_t*>(&total), acc, __ATOMIC_RELAXED);
+  });
+  return total;
+}
+
+}  // namespace
+
+// The SIMDe-emulated test build registers under its own namespace, so both can load in one process.
+#ifdef SPECQD_EMULATE_AVX512
+#define SPECQD_DEFINE_OPS TORCH_LIBRARY(specqd_emu, m)
+#define SPECQD_CPU_OPS TORCH_LIBRARY_IMPL(specqd_emu, CPU, m)
+#define SPECQD_ANY_OPS TORCH_LIBRARY_IMPL(specqd_emu, CompositeExplicitAutograd, m)
+#else
+#define SPECQD_DEFINE_OPS TORCH_LIBRARY(specqd, m)
+#define SPECQD_CPU_OPS TORCH_LIBRARY_IMPL(specqd, CPU, m)
+#define SPECQD_ANY_OPS TORCH_LIBRARY_IMPL(specqd, CompositeExplicitAutograd, m)
+#endif
+
+SPECQD_DEFINE_OPS {
+  m.def("mxfp4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int act_bits, str isa) -> Tensor");
+  m.def("cpu_isas() -> str");
+  m.def("resolve_isa(str name) -> str");
+  m.def("stream_read(Tensor buf) -> int");
+}
+
+SPECQD_CPU_OPS {
+  m.impl("mxfp4_linear", &mxfp4_linear);
+  m.impl("stream_read", &stream_read);
+}
+
+SPECQD_ANY_OPS {
+  m.impl("cpu_isas", &cpu_isas);
+  m.impl("resolve_isa", &resolve_isa);
+}

@@ -1,0 +1,166 @@
+"""The native x86 MXFP4 kernels (``kernels/cpu/``), JIT-built into the user cache and bound as torch ops.
+
+``mxfp4_linear_cpu(x, packed, scales, bias, act_bits)`` computes ``x @ W.T + bias`` on canonical MXFP4
+bytes with activations quantized per 32-element block to int8 (``act_bits=8``, W4A8) or int16
+(``act_bits=16``, W4A16); its torch twin is ``reference.mxfp4_matmul_int_act_torch``. The ISA
+(AVX-512 VNNI, AVX-512 BW, AVX2) is chosen at run time; ``VLLM_SPECQD_CPU_ISA=avx2`` forces AVX2.
+
+The library compiles on first use (about a minute, once per source version) into
+``$VLLM_SPECQD_CACHE/kernels`` (default ``~/.cache/vllm_specqd/kernels``); ``python -m vllm_specqd
+build-kernels`` does it ahead of time. Without a compiler, one warning names what is missing and
+callers fall back to the torch twin.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from .reference import check_mxfp4_matmul_inputs
+
+SOURCE_DIR = Path(__file__).parent / "cpu"
+SOURCES = ("mxfp4_cpu.cpp", "gemm_body.h", "vec_avx2.h", "vec_avx512.h")
+ISA_ENV = "VLLM_SPECQD_CPU_ISA"
+CACHE_ENV = "VLLM_SPECQD_CACHE"
+ACT_BITS = (8, 16)
+
+logger = logging.getLogger("vllm.vllm_specqd.kernels")
+
+
+class NativeKernelUnavailable(RuntimeError):
+    """The native CPU kernel could not be built or loaded; the message says why."""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "vllm_specqd")
+    return Path(root) / "kernels"
+
+
+def _source_hash(extra: str) -> str:
+    digest = hashlib.sha256(extra.encode())
+    for name in SOURCES:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _missing_tools() -> list[str]:
+    missing = []
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        missing.append(f"a C++ compiler ('{cxx}' is not on PATH; install g++ or set CXX)")
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        if shutil.which("ninja") is None:
+            missing.append("ninja (pip install ninja)")
+    return missing
+
+
+def _build(emulate_avx512: bool) -> str:
+    """Compile and load the library; return its op namespace. Raises NativeKernelUnavailable."""
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        raise NativeKernelUnavailable(f"the native MXFP4 kernel is x86-64 only (this is {os.uname().machine})")
+    missing = _missing_tools()
+    if missing:
+        raise NativeKernelUnavailable("building it needs " + " and ".join(missing))
+    from torch.utils import cpp_extension
+
+    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-Wno-psabi"]
+    name = "specqd_mxfp4_cpu"
+    if emulate_avx512:
+        flags += ["-DSPECQD_EMULATE_AVX512", "-mavx2", "-mfma"]
+        name += "_emu"
+    build_dir = _cache_dir() / f"{name}-{_source_hash(' '.join(flags))}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE_DIR / "mxfp4_cpu.cpp")],
+            extra_cflags=flags,
+            extra_include_paths=[str(SOURCE_DIR)],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as e:  # compiler errors arrive as RuntimeError/CalledProcessError with the log
+        raise NativeKernelUnavailable(f"compiling {SOURCE_DIR / 'mxfp4_cpu.cpp'} failed: {str(e)[-2000:]}") from e
+    return "specqd_emu" if emulate_avx512 else "specqd"
+
+
+@functools.cache
+def load_native(emulate_avx512: bool = False) -> str:
+    """Op namespace of the native library (``"specqd"``), building it if needed. Raises if unavailable."""
+    namespace = _build(emulate_avx512)
+    if not emulate_avx512:
+        _register_fake()
+    return namespace
+
+
+@functools.cache
+def native_available() -> bool:
+    """True when the native kernel loads; otherwise warns once, naming what is missing."""
+    try:
+        load_native()
+    except NativeKernelUnavailable as e:
+        message = f"specqd: the native CPU MXFP4 kernel is unavailable ({e}); MXFP4 linears on CPU use the torch reference, which is much slower."
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        logger.warning(message)
+        return False
+    return True
+
+
+def _register_fake() -> None:
+    # Shape function for torch.compile / meta tensors: [M, K] -> [M, N].
+    @torch.library.register_fake("specqd::mxfp4_linear")
+    def _(x, packed, scales, bias, act_bits, isa):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def cpu_isas(emulate_avx512: bool = False) -> list[str]:
+    """ISA paths this CPU can run, best first, e.g. ``["avx512vnni", "avx512bw", "avx2"]``."""
+    namespace = load_native(emulate_avx512)
+    return [s for s in getattr(torch.ops, namespace).cpu_isas().split(",") if s]
+
+
+def resolve_isa(isa: str = "auto", emulate_avx512: bool = False) -> str:
+    """The ISA path a call with ``isa`` runs (``"auto"`` honours ``$VLLM_SPECQD_CPU_ISA``)."""
+    return getattr(torch.ops, load_native(emulate_avx512)).resolve_isa(isa)
+
+
+def mxfp4_linear_cpu(
+    x: torch.Tensor,  # [..., K] float32 | bfloat16
+    packed: torch.Tensor,  # [N, K_pad/2] uint8, canonical MXFP4
+    scales: torch.Tensor,  # [N, K_pad/32] uint8, E8M0
+    bias: torch.Tensor | None = None,  # [N]
+    act_bits: int = 16,
+    isa: str = "auto",
+    emulate_avx512: bool = False,
+) -> torch.Tensor:  # [..., N] in x.dtype
+    """``x @ W.T + bias`` with the native kernel; activations quantized per 32-block to ``act_bits``.
+
+    Example: ``x`` ``[3, 7, 896]`` bf16 with ``W`` ``[4864, 896]`` (packed ``[4864, 448]``, scales
+    ``[4864, 28]``) gives ``[3, 7, 4864]`` bf16. ``isa`` is ``"auto"`` (``$VLLM_SPECQD_CPU_ISA``, else
+    the best the CPU has), ``"avx2"``, ``"avx512"``, ``"avx512bw"`` or ``"avx512vnni"``.
+    """
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"mxfp4_linear_cpu: act_bits must be one of {ACT_BITS}, got {act_bits!r}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"mxfp4_linear_cpu: x must be float32 or bfloat16, got {x.dtype}")
+    x2d, n, _ = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_linear_cpu")
+    if x.device.type != "cpu":
+        raise ValueError(f"mxfp4_linear_cpu: tensors must be on the CPU, got {x.device}")
+    op = getattr(torch.ops, load_native(emulate_avx512)).mxfp4_linear
+    y = op(x2d.contiguous(), packed, scales, bias, act_bits, isa)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def stream_read(buf: torch.Tensor) -> int:
+    """Read every byte of a contiguous uint8 CPU tensor once with vector loads (a bandwidth probe)."""
+    return torch.ops.specqd.stream_read(buf) if load_native() else 0
