@@ -92,7 +92,7 @@ def _gemv_info(m: int, n: int, k: int, device: str) -> str:
     """Which kernel path mxfp4_matmul takes, for the table ("twin" off CUDA)."""
     if device != "cuda" or not HAS_TRITON:
         return "twin"
-    from vllm_specqd.kernels import mxfp4_triton as mt
+    from vllm_specqd.kernels import triton_mxfp4 as mt
 
     if m > mt.GEMV_MAX_M:
         return "tiled" if m < mt.DEQUANT_MIN_M else "dequant"

@@ -143,14 +143,14 @@ def mxfp4_matmul_int_act_torch(
     scales: torch.Tensor,  # [N, K_pad/32] uint8
     bias: torch.Tensor | None = None,  # [N]
     act_bits: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor]:  # y [..., N] float64, sum_b |term_b| [..., N] float64
+) -> tuple[torch.Tensor, torch.Tensor]:  # y [..., N] float64, sum |q w| s [..., N] float64
     """Torch twin of ``cpu_ops.mxfp4_linear_cpu`` in float64: the exact value the kernel rounds, and a scale.
 
     Per block b: an exact integer dot ``sum(q_x * 2w)``, times ``2^(e_b - 127) * scale_x / 2``, summed
     over blocks. One deliberate difference from ``dequantize_mxfp4``: E8M0 byte 0 (2^-127) reads as 0,
     as in the kernel's exponent-field trick; quantizers only emit it for all-zero blocks.
     The kernel sums the same terms in fp32 with one rounding per block and lane, so
-    ``|kernel - twin| <= (K_pad/32 + 8) * 2^-24 * sum_b |term_b|`` (``mxfp4_int_act_error_bound``),
+    ``|kernel - twin| <= (K_pad/32 + 8) * 2^-24 * sum_b s_b sum_i |q_i w_i|`` (``mxfp4_int_act_error_bound``),
     plus the final rounding to x.dtype.
     """
     x2d, n, k = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_matmul_int_act_torch")
@@ -159,11 +159,14 @@ def mxfp4_matmul_int_act_torch(
     w2 = torch.tensor(_TWICE_E2M1, dtype=torch.int64)[codes]
     dots = torch.einsum("mbk,nbk->mnb", q, w2).double()  # exact: |dot| < 2^31
     sw = torch.where(scales == 0, 0.0, torch.exp2(scales.double() - 127.0))  # [N, B]
-    terms = dots * sw.unsqueeze(0) * (sx.double() * 0.5).unsqueeze(1)  # [M, N, B]
-    y = terms.sum(-1)
+    block_scale = sw.unsqueeze(0) * (sx.double() * 0.5).unsqueeze(1)  # [M, N, B]
+    y = (dots * block_scale).sum(-1)
     if bias is not None:
         y = y + bias.double()
-    return y.reshape(*x.shape[:-1], n), terms.abs().sum(-1).reshape(*x.shape[:-1], n)
+    # The kernel rounds partial sums of a block (its vector lanes), so the error scales with the
+    # absolute products, not with the block totals that may cancel.
+    abs_products = torch.einsum("mbk,nbk->mnb", q.abs(), w2.abs()).double() * block_scale
+    return y.reshape(*x.shape[:-1], n), abs_products.sum(-1).reshape(*x.shape[:-1], n)
 
 
 def mxfp4_int_act_error_bound(abs_terms: torch.Tensor, k: int, out_dtype: torch.dtype, y: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 How the Triton kernels are tested without a GPU
 -----------------------------------------------
 Triton 3.9 decides between compiling and interpreting when ``@triton.jit`` runs, i.e. when
-``vllm_specqd.kernels.mxfp4_triton`` is first imported (``triton.knobs.runtime.interpret`` reads
+``vllm_specqd.kernels.triton_mxfp4`` is first imported (``triton.knobs.runtime.interpret`` reads
 ``TRITON_INTERPRET`` then), not at launch. In a full pytest session another test module may import
 the kernels (through the vLLM adapter) before this one runs, so setting the variable here would
 be too late. Instead ``interp_results`` runs this file as a script in one fresh subprocess with
@@ -366,7 +366,7 @@ def test_triton_launcher_argument_errors():
 
 @needs_triton
 def test_triton_launcher_rejects_cpu_tensors_when_compiling():
-    from vllm_specqd.kernels import mxfp4_triton
+    from vllm_specqd.kernels import triton_mxfp4 as mxfp4_triton
 
     if mxfp4_triton.INTERPRET:
         pytest.skip("this process imported the kernels in interpreter mode")
@@ -376,7 +376,7 @@ def test_triton_launcher_rejects_cpu_tensors_when_compiling():
 
 @needs_triton
 def test_split_k_heuristic_fills_an_h100():
-    from vllm_specqd.kernels.mxfp4_triton import gemv_block_n, gemv_split_k
+    from vllm_specqd.kernels.triton_mxfp4 import gemv_block_n, gemv_split_k
 
     assert gemv_block_n(1) >= gemv_block_n(16) >= 16
     shapes = [
