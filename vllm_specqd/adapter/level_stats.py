@@ -12,6 +12,7 @@ Report layout, for levels "1" (the MXFP4 draft), "2", ...:
 
     {"generated_tokens": int,   # tokens the target committed in drafted requests (multi-level only)
      "rounds": int,             # (request, drafting round) pairs (multi-level only)
+     "tracked_requests": int,   # requests any per-request map here or in a level still holds
      "levels": {"1": {"forward_passes", "weight_bytes", "kv_bytes_per_token", ...},
                 "2": {"proposed_tokens", "accepted_tokens", "acceptance_rate",
                       "mean_accepted_length", "verify_windows",
@@ -73,6 +74,19 @@ class LevelStatsPublisher:
             del self._last_len[req_id]
             chain.forget(req_id)
 
+    def forget(self, req_id: Hashable, chain) -> None:
+        """vLLM dropped a finished or aborted request: drop its state everywhere, report the count."""
+        self._last_len.pop(req_id, None)
+        if chain is not None:
+            chain.forget(req_id)
+        self.publish(chain)
+
+    def tracked_requests(self, chain) -> int:
+        held = set(self._last_len)
+        for level in chain.chain() if chain is not None else []:
+            held.update(level._kv_tokens)  # SpeculativeLevel's per-request KV bookkeeping
+        return len(held)
+
     def snapshot(self, chain) -> dict:
         speculative_levels = chain.chain() if chain is not None else []
         levels: dict[str, dict] = {name: dict(info) for name, info in self.level_info.items()}
@@ -90,7 +104,7 @@ class LevelStatsPublisher:
                 verify_windows=s.windows,
                 verify_windows_without_proposal=s.windows_without_proposal,
             )
-        report = {"levels": levels}
+        report = {"levels": levels, "tracked_requests": self.tracked_requests(chain)}
         if chain is not None:
             report.update(generated_tokens=self.generated_tokens, rounds=self.rounds)
             for entry in levels.values():

@@ -14,6 +14,7 @@ vLLM's own ``vllm:spec_decode_*`` level-1 metrics:
     specqd:level_kv_bytes_per_token{engine, level}
     specqd:generated_tokens_total{engine}
     specqd:rounds_total{engine}
+    specqd:tracked_requests{engine}
 """
 
 from __future__ import annotations
@@ -98,10 +99,17 @@ class LevelStatsCollector:
             "specqd:generated_tokens", "Tokens committed by the target while specqd drafted", labels=["engine"]
         )
         rounds = CounterMetricFamily("specqd:rounds", "(request, drafting round) pairs", labels=["engine"])
+        tracked = GaugeMetricFamily(
+            "specqd:tracked_requests",
+            "Requests whose per-level state (KV bookkeeping, stats) the drafter still holds",
+            labels=["engine"],
+        )
         for engine, report in _reports().items():
             if "generated_tokens" in report:
                 generated.add_metric([engine], report["generated_tokens"])
                 rounds.add_metric([engine], report["rounds"])
+            if "tracked_requests" in report:
+                tracked.add_metric([engine], report["tracked_requests"])
             for level, entry in report.get("levels", {}).items():
                 for key, family in families.items():
                     if key in entry:
@@ -109,6 +117,7 @@ class LevelStatsCollector:
         yield from families.values()
         yield generated
         yield rounds
+        yield tracked
 
 
 def register_collector() -> None:

@@ -59,6 +59,25 @@ class SpecQDProposer(DraftModelProposer):
         self.chain: SpeculativeLevel | None = None
         self.inner_window_models: list[VllmWindowModel] = []
         self.stats = LevelStatsPublisher(vllm_config)
+        if runner is not None:
+            self._forget_removed_requests(runner)
+
+    def _forget_removed_requests(self, runner) -> None:
+        """Drop a request's per-level state as soon as vLLM drops the request.
+
+        GPUModelRunner._update_states calls the platform hook
+        _on_request_state_removed for every finished request, aborted ones
+        included (vllm/v1/worker/gpu_model_runner.py:1156 the hook, :1183-1185
+        the calls), also in the step that only carries finished ids (:3979,
+        before the early return for an empty schedule), so idle engines hold nothing.
+        """
+        removed = runner._on_request_state_removed
+
+        def on_removed(req_id, req_state) -> None:
+            removed(req_id, req_state)
+            self.stats.forget(req_id, self.chain)
+
+        runner._on_request_state_removed = on_removed
 
     # ------------------------------------------------------------------ loading
 
@@ -85,7 +104,9 @@ class SpecQDProposer(DraftModelProposer):
             return build_mxfp4_draft(
                 self._create_draft_vllm_config(),
                 self._target_for_build,
-                dequantize_once=self.specqd.draft.cpu_dequantize_once,
+                cpu_kernel=self.specqd.draft.cpu_kernel,
+                lm_head=self.specqd.draft.lm_head,
+                scale_rule=self.specqd.draft.scale_rule,
             )
 
     def _build_chain(self) -> SpeculativeLevel:
@@ -120,10 +141,15 @@ class SpecQDProposer(DraftModelProposer):
         before = set(get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase))
         prefix = inner_prefix(level)
         with set_model_tag(prefix):
-            model = get_model(vllm_config=inner_config, model_config=model_config, prefix=prefix)
+            try:
+                model = get_model(vllm_config=inner_config, model_config=model_config, prefix=prefix)
+            except Exception as e:  # a corrupt or truncated checkpoint: say which level and files
+                raise RuntimeError(
+                    f"specqd: level {level} model {spec.model!r} failed to load: {type(e).__name__}: {e}"
+                ) from e
         cpu_copy_bytes = 0
         if spec.quantization == "mxfp4":
-            converted, cpu_copy_bytes = convert_to_mxfp4_in_place(model, dequantize_once=spec.cpu_dequantize_once)
+            converted, cpu_copy_bytes = convert_to_mxfp4_in_place(model, cpu_kernel=spec.cpu_kernel)
             logger.info("specqd: level %d (%s) converted %d linear layers to MXFP4", level, spec.model, converted)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + cpu_copy_bytes
         self.stats.level_info[str(level)] = {"weight_bytes": weight_bytes}
