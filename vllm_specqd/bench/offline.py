@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from vllm_specqd.bench.datasets import Prompt
 from vllm_specqd.bench.memory import added_kv_bytes_per_token, added_weight_bytes, kv_bytes_per_token, kv_report
 from vllm_specqd.bench.methods import Method, speculative_config
+from vllm_specqd.bench.preload import apply_preload
 from vllm_specqd.bench.spec_stats import counters_from_metrics, level_report_delta, summarize
 
 WARMUP_TOKENS = 8
@@ -36,11 +37,16 @@ class RunSettings:
 
 
 def set_engine_env_defaults(verbose: bool) -> None:
-    """Before vLLM is imported (its logger and the CPU KV budget read these once); user settings win."""
+    """Before vLLM is imported (its logger and the CPU KV budget read these once); user settings win.
+
+    Also the tcmalloc + libiomp5 LD_PRELOAD of vLLM's CPU docs (bench/preload.py): every engine this
+    process starts, whatever its method, is spawned with it.
+    """
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    apply_preload(verbose=verbose)
 
 
 def _chunks(items: list, size: int):
@@ -122,6 +128,7 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
         "description": method.description,
         "speculative_config": spec,
         "num_levels": method.num_levels,
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),  # what the spawned engine processes got
     }
     llm = None
     try:

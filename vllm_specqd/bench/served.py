@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from vllm_specqd.bench.datasets import Prompt
 from vllm_specqd.bench.methods import Method, speculative_config
+from vllm_specqd.bench.preload import engine_env
 from vllm_specqd.bench.server_process import scrape_metrics, start_server, stop_server, wait_healthy
 from vllm_specqd.bench.spec_stats import (
     ACCEPTED_PER_POS,
@@ -171,6 +172,7 @@ def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings)
         "speculative_config": spec,
         "num_levels": method.num_levels,
         "concurrency_levels": [],
+        "ld_preload": engine_env().get("LD_PRELOAD", ""),  # what start_server runs `vllm serve` with
     }
     log_path = settings.out_dir / f"server-{method.name}.log"
     record["server_log"] = log_path.name

@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_specqd.bench.preload import engine_env
+
 HEALTH_TIMEOUT_S = 900.0  # an engine with a multi-level draft starts in minutes on a busy 2-core machine
 STOP_GRACE_S = 60.0
 
@@ -64,7 +66,10 @@ def start_server(
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
         # Own session: if it will not stop, its engine processes can be killed with it, and only them.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # tcmalloc + libiomp5 preloaded, as vLLM's CPU docs ask (bench/preload.py).
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=engine_env()
+        )
     return Server(process, port, log_path, model)
 
 
