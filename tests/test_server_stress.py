@@ -60,10 +60,12 @@ CHAT_QUESTIONS = [
     "Why is the sky blue?",
 ]
 COMPLETION_PROMPTS = ["def is_prime(n):\n", "The three primary colors are", "import numpy as np\n", "Once upon a time"]
+# The fixed greedy set, asked before and after the storm: (endpoint, prompt).
+GREEDY_SET = [("chat", q) for q in CHAT_QUESTIONS[:4]] + [("completion", p) for p in COMPLETION_PROMPTS]
 GREEDY_MAX_TOKENS = 16
 # Completions with ignore_eos: together they outgrow PRESSURE_FLAGS' KV cache mid-generation
 # (6 x (~12 prompt + 48 + 4 lookahead) tokens = 18 blocks > 10).
-PRESSURE_PROMPTS = [f"{q}\n" for q in CHAT_QUESTIONS[:6]]
+PRESSURE_SET = [("completion", f"{q}\n") for q in CHAT_QUESTIONS[:6]]
 PRESSURE_MAX_TOKENS = 48
 ABORTED_MAX_TOKENS = 64  # hung-up requests would run long: the abort, not the length, ends them
 
@@ -222,34 +224,29 @@ async def send_malformed(http, base_url: str, what: str, path: str, body: str) -
     return what, response.status_code, message
 
 
-async def greedy_answers(server, prompts: list[str], max_tokens: int, ignore_eos: bool = False) -> list[str]:
-    """Greedy completions, all in flight at once (fp32: batching does not change them)."""
+async def greedy_answers(
+    server, requests: list[tuple[str, str]], max_tokens: int, ignore_eos: bool = False
+) -> list[str]:
+    """Non-streaming greedy answers, all in flight at once (fp32: batching does not change them)."""
     client = _client(server)
     extra = {"extra_body": {"ignore_eos": True}} if ignore_eos else {}
 
-    async def one(prompt: str) -> str:
+    async def answer(endpoint: str, prompt: str) -> str:
+        if endpoint == "chat":
+            messages = [{"role": "user", "content": prompt}]
+            response = await client.chat.completions.create(
+                model=server.model, messages=messages, temperature=0, max_tokens=max_tokens, **extra
+            )
+            return response.choices[0].message.content
         response = await client.completions.create(
             model=server.model, prompt=prompt, temperature=0, max_tokens=max_tokens, **extra
         )
         return response.choices[0].text
 
-    async def chat(question: str) -> str:
-        messages = [{"role": "user", "content": question}]
-        response = await client.chat.completions.create(
-            model=server.model, messages=messages, temperature=0, max_tokens=max_tokens
-        )
-        return response.choices[0].message.content
-
     try:
-        if ignore_eos:
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
-        # The fixed set: chat questions and raw completions.
-        return list(await asyncio.gather(*(chat(q) for q in prompts[:4]), *(one(p) for p in prompts[4:])))
+        return list(await asyncio.gather(*(answer(*r) for r in requests)))
     finally:
         await client.close()
-
-
-GREEDY_SET = CHAT_QUESTIONS[:4] + COMPLETION_PROMPTS
 
 
 # ---------------------------------------------------------------- metrics
@@ -280,7 +277,7 @@ class ServedRun:
     greedy_before: list[str] = field(default_factory=list)
     greedy_after: list[str] = field(default_factory=list)
     pressure: list[str] | None = None
-    preemptions: float = 0.0
+    preemptions: float | None = 0.0
     outcomes: list[Outcome] = field(default_factory=list)
     malformed: list[tuple[str, int, str]] = field(default_factory=list)
     health: list[int | str] = field(default_factory=list)
@@ -293,6 +290,7 @@ class ServedRun:
     drain_s: float | None = None
     startup_s: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase
+    errors: dict[str, str] = field(default_factory=dict)  # phase -> the exception that ended it
     exit_code: int | None = None
     log_tail: str = ""
 
@@ -317,6 +315,7 @@ class ServedRun:
             "tracked_requests_peak": self.tracked_peak,
             "tracked_requests_after": self.tracked_after,
             "preemptions": self.preemptions,
+            "errors": self.errors,
         }
 
 
@@ -412,7 +411,7 @@ def reference(model_dir, tmp_path_factory):
     started = time.monotonic()
     try:
         greedy = asyncio.run(greedy_answers(server, GREEDY_SET, GREEDY_MAX_TOKENS))
-        pressure = asyncio.run(greedy_answers(server, PRESSURE_PROMPTS, PRESSURE_MAX_TOKENS, ignore_eos=True))
+        pressure = asyncio.run(greedy_answers(server, PRESSURE_SET, PRESSURE_MAX_TOKENS, ignore_eos=True))
         storm_greedy = asyncio.run(run_requests(server, greedy_storm_requests()))
         preemptions = metric(wait_idle(server), "vllm:num_preemptions_total")
     finally:
@@ -432,36 +431,48 @@ def served(request, model_dir, tmp_path_factory) -> ServedRun:
     run = ServedRun(name)
     server, run.startup_s = serve(model_dir, tmp_path_factory.mktemp(name), name, spec, flags)
 
-    def timed(phase: str, work):
+    def phase(name: str, work):
+        """Run one phase; a failure is recorded (and asserted on by the tests), the next phases still run."""
         started = time.monotonic()
-        result = work()
-        run.phases[phase] = time.monotonic() - started
-        return result
+        try:
+            return work()
+        except Exception as e:  # noqa: BLE001
+            run.errors[name] = f"{type(e).__name__}: {e}"
+            return None
+        finally:
+            run.phases[name] = time.monotonic() - started
+
+    def preemptions() -> float:
+        return metric(wait_idle(server), "vllm:num_preemptions_total") or 0.0
+
+    def greedy() -> list[str]:
+        return asyncio.run(greedy_answers(server, GREEDY_SET, GREEDY_MAX_TOKENS))
 
     try:
-        run.greedy_before = timed(
-            "greedy_before", lambda: asyncio.run(greedy_answers(server, GREEDY_SET, GREEDY_MAX_TOKENS))
-        )
+        run.greedy_before = phase("greedy_before", greedy)
         if flags == PRESSURE_FLAGS:
-            before = metric(wait_idle(server), "vllm:num_preemptions_total") or 0.0
-            run.pressure = timed(
+            before = phase("preemptions_before", preemptions)
+            run.pressure = phase(
                 "pressure",
-                lambda: asyncio.run(greedy_answers(server, PRESSURE_PROMPTS, PRESSURE_MAX_TOKENS, ignore_eos=True)),
+                lambda: asyncio.run(greedy_answers(server, PRESSURE_SET, PRESSURE_MAX_TOKENS, ignore_eos=True)),
             )
-            run.preemptions = (metric(wait_idle(server), "vllm:num_preemptions_total") or 0.0) - before
-        run.kv_idle = metric(wait_idle(server), "vllm:kv_cache_usage_perc")
-        timed("storm_and_drain", lambda: asyncio.run(_storm(server, run)))
-        run.greedy_after = timed(
-            "greedy_after", lambda: asyncio.run(greedy_answers(server, GREEDY_SET, GREEDY_MAX_TOKENS))
-        )
+            after = phase("preemptions_after", preemptions)
+            run.preemptions = after - before if None not in (before, after) else None
+        run.kv_idle = phase("kv_idle", lambda: metric(wait_idle(server), "vllm:kv_cache_usage_perc"))
+        phase("storm_and_drain", lambda: asyncio.run(_storm(server, run)))
+        run.greedy_after = phase("greedy_after", greedy)
     finally:
-        run.exit_code = timed("stop", lambda: stop_server(server))
+        run.exit_code = phase("stop", lambda: stop_server(server))
         run.log_tail = server.log_tail(60)
     print(f"\n[stress] {json.dumps(run.summary())}")
     return run
 
 
 # ---------------------------------------------------------------- storm assertions
+
+
+def test_every_phase_ran_without_error(served):
+    assert served.errors == {}, served.log_tail
 
 
 def test_storm_really_aborts_a_quarter_mid_stream(served):
@@ -520,7 +531,6 @@ def test_greedy_identical_before_after_storm_and_to_no_speculation(served, refer
     assert served.greedy_after == reference["greedy"]
 
 
-@pytest.mark.parametrize("served", ["specqd-ngram"], indirect=True)  # the server with the small KV cache
 def test_greedy_requests_inside_the_storm_identical_to_no_speculation(served, reference):
     """Greedy rows batched with sampled, logprobs, n > 1 and aborted rows still give the no-spec answer."""
     in_storm = {o.request.index: o.texts for o in served.outcomes if o.request.index in reference["storm_greedy"]}
@@ -528,10 +538,11 @@ def test_greedy_requests_inside_the_storm_identical_to_no_speculation(served, re
     assert in_storm == reference["storm_greedy"]
 
 
+@pytest.mark.parametrize("served", ["specqd-ngram"], indirect=True)  # the server with the small KV cache
 def test_kv_pressure_preempts_and_stays_lossless(served, reference):
     assert served.pressure is not None
     assert reference["preemptions"] == 0, "the reference must not be preempted"
-    assert served.preemptions > 0, "the small KV cache did not force a preemption"
+    assert served.preemptions is not None and served.preemptions > 0, "the small KV cache forced no preemption"
     assert served.pressure == reference["pressure"]
 
 
