@@ -104,9 +104,7 @@ class SpecQDProposer(DraftModelProposer):
             return build_mxfp4_draft(
                 self._create_draft_vllm_config(),
                 self._target_for_build,
-                cpu_kernel=self.specqd.draft.cpu_kernel,
-                lm_head=self.specqd.draft.lm_head,
-                scale_rule=self.specqd.draft.scale_rule,
+                dequantize_once=self.specqd.draft.cpu_dequantize_once,
             )
 
     def _build_chain(self) -> SpeculativeLevel:
@@ -149,7 +147,7 @@ class SpecQDProposer(DraftModelProposer):
                 ) from e
         cpu_copy_bytes = 0
         if spec.quantization == "mxfp4":
-            converted, cpu_copy_bytes = convert_to_mxfp4_in_place(model, cpu_kernel=spec.cpu_kernel)
+            converted, cpu_copy_bytes = convert_to_mxfp4_in_place(model, dequantize_once=spec.cpu_dequantize_once)
             logger.info("specqd: level %d (%s) converted %d linear layers to MXFP4", level, spec.model, converted)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + cpu_copy_bytes
         self.stats.level_info[str(level)] = {"weight_bytes": weight_bytes}
