@@ -93,7 +93,7 @@ def added_kv_bytes_per_token(
     method_name: str, target_dir: str | Path, small_dir: str | Path | None, elem_bytes: int
 ) -> int:
     """KV bytes per token of the draft models' own KV layers (n-gram levels hold none)."""
-    if method_name in ("none", "ngram"):
+    if method_name in ("none", "ngram", "suffix"):
         return 0
     added = kv_bytes_per_token(target_dir, elem_bytes)  # draft_model and the MXFP4 self-draft: target's shape
     if method_name == "specqd-small":

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_specqd.bench import spec_stats
+
 NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}
 
 
@@ -16,7 +18,8 @@ NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}
 class Method:
     name: str
     description: str
-    # Who proposes at level 1, 2, ...; None marks a level without a model (n-gram lookup).
+    # Who proposes at level 1, 2, ...; None marks an n-gram lookup, spec_stats.MODEL_FREE other
+    # proposers without forward passes.
     level_models: tuple[str | None, ...]
     needs_small_model: bool = False
 
@@ -34,6 +37,8 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("none", "no speculation", ()),
         Method("ngram", "vLLM n-gram prompt lookup", (None,)),
+        # Needs arctic-inference, which on CPU has to be built from its sdist (`make bench-extras`).
+        Method("suffix", "vLLM suffix decoding (arctic-inference suffix trees)", (spec_stats.SUFFIX_TREE,)),
         Method("draft_model", "vLLM draft_model: a full copy of the target in the run's dtype", ("target copy",)),
         Method("specqd-1", "specqd, one level: MXFP4 self-draft", ("MXFP4 self-draft",)),
         Method("specqd-ngram", "specqd, two levels: MXFP4 self-draft <- n-gram", ("MXFP4 self-draft", None)),
@@ -66,6 +71,9 @@ def speculative_config(method: Method, k: int, target_dir: str | Path, small_dir
         return None
     if method.name == "ngram":
         return _ngram(k)
+    if method.name == "suffix":
+        # K caps the per-step draft length; tree depth, spec factor and min token prob stay vLLM's defaults.
+        return {"method": "suffix", "num_speculative_tokens": k}
     if method.name == "draft_model":
         return {"method": "draft_model", "model": str(target_dir), "num_speculative_tokens": k}
     config: dict = {"method": "specqd", "num_speculative_tokens": k}

@@ -38,6 +38,9 @@ NUM_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
 NUM_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
 ACCEPTED_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
 GENERATION_TOKENS = "vllm:generation_tokens"
+# Level proposers that run no model forward pass (besides an n-gram lookup, written None).
+SUFFIX_TREE = "suffix tree"
+MODEL_FREE = (SUFFIX_TREE,)
 LEVEL_COUNTERS = (
     "forward_passes",
     "proposed_tokens",
@@ -154,7 +157,7 @@ def summarize(
     for level, model in enumerate(level_models, start=1):
         entry = level1_acceptance(counters) if level == 1 else inner_acceptance(level_delta.get(str(level), {}))
         entry["proposer"] = model or "n-gram lookup"
-        if model is not None:
+        if model is not None and model not in MODEL_FREE:
             passes = model_passes(level, len(level_models), k, rounds, level_delta)
             entry["forward_passes"] = passes
             entry["passes_per_generated_token"] = _ratio(passes, generated_tokens)
