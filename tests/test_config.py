@@ -46,7 +46,9 @@ def test_round_trip_is_json():
         (specqd(num_speculative_tokens=17), "must be in 1..16, got 17"),
         (specqd(draft={"scale_rule": "max"}), "'draft.scale_rule' must be one of ['floor', 'rceil', 'mse']"),
         (specqd(draft={"quantization": "int4"}), "'draft.quantization' must be one of ['mxfp4']"),
-        (specqd(draft={"cpu_dequantize_once": "yes"}), "'draft.cpu_dequantize_once' must be true or false"),
+        (specqd(draft={"cpu_dequantize_once": True}), "'draft.cpu_dequantize_once' was replaced by 'draft.cpu_kernel'"),
+        (specqd(draft={"cpu_kernel": "w4a4"}), "'draft.cpu_kernel' must be one of"),
+        (specqd(draft={"lm_head": "bf16"}), "'draft.lm_head' must be one of"),
         (specqd(draft_sample_method="top1"), "must be one of ['greedy', 'probabilistic']"),
         (
             specqd(inner={**NGRAM, "num_speculative_tokens": 7}),

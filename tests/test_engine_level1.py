@@ -67,7 +67,10 @@ def test_acceptance_is_in_the_expected_range(spec_run):
 def test_draft_is_mxfp4_and_shares_target_weights(spec_run):
     draft = spec_run.draft
     assert draft["proposer"] == "SpecQDProposer"
-    assert draft["shares_embed_tokens"] and draft["shares_lm_head"] and draft["shares_final_norm"]
+    assert draft["shares_embed_tokens"] and draft["shares_final_norm"]
+    # Default draft.lm_head "mxfp4": the draft has its own direct-cast head, run by the native kernel.
+    assert draft["mxfp4_lm_head"] and not draft["shares_lm_head"]
+    assert draft["cpu_act_bits"] == [16]
     # Every decoder linear is MXFP4 (4 per layer: qkv, o, gate_up, down).
     assert len(draft["mxfp4_layers"]) == 30 * 4
     assert draft["unshared_bf16_params"] == []
@@ -88,6 +91,10 @@ def test_draft_bytes_are_a_direct_cast_of_the_checkpoint(spec_run, model_dir):
     got = spec_run.draft["layer"]
     assert torch.equal(got["packed"], expected.packed)
     assert torch.equal(got["scales"], expected.scales)
+    # The lm_head is tied to the embeddings in this model.
+    head = quantize_mxfp4(weights["model.embed_tokens.weight"].to(torch.float32), scale_rule="mse")
+    assert torch.equal(spec_run.draft["lm_head"]["packed"], head.packed)
+    assert torch.equal(spec_run.draft["lm_head"]["scales"], head.scales)
 
 
 def test_extra_weight_memory_is_mxfp4_sized(spec_run, model_dir):
@@ -95,10 +102,9 @@ def test_extra_weight_memory_is_mxfp4_sized(spec_run, model_dir):
 
     config = json.loads((model_dir / "config.json").read_text())
     linear_params = sum(p * s for p, s in _linear_shapes(config))
-    mxfp4_bytes = linear_params // 2 + linear_params // 32
-    # On CPU the draft also keeps a once-dequantized float copy for vLLM's GEMM.
-    cpu_copy = linear_params * 4
-    assert spec_run.draft["extra_weight_bytes"] == mxfp4_bytes + cpu_copy
+    head_params = config["vocab_size"] * config["hidden_size"]
+    mxfp4_bytes = (linear_params + head_params) * 17 // 32  # 4 bits + one byte per 32: nothing else
+    assert spec_run.draft["extra_weight_bytes"] == mxfp4_bytes
 
 
 def _linear_shapes(config):

@@ -28,6 +28,13 @@ MAX_SPECULATIVE_TOKENS = 16
 QUANTIZATIONS = ("mxfp4",)
 SCALE_RULES = ("floor", "rceil", "mse")
 DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
+# How MXFP4 linears run on CPU: the native kernel with int16 or int8 activations (per 32-block),
+# or a once-dequantized copy through vLLM's GEMM (a debugging aid: it costs a full-precision copy).
+CPU_KERNELS = ("w4a16", "w4a8", "dequantized")
+LM_HEADS = ("shared", "mxfp4")
+# "shared": the draft reads the target's KV for the committed context and writes only the slots of
+# the positions it drafts (QSpec); "separate": its own KV layers, caught up by a first pass each round.
+KV_CACHE_MODES = ("shared", "separate")
 INNER_METHODS = ("ngram", "draft_model")
 
 # Chosen by measurement (README, "Choosing the scale rule"): on 12 HumanEval
@@ -41,6 +48,9 @@ DEFAULT_SCALE_RULE = "mse"
 # verify the draft's greedy choices, so with `inner` the default is greedy.
 DEFAULT_DRAFT_SAMPLE_METHOD = "probabilistic"
 DEFAULT_DRAFT_SAMPLE_METHOD_WITH_INNER = "greedy"
+DEFAULT_CPU_KERNEL = "w4a16"
+DEFAULT_LM_HEAD = "mxfp4"
+DEFAULT_KV_CACHE = "shared"
 
 
 class SpecQDConfigError(ValueError):
@@ -53,9 +63,10 @@ class DraftSpec:
 
     quantization: str = "mxfp4"
     scale_rule: str = DEFAULT_SCALE_RULE
-    # Off CUDA, run the MXFP4 weights as a once-dequantized BF16 copy (exact
-    # values, vLLM's CPU GEMM) instead of dequantizing on every forward pass.
-    cpu_dequantize_once: bool = True
+    cpu_kernel: str = DEFAULT_CPU_KERNEL
+    # "shared": the target's own lm_head (as in the paper); "mxfp4": a direct-cast copy for the draft.
+    lm_head: str = DEFAULT_LM_HEAD
+    kv_cache: str = DEFAULT_KV_CACHE
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,7 @@ class InnerSpec:
     model: str | None = None
     quantization: str | None = None
     scale_rule: str = DEFAULT_SCALE_RULE
-    cpu_dequantize_once: bool = True
+    cpu_kernel: str = DEFAULT_CPU_KERNEL
     inner: InnerSpec | None = None
 
 
@@ -112,7 +123,7 @@ def _inner_to_dict(spec: InnerSpec) -> dict[str, Any]:
 # ---------------------------------------------------------------- validation
 
 _TOP_KEYS = {"method", "num_speculative_tokens", "draft", "inner", "draft_sample_method"}
-_DRAFT_KEYS = {"quantization", "scale_rule", "cpu_dequantize_once"}
+_DRAFT_KEYS = {"quantization", "scale_rule", "cpu_kernel", "lm_head", "kv_cache"}
 _NGRAM_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
 _MODEL_KEYS = {
     "method",
@@ -120,7 +131,7 @@ _MODEL_KEYS = {
     "model",
     "quantization",
     "scale_rule",
-    "cpu_dequantize_once",
+    "cpu_kernel",
     "inner",
 }
 
@@ -133,6 +144,13 @@ def _check_keys(raw: Mapping, allowed: set[str], where: str) -> None:
     if not isinstance(raw, Mapping):
         raise _fail(where or "<root>", f"must be an object/dict, got {type(raw).__name__}")
     unknown = sorted(set(raw) - allowed)
+    if "cpu_dequantize_once" in unknown and "cpu_kernel" in allowed:
+        prefix = f"{where}." if where else ""
+        raise _fail(
+            prefix + "cpu_dequantize_once",
+            f"was replaced by '{prefix}cpu_kernel' ({list(CPU_KERNELS)}); "
+            "'dequantized' is what cpu_dequantize_once: true did",
+        )
     if unknown:
         prefix = f"{where}." if where else ""
         raise _fail(prefix + unknown[0], f"is not a known key; allowed keys here: {sorted(allowed)}")
@@ -205,14 +223,14 @@ def _parse_inner(raw: Any, path: str, outer_k: int, seen: set[int], model_chain:
     inner = None
     if raw.get("inner") is not None:
         inner = _parse_inner(raw["inner"], f"{path}.inner", k, seen, model_chain + [resolved])
-    dequantize_once = _bool(raw, "cpu_dequantize_once", f"{path}.cpu_dequantize_once", True)
+    cpu_kernel = _choice(raw, "cpu_kernel", f"{path}.cpu_kernel", CPU_KERNELS, DEFAULT_CPU_KERNEL)
     return InnerSpec(
         method,
         k,
         model=model,
         quantization=quantization,
         scale_rule=scale_rule,
-        cpu_dequantize_once=dequantize_once,
+        cpu_kernel=cpu_kernel,
         inner=inner,
     )
 
@@ -232,7 +250,9 @@ def parse_config(raw: Mapping[str, Any], target_model: str | None = None) -> Spe
     draft = DraftSpec(
         quantization=_choice(draft_raw, "quantization", "draft.quantization", QUANTIZATIONS, "mxfp4"),
         scale_rule=_choice(draft_raw, "scale_rule", "draft.scale_rule", SCALE_RULES, DEFAULT_SCALE_RULE),
-        cpu_dequantize_once=_bool(draft_raw, "cpu_dequantize_once", "draft.cpu_dequantize_once", True),
+        cpu_kernel=_choice(draft_raw, "cpu_kernel", "draft.cpu_kernel", CPU_KERNELS, DEFAULT_CPU_KERNEL),
+        lm_head=_choice(draft_raw, "lm_head", "draft.lm_head", LM_HEADS, DEFAULT_LM_HEAD),
+        kv_cache=_choice(draft_raw, "kv_cache", "draft.kv_cache", KV_CACHE_MODES, DEFAULT_KV_CACHE),
     )
     inner = None
     if raw.get("inner") is not None:

@@ -15,6 +15,7 @@ The checkpoint is never read a second time.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch.nn import Parameter
 from vllm.config import VllmConfig, get_current_vllm_config_or_none
@@ -25,7 +26,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmb
 from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod, finalize_mxfp4_layer
+from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod, apply_mxfp4, finalize_mxfp4_layer
 from vllm_specqd.config import from_dict
 from vllm_specqd.mxfp4 import quantize_mxfp4
 
@@ -83,10 +84,42 @@ def _install_mxfp4(layer: nn.Module, stash, name: str) -> None:
         setattr(layer, attr, Parameter(tensor, requires_grad=False))
 
 
+class MXFP4LMHeadMethod:
+    """``quant_method`` of :class:`MXFP4LMHead`: what vLLM's LogitsProcessor calls
+    (vllm/model_executor/layers/logits_processor.py:144, ``lm_head.quant_method.apply``)."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return apply_mxfp4(layer, x, bias)
+
+
+class MXFP4LMHead(nn.Module):
+    """The draft's own MXFP4 copy of the target's (vocab-parallel shard of the) lm_head."""
+
+    def __init__(self, target_head: nn.Module, scale_rule: str, cpu_kernel: str):
+        super().__init__()
+        q = quantize_mxfp4(target_head.weight.data, scale_rule=scale_rule, name="lm_head.weight")
+        self.weight_packed = Parameter(q.packed, requires_grad=False)
+        self.weight_scale = Parameter(q.scales, requires_grad=False)
+        self.specqd_in_features = q.k
+        self.params_dtype = target_head.weight.dtype
+        self.tp_size = target_head.tp_size  # read by LogitsProcessor._get_logits
+        self.quant_method = MXFP4LMHeadMethod()
+        self.cpu_copy_bytes = finalize_mxfp4_layer(self, cpu_kernel)
+
+
 def build_mxfp4_draft(
-    vllm_config: VllmConfig, target: nn.Module, prefix: str = DRAFT_PREFIX, dequantize_once: bool = True
+    vllm_config: VllmConfig,
+    target: nn.Module,
+    prefix: str = DRAFT_PREFIX,
+    cpu_kernel: str = "w4a16",
+    lm_head: str = "shared",
+    scale_rule: str = "mse",
 ) -> nn.Module:
-    """A new model of the target's architecture whose linears hold the captured MXFP4 weights."""
+    """A new model of the target's architecture whose linears hold the captured MXFP4 weights.
+
+    ``lm_head``: ``"shared"`` uses the target's lm_head module; ``"mxfp4"`` gives the draft its own
+    direct-cast copy (the lm_head is the largest single weight read of a draft step).
+    """
     model_config = vllm_config.model_config
     device = next(target.parameters()).device
     with set_default_torch_dtype(model_config.dtype), device:
@@ -103,7 +136,7 @@ def build_mxfp4_draft(
             _install_mxfp4(module, _take_stash(twin, name), name)
             if getattr(module, "bias", None) is not None:
                 module.bias = twin.bias
-            cpu_copy_bytes += finalize_mxfp4_layer(module, dequantize_once)
+            cpu_copy_bytes += finalize_mxfp4_layer(module, cpu_kernel)
         elif isinstance(module, _SHARED_MODULE_TYPES) and twin is not None:
             replacements.append((name, twin))
         elif twin is not None:
@@ -112,12 +145,20 @@ def build_mxfp4_draft(
     for name, twin in replacements:
         parent_name, _, child = name.rpartition(".")
         setattr(draft.get_submodule(parent_name) if parent_name else draft, child, twin)
+    if lm_head == "mxfp4":
+        if not isinstance(getattr(target, "lm_head", None), VocabParallelEmbedding):
+            raise RuntimeError(
+                f"specqd: draft.lm_head 'mxfp4' needs a vLLM lm_head on the target, found "
+                f"{type(getattr(target, 'lm_head', None)).__name__}; use draft.lm_head 'shared'"
+            )
+        draft.lm_head = MXFP4LMHead(target.lm_head, scale_rule, cpu_kernel)
+        cpu_copy_bytes += draft.lm_head.cpu_copy_bytes
 
     _log_extra_bytes(draft, target, cpu_copy_bytes)
     return draft.eval()
 
 
-def convert_to_mxfp4_in_place(model: nn.Module, dequantize_once: bool = True) -> tuple[int, int]:
+def convert_to_mxfp4_in_place(model: nn.Module, cpu_kernel: str = "w4a16") -> tuple[int, int]:
     """Switch a loaded BF16 model's linears to its captured MXFP4 copies (inner levels).
 
     Returns (layers converted, bytes of CPU dequantized copies)."""
@@ -129,7 +170,7 @@ def convert_to_mxfp4_in_place(model: nn.Module, dequantize_once: bool = True) ->
             module.specqd_in_features = module.input_size_per_partition
             del module.weight  # the BF16 weight (or its CPU repack) is no longer needed
             module.__dict__.pop("cpu_linear", None)
-            cpu_copy_bytes += finalize_mxfp4_layer(module, dequantize_once)
+            cpu_copy_bytes += finalize_mxfp4_layer(module, cpu_kernel)
             converted += 1
     return converted, cpu_copy_bytes
 
@@ -144,12 +185,13 @@ def _log_extra_bytes(draft: nn.Module, target: nn.Module, cpu_copy_bytes: int) -
     shared = [p for p in draft.parameters() if p.data_ptr() in target_ptrs]
     extra_bytes = _param_bytes(extra)
     logger.info(
-        "specqd: MXFP4 draft adds %.2f MiB of weights; %.2f MiB (embeddings, lm_head, norms) "
+        "specqd: MXFP4 draft adds %.2f MiB of weights; %.2f MiB (embeddings, norms%s) "
         "are shared with the target by reference.%s",
         extra_bytes / 2**20,
         _param_bytes(shared) / 2**20,
-        f" Off CUDA it also keeps a once-dequantized copy for the CPU GEMM: "
-        f"{cpu_copy_bytes / 2**20:.2f} MiB (draft.cpu_dequantize_once)."
+        "" if isinstance(getattr(draft, "lm_head", None), MXFP4LMHead) else ", lm_head",
+        f" It also keeps a dequantized copy for vLLM's CPU GEMM: "
+        f"{cpu_copy_bytes / 2**20:.2f} MiB (draft.cpu_kernel 'dequantized')."
         if cpu_copy_bytes
         else "",
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_specqd.adapter.draft_builder import MXFP4LMHead
 from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod
 
 
@@ -36,6 +37,16 @@ def describe_draft(worker, layer: str | None = None) -> dict:
         mxfp4_layers=mxfp4_layers,
         shares_embed_tokens=draft.model.embed_tokens is target.model.embed_tokens,
         shares_lm_head=draft.lm_head is target.lm_head,
+        mxfp4_lm_head=isinstance(draft.lm_head, MXFP4LMHead),
+        # Activation bits of the native CPU kernel per MXFP4 layer (None: not the native kernel).
+        cpu_act_bits=sorted(
+            {
+                getattr(m, "specqd_act_bits", None)
+                for m in draft.modules()
+                if isinstance(getattr(m, "quant_method", None), MXFP4LinearMethod) or isinstance(m, MXFP4LMHead)
+            },
+            key=str,
+        ),
         shares_final_norm=draft.model.norm is target.model.norm,
         unshared_bf16_params=sorted(
             name
@@ -54,6 +65,11 @@ def describe_draft(worker, layer: str | None = None) -> dict:
             for wm in getattr(drafter, "inner_window_models", [])
         },
     )
+    if isinstance(draft.lm_head, MXFP4LMHead):
+        info["lm_head"] = {
+            "packed": draft.lm_head.weight_packed.detach().cpu(),
+            "scales": draft.lm_head.weight_scale.detach().cpu(),
+        }
     if layer is not None:
         module = draft.get_submodule(layer)
         info["layer"] = {"packed": module.weight_packed.detach().cpu(), "scales": module.weight_scale.detach().cpu()}

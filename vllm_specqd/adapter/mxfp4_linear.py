@@ -1,17 +1,10 @@
 """vLLM linear method for the MXFP4 self-draft (quantization name ``specqd_mxfp4``).
 
-The draft never loads a checkpoint: its MXFP4 bytes are produced from the
-target's BF16 weights in memory (``draft_builder.py``), so ``create_weights``
-only allocates the packed buffers and refuses checkpoint loading. ``apply``
-calls :func:`vllm_specqd.kernels.mxfp4_matmul`, which runs the Triton kernels
-on CUDA and the torch reference elsewhere.
-
-CPU exception (``finalize_mxfp4_layer``): dequantizing 100M weights per
-forward pass in torch costs ~30x a BF16 GEMM on this class of machine, so off
-CUDA a layer by default dequantizes once (the exact MXFP4 values, which BF16
-holds exactly) and runs vLLM's own CPU GEMM on them. The draft then computes
-exactly the MXFP4 model, at the memory cost of a BF16 copy; set
-``draft.cpu_dequantize_once: false`` to keep only the MXFP4 bytes.
+The draft never loads a checkpoint: its MXFP4 bytes are made from the target's
+weights in memory (``draft_builder.py``), so ``create_weights`` only allocates
+the packed buffers and refuses checkpoint loading. On CUDA ``apply`` runs the
+Triton kernels; on CPU the native kernel (``draft.cpu_kernel``: W4A16 or W4A8),
+or, as a debugging aid, a once-dequantized copy through vLLM's CPU GEMM.
 """
 
 from __future__ import annotations
@@ -28,6 +21,8 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_specqd.kernels import mxfp4_matmul
 from vllm_specqd.mxfp4 import BLOCK_SIZE, dequantize_mxfp4
+
+ACT_BITS = {"w4a16": 16, "w4a8": 8}
 
 QUANT_NAME = "specqd_mxfp4"
 
@@ -63,15 +58,33 @@ class MXFP4LinearMethod(LinearMethodBase):
         layer.specqd_in_features = input_size_per_partition
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        cpu_linear = getattr(layer, "cpu_linear", None)
-        if cpu_linear is not None:  # set by finalize_mxfp4_layer(dequantize_once=True)
-            return cpu_linear(x, layer.weight, bias)
-        return mxfp4_matmul(x, layer.weight_packed, layer.weight_scale, bias)
+        return apply_mxfp4(layer, x, bias)
 
 
-def finalize_mxfp4_layer(layer: torch.nn.Module, dequantize_once: bool) -> int:
+def apply_mxfp4(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a layer finalized by :func:`finalize_mxfp4_layer`."""
+    act_bits = getattr(layer, "specqd_act_bits", None)
+    if act_bits is not None:  # CPU native kernel; the op asserts its inputs
+        x2d = x.reshape(-1, x.shape[-1])
+        y = torch.ops.specqd.mxfp4_linear(
+            x2d.contiguous(), layer.weight_packed, layer.weight_scale, bias, act_bits, "auto"
+        )
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    cpu_linear = getattr(layer, "cpu_linear", None)
+    if cpu_linear is not None:  # cpu_kernel "dequantized"
+        return cpu_linear(x, layer.weight, bias)
+    return mxfp4_matmul(x, layer.weight_packed, layer.weight_scale, bias)
+
+
+def finalize_mxfp4_layer(layer: torch.nn.Module, cpu_kernel: str) -> int:
     """Make an MXFP4 layer ready to run; returns the bytes of any CPU dequantized copy."""
-    if layer.weight_packed.device.type == "cuda" or not dequantize_once:
+    if layer.weight_packed.device.type != "cpu":
+        return 0
+    if cpu_kernel in ACT_BITS:
+        from vllm_specqd.kernels.cpu_ops import native_available
+
+        if native_available():  # else one warning, and the torch reference runs
+            layer.specqd_act_bits = ACT_BITS[cpu_kernel]
         return 0
     weight = dequantize_mxfp4(
         layer.weight_packed, layer.weight_scale, k=layer.specqd_in_features, dtype=layer.params_dtype

@@ -21,6 +21,7 @@ import torch.nn as nn
 from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.forward_context import set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
 from vllm.v1.worker.utils import AttentionGroup
 
 
@@ -65,6 +66,50 @@ class VllmWindowModel:
             slot_mapping={name: cad.slot_mapping for name in self.layer_names},
         ):
             return self.model(input_ids=input_ids, positions=positions, inputs_embeds=None)
+
+    @torch.inference_mode()
+    def decode_step(
+        self,
+        token_ids: torch.Tensor,  # [B] int, one token per row of the bound batch
+        positions: torch.Tensor,  # [B] int64, the position each token takes
+        max_model_len: int,
+    ) -> torch.Tensor:  # [B, hidden]
+        """One token per request of the running batch (row i = batch row i), writing its KV.
+
+        A position at or past ``max_model_len`` writes nowhere (padding slot, position 0, one-token
+        context), as vLLM's drafter does: the scheduler drops such drafts anyway.
+        Example: rows 0, 1 with tokens [7, 9] at positions [12, 40], block size 16: slots
+        [bt[0, 0] * 16 + 12, bt[1, 2] * 16 + 8], seq_lens [13, 41].
+        """
+        assert self._block_table is not None, "bind_batch() first"
+        batch = token_ids.shape[0]
+        dev = self.device
+        positions_cpu = positions.to("cpu", torch.int64)
+        past_end = positions_cpu >= max_model_len
+        clamped = positions_cpu.masked_fill(past_end, 0)
+        seq_lens_cpu = (clamped + 1).to(torch.int32).masked_fill(past_end, 1)
+        query_start_loc_cpu = torch.arange(batch + 1, dtype=torch.int32)
+        block_table = self._block_table[:batch]
+        clamped_dev = clamped.to(dev)
+        block_ids = block_table[
+            torch.arange(batch, device=block_table.device), (clamped_dev // self.block_size).to(block_table.device)
+        ]
+        slot_mapping = block_ids.to(torch.int64) * self.block_size + clamped_dev % self.block_size
+        slot_mapping = slot_mapping.masked_fill(past_end.to(dev), PADDING_SLOT_ID)
+        cad = CommonAttentionMetadata(
+            query_start_loc=query_start_loc_cpu.to(dev),
+            query_start_loc_cpu=query_start_loc_cpu,
+            seq_lens=seq_lens_cpu.to(dev),
+            num_reqs=batch,
+            num_actual_tokens=batch,
+            max_query_len=1,
+            max_seq_len=int(seq_lens_cpu.max()),
+            block_table_tensor=block_table,
+            slot_mapping=slot_mapping,
+            causal=True,
+            seq_lens_cpu_upper_bound=seq_lens_cpu,
+        )
+        return self.forward(token_ids.to(dev, torch.int32), clamped_dev, cad)
 
     @torch.inference_mode()
     def greedy_next_tokens(
