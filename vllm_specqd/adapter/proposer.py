@@ -38,6 +38,7 @@ from vllm_specqd.adapter.draft_builder import (
     inner_prefix,
 )
 from vllm_specqd.adapter.level_stats import LevelStatsPublisher
+from vllm_specqd.adapter.vllm_internals import enable_shared_kv_writes, share_target_kv
 from vllm_specqd.adapter.window_model import VllmWindowModel
 from vllm_specqd.config import InnerSpec, from_dict
 from vllm_specqd.multilevel import RequestContext, SpeculativeLevel, build_chain
@@ -88,11 +89,18 @@ class SpecQDProposer(DraftModelProposer):
         finally:
             self._target_for_build = None
         self.stats.level_info["1"] = {"weight_bytes": self.model.specqd_extra_weight_bytes}
+        self.shared_kv = self.specqd.draft.kv_cache == "shared"
+        if self.shared_kv:
+            share_target_kv(self.vllm_config, self._draft_attn_layer_names, DRAFT_PREFIX)
+        self.level1_model = VllmWindowModel("level1", self.model, self.vllm_config, self.device)
         if self.specqd.inner is not None:
             self.chain = self._build_chain()
         logger.info(
-            "specqd: level 1 = MXFP4 self-draft (scale rule %s), K=%d, draft sampling %s; levels below: %s",
+            "specqd: level 1 = MXFP4 self-draft (scale rule %s, %s KV, lm_head %s), K=%d, draft sampling %s; "
+            "levels below: %s",
             self.specqd.draft.scale_rule,
+            self.specqd.draft.kv_cache,
+            self.specqd.draft.lm_head,
             self.specqd.num_speculative_tokens,
             self.specqd.draft_sample_method,
             [f"{s.method}(k={s.num_speculative_tokens})" for s in self.specqd.levels()] or "none",
@@ -104,12 +112,13 @@ class SpecQDProposer(DraftModelProposer):
             return build_mxfp4_draft(
                 self._create_draft_vllm_config(),
                 self._target_for_build,
-                dequantize_once=self.specqd.draft.cpu_dequantize_once,
+                cpu_kernel=self.specqd.draft.cpu_kernel,
+                lm_head=self.specqd.draft.lm_head,
+                scale_rule=self.specqd.draft.scale_rule,
             )
 
     def _build_chain(self) -> SpeculativeLevel:
-        level1 = VllmWindowModel("level1", self.model, self.vllm_config, self.device)
-        models: list[list] = [[level1, 0]]
+        models: list[list] = [[self.level1_model, 0]]
         innermost = None
         for level, spec in enumerate(self.specqd.levels(), start=2):
             models[-1][1] = spec.num_speculative_tokens  # the level above asks this many
@@ -147,7 +156,7 @@ class SpecQDProposer(DraftModelProposer):
                 ) from e
         cpu_copy_bytes = 0
         if spec.quantization == "mxfp4":
-            converted, cpu_copy_bytes = convert_to_mxfp4_in_place(model, dequantize_once=spec.cpu_dequantize_once)
+            converted, cpu_copy_bytes = convert_to_mxfp4_in_place(model, cpu_kernel=spec.cpu_kernel)
             logger.info("specqd: level %d (%s) converted %d linear layers to MXFP4", level, spec.model, converted)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + cpu_copy_bytes
         self.stats.level_info[str(level)] = {"weight_bytes": weight_bytes}
@@ -160,12 +169,17 @@ class SpecQDProposer(DraftModelProposer):
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
-        self.stats.level_info["1"]["kv_bytes_per_token"] = self._kv_bytes_per_token(self._draft_attn_layer_names)
-        if self.chain is None:
-            return
-        level1 = self.chain.model
+        if self.shared_kv:
+            enable_shared_kv_writes(self.vllm_config, self._draft_attn_layer_names)
+            self.stats.level_info["1"]["kv_bytes_per_token"] = 0
+        else:
+            self.stats.level_info["1"]["kv_bytes_per_token"] = self._kv_bytes_per_token(self._draft_attn_layer_names)
+        self.stats.level_info["1"]["kv_cache"] = self.specqd.draft.kv_cache
+        level1 = self.level1_model
         level1.layer_names = sorted(self._draft_attn_layer_names)
         level1.attn_groups, level1.block_size = self.draft_attn_groups, self.block_size
+        if self.chain is None:
+            return
         # The base method builds attention groups for `_draft_attn_layer_names`;
         # run it once per inner model over that model's layers.
         saved = (self._draft_attn_layer_names, self.draft_attn_groups, self.kv_cache_gid, self.block_size)
@@ -208,7 +222,18 @@ class SpecQDProposer(DraftModelProposer):
         trace_path = os.environ.get(TRACE_ENV)
         if trace_path:
             next_positions = self._next_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
-        if self.chain is None or num_speculative_tokens <= 1:
+        if self.shared_kv and (self.chain is None or num_speculative_tokens <= 1):
+            self.stats.first_passes += max(1, num_speculative_tokens)
+            self.stats.publish(None)
+            drafts = self._propose_shared_kv(
+                num_speculative_tokens,
+                target_positions,
+                next_token_ids,
+                common_attn_metadata,
+                sampling_metadata,
+                num_rejected_tokens_gpu,
+            )
+        elif self.chain is None or num_speculative_tokens <= 1:
             self.stats.first_passes += max(1, num_speculative_tokens)  # vLLM's loop: K passes
             self.stats.publish(None)
             drafts = super().propose(
@@ -239,6 +264,43 @@ class SpecQDProposer(DraftModelProposer):
         if trace_path:
             self._trace(trace_path, next_positions, drafts)
         return drafts
+
+    def _propose_shared_kv(
+        self,
+        num_speculative_tokens: int,
+        target_positions: torch.Tensor,  # [num_tokens]
+        next_token_ids: torch.Tensor,  # [batch_size]
+        cad,
+        sampling_metadata,
+        num_rejected_tokens_gpu: torch.Tensor | None,  # [batch_size]
+    ) -> torch.Tensor:  # [batch_size, K]
+        """K single-token passes per request over the target's own KV (QSpec).
+
+        The committed context's KV is the target's, exact; pass j writes the slot of position
+        p + 1 + j only, which the next verification rewrites before attending to it.
+        """
+        self.num_speculative_tokens = num_speculative_tokens
+        self._last_draft_probs = None
+        positions = self._sampled_positions(target_positions, cad, num_rejected_tokens_gpu)
+        self.level1_model.bind_batch({}, cad.block_table_tensor)
+        tokens, drafts, probs = next_token_ids, [], []
+        for step in range(max(1, num_speculative_tokens)):
+            hidden = self.level1_model.decode_step(tokens, positions + step, self.max_model_len)
+            tokens, step_probs = self._sample_draft_tokens(hidden, sampling_metadata)
+            drafts.append(tokens)
+            if step_probs is not None:
+                probs.append(step_probs)
+        if probs:
+            self._last_draft_probs = torch.stack(probs, dim=1).contiguous()
+        return torch.stack(drafts, dim=1)
+
+    @staticmethod
+    def _sampled_positions(target_positions, cad, num_rejected_tokens_gpu) -> torch.Tensor:  # [batch_size]
+        """Position of the token the target just sampled: one past each request's last kept row."""
+        last_kept = cad.query_start_loc[1:].long() - 1
+        if num_rejected_tokens_gpu is not None:
+            last_kept = last_kept - num_rejected_tokens_gpu.long()
+        return target_positions[last_kept].long() + 1
 
     @staticmethod
     def _accepted_rows(cad, num_rejected_tokens_gpu) -> list[tuple[int, int]]:
@@ -328,7 +390,29 @@ class SpecQDProposer(DraftModelProposer):
         mm_embed_inputs,
         num_rejected_tokens_gpu,
     ) -> torch.Tensor:  # [batch_size] d1 per request
-        """vLLM's first drafting pass (llm_base_proposer.py:535-590), plus the inner models."""
+        """vLLM's first drafting pass (llm_base_proposer.py:535-590), plus the inner models.
+
+        With a shared KV the MXFP4 draft only runs the token the target just sampled; inner
+        models with their own KV still catch up over the target's whole input.
+        """
+        if self.shared_kv:
+            positions = self._sampled_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
+            self.level1_model.bind_batch({}, common_attn_metadata.block_table_tensor)
+            hidden = self.level1_model.decode_step(next_token_ids, positions, self.max_model_len)
+            if self.inner_window_models:
+                num_tokens, _, cad = self.set_inputs_first_pass(
+                    target_token_ids=target_token_ids,
+                    next_token_ids=next_token_ids,
+                    target_positions=target_positions,
+                    target_hidden_states=target_hidden_states,
+                    token_indices_to_sample=token_indices_to_sample,
+                    cad=common_attn_metadata,
+                    num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+                )
+                for window_model in self.inner_window_models:
+                    window_model.forward(self.input_ids[:num_tokens], self.positions[:num_tokens], cad)
+            self.stats.first_passes += 1
+            return self._greedy_sample(hidden)
         num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
             target_token_ids=target_token_ids,
             next_token_ids=next_token_ids,
