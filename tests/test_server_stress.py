@@ -48,6 +48,7 @@ SEED = 16
 REQUEST_TIMEOUT_S = 180.0
 STORM_TIMEOUT_S = 300.0
 DRAIN_TIMEOUT_S = 60.0
+TRACKED_SETTLE_S = 10.0
 FAULT_TIMEOUT_S = 300.0
 
 CHAT_QUESTIONS = [
@@ -365,15 +366,21 @@ async def _storm(server, run: ServedRun) -> None:
 
 
 async def _drain(server, run: ServedRun) -> None:
-    """Wait for no running/waiting requests and idle KV usage; then for tracked requests to reach 0."""
+    """Time until nothing runs or waits and KV usage is back at idle; then let the drafter's count settle."""
     started = time.monotonic()
     while time.monotonic() - started < DRAIN_TIMEOUT_S:
         text = await asyncio.to_thread(scrape, server)
         busy = (metric(text, "vllm:num_requests_running") or 0) + (metric(text, "vllm:num_requests_waiting") or 0)
         run.kv_after = metric(text, "vllm:kv_cache_usage_perc")
-        run.tracked_after = metric(text, "specqd:tracked_requests")
-        if busy == 0 and run.kv_after == run.kv_idle and not run.tracked_after:
+        if busy == 0 and run.kv_after == run.kv_idle:
             run.drain_s = time.monotonic() - started
+            break
+        await asyncio.sleep(0.25)
+    # The worker republishes its count when vLLM drops the finished requests (one engine step later).
+    settle = time.monotonic()
+    while True:
+        run.tracked_after = metric(await asyncio.to_thread(scrape, server), "specqd:tracked_requests")
+        if run.tracked_after == 0 or time.monotonic() - settle > TRACKED_SETTLE_S:
             return
         await asyncio.sleep(0.25)
 
