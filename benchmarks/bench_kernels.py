@@ -2,7 +2,10 @@
 
     python benchmarks/bench_kernels.py                       # CUDA: 8B + 70B, M in {1,2,4,8,16}
     python benchmarks/bench_kernels.py --models 8b --m 1,4 --out results/bench_kernels.json
-    python benchmarks/bench_kernels.py --quick               # small run (use this on a CPU)
+    python benchmarks/bench_kernels.py --cpu                 # CPU: the native kernel vs vLLM's CPU GEMMs,
+                                                             # whole-model passes (bench_kernels_cpu.py)
+
+Without CUDA the script runs the CPU mode.
 
 Per (layer, M) it reports the MXFP4 time, the achieved bandwidth counting the bytes the GEMM must
 move (packed + scales + x + y), that bandwidth as a % of a ceiling measured in the same run (a
@@ -24,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from vllm_specqd.kernels import HAS_TRITON, mxfp4_matmul
@@ -203,7 +207,25 @@ def main(argv=None) -> None:
     )
     p.add_argument("--split-k", type=int, default=None, help="CUDA only: force the decode kernel's split-K")
     p.add_argument("--out", default="results/bench_kernels.json", help="JSON output path")
+    p.add_argument("--threads", default="1,2", help="CPU mode: comma list of torch thread counts")
+    p.add_argument("--reps", type=int, default=5, help="CPU mode: timed passes per point (median)")
     args = p.parse_args(argv)
+    if args.cpu or not torch.cuda.is_available():
+        import bench_kernels_cpu as cpu_mode
+
+        if args.quick:
+            args.models, args.m, args.threads, args.reps = (
+                cpu_mode.QUICK[k] for k in ("models", "m", "threads", "reps")
+            )
+        models = list(cpu_mode.MODELS) if args.models == p.get_default("models") else args.models.split(",")
+        unknown = [m for m in models if m not in cpu_mode.MODELS]
+        if unknown:
+            p.error(f"unknown CPU model(s) {unknown}; choose from {','.join(cpu_mode.MODELS)}")
+        out = args.out if args.out != p.get_default("out") else "results/bench_kernels_cpu.json"
+        cpu_mode.run_cpu(
+            models, [int(m) for m in args.m.split(",")], [int(t) for t in args.threads.split(",")], args.reps, Path(out)
+        )
+        return
     if args.quick:
         args.models, args.layers, args.m, args.iters = QUICK["models"], QUICK["layers"], QUICK["m"], QUICK["iters"]
     for model in args.models.split(","):

@@ -81,7 +81,7 @@ class EngineRun:
 def _spec_counters(llm) -> dict:
     counters = {}
     for metric in llm.get_metrics():
-        if metric.name.startswith("vllm:spec_decode"):
+        if metric.name.startswith("vllm:spec_decode") or metric.name == "vllm:num_preemptions":
             counters[metric.name] = list(metric.values) if hasattr(metric, "values") else metric.value
     return counters
 
@@ -114,16 +114,8 @@ def run_engine(
     os.environ["VLLM_SPECQD_TRACE_DRAFTS"] = trace_file.name
     started = time.monotonic()
     try:
-        llm = LLM(
-            model=str(model_dir),
-            enforce_eager=True,
-            dtype="float32",
-            max_model_len=2048,
-            seed=0,
-            disable_log_stats=False,
-            speculative_config=speculative_config,
-            **llm_kwargs,
-        )
+        settings = dict(enforce_eager=True, dtype="float32", max_model_len=2048, seed=0, disable_log_stats=False)
+        llm = LLM(model=str(model_dir), speculative_config=speculative_config, **{**settings, **llm_kwargs})
     finally:
         del os.environ["VLLM_SPECQD_TRACE_DRAFTS"]
     try:

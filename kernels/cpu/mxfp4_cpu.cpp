@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #ifdef SPECQD_EMULATE_AVX512
 #include <simde/x86/avx512.h>
@@ -59,6 +60,23 @@ using T512i = __m512i;
 using T512 = __m512;
 using T128i = __m128i;
 #endif
+
+// Where a GEMM writes: y[m, n] = acc + bias[n], stored as fp32 or bf16 (round to nearest even).
+struct OutputRows {
+  void* data;
+  bool bf16;
+  int64_t stride;
+  const void* bias;  // nullptr, fp32 or bf16 [N]
+  bool bias_bf16;
+
+  inline void store(int64_t m, int64_t n, float v) const {
+    if (bias) v += bias_bf16 ? static_cast<float>(static_cast<const c10::BFloat16*>(bias)[n]) : static_cast<const float*>(bias)[n];
+    if (bf16)
+      static_cast<c10::BFloat16*>(data)[m * stride + n] = c10::BFloat16(v);
+    else
+      static_cast<float*>(data)[m * stride + n] = v;
+  }
+};
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -174,21 +192,28 @@ void quantize_any(Isa isa, const T* x, int64_t m, int64_t k, int64_t groups, int
 
 void gemm_any(Isa isa, int bits, const uint8_t* packed, const uint8_t* scales, int64_t nblocks, int64_t n_begin,
               int64_t n_end, int64_t groups, const int8_t* q8, const int16_t* q16, const int32_t* offsets,
-              const float* act_scales, int64_t m, float* out, int64_t n_total) {
+              const float* act_scales, int64_t m, const OutputRows& out) {
   switch (isa) {
     case Isa::avx2: {
       avx2::QuantizedRows xq{groups, q8, q16, offsets, act_scales};
-      return avx2::gemm_rows(bits, packed, scales, nblocks, n_begin, n_end, xq, m, out, n_total);
+      return avx2::gemm_rows(bits, packed, scales, nblocks, n_begin, n_end, xq, m, out);
     }
     case Isa::avx512bw: {
       avx512bw::QuantizedRows xq{groups, q8, q16, offsets, act_scales};
-      return avx512bw::gemm_rows(bits, packed, scales, nblocks, n_begin, n_end, xq, m, out, n_total);
+      return avx512bw::gemm_rows(bits, packed, scales, nblocks, n_begin, n_end, xq, m, out);
     }
     case Isa::avx512vnni: {
       avx512vnni::QuantizedRows xq{groups, q8, q16, offsets, act_scales};
-      return avx512vnni::gemm_rows(bits, packed, scales, nblocks, n_begin, n_end, xq, m, out, n_total);
+      return avx512vnni::gemm_rows(bits, packed, scales, nblocks, n_begin, n_end, xq, m, out);
     }
   }
+}
+
+// Per-thread scratch for the quantized activations: no allocation per call after the first.
+template <typename T>
+T* scratch(std::vector<T>& buf, size_t n) {
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
 }
 
 at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
@@ -212,42 +237,44 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& packed, const at:
               "specqd::mxfp4_linear: scales must be contiguous uint8 [", n, ", ", nblocks, "], got ",
               scales.scalar_type(), " ", scales.sizes());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() && bias->is_floating_point(),
-                "specqd::mxfp4_linear: bias must be a contiguous floating-point [", n, "] tensor, got ",
-                bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
+                    (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16),
+                "specqd::mxfp4_linear: bias must be a contiguous float32 or bfloat16 [", n, "] tensor, got ",
+                bias->scalar_type(), " ", bias->sizes());
   }
   const Isa isa = parse_isa(isa_arg);
   const int64_t groups = (nblocks + blocks_per_group(isa) - 1) / blocks_per_group(isa);
   const int64_t lanes = 4 * blocks_per_group(isa);
   const int64_t group_elems = 32 * blocks_per_group(isa);
 
-  auto opts = x.options();
-  at::Tensor q = at::empty({m * groups * group_elems * (act_bits / 8)}, opts.dtype(at::kByte));
-  at::Tensor offsets = at::empty({act_bits == 8 ? m * groups * lanes : 0}, opts.dtype(at::kInt));
-  at::Tensor act_scales = at::empty({m * groups * lanes}, opts.dtype(at::kFloat));
-  int8_t* q8 = act_bits == 8 ? reinterpret_cast<int8_t*>(q.data_ptr<uint8_t>()) : nullptr;
-  int16_t* q16 = act_bits == 16 ? reinterpret_cast<int16_t*>(q.data_ptr<uint8_t>()) : nullptr;
-  int32_t* off = act_bits == 8 ? offsets.data_ptr<int32_t>() : nullptr;
+  thread_local std::vector<int8_t> q8_buf;
+  thread_local std::vector<int16_t> q16_buf;
+  thread_local std::vector<int32_t> offset_buf;
+  thread_local std::vector<float> scale_buf;
+  const size_t rows_groups = static_cast<size_t>(m * groups);
+  int8_t* q8 = act_bits == 8 ? scratch(q8_buf, rows_groups * group_elems) : nullptr;
+  int16_t* q16 = act_bits == 16 ? scratch(q16_buf, rows_groups * group_elems) : nullptr;
+  int32_t* off = act_bits == 8 ? scratch(offset_buf, rows_groups * lanes) : nullptr;
+  float* sx = scratch(scale_buf, rows_groups * lanes);
   if (x.scalar_type() == at::kFloat)
-    quantize_any<float>(isa, x.data_ptr<float>(), m, k, groups, act_bits, q8, q16, off, act_scales.data_ptr<float>());
+    quantize_any<float>(isa, x.data_ptr<float>(), m, k, groups, act_bits, q8, q16, off, sx);
   else
-    quantize_any<c10::BFloat16>(isa, x.data_ptr<c10::BFloat16>(), m, k, groups, act_bits, q8, q16, off,
-                                act_scales.data_ptr<float>());
+    quantize_any<c10::BFloat16>(isa, x.data_ptr<c10::BFloat16>(), m, k, groups, act_bits, q8, q16, off, sx);
 
-  at::Tensor out32 = x.scalar_type() == at::kFloat ? at::empty({m, n}, opts) : at::empty({m, n}, opts.dtype(at::kFloat));
-  float* out = out32.data_ptr<float>();
+  at::Tensor y = at::empty({m, n}, x.options());
+  const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
+  const OutputRows out{y.data_ptr(), x.scalar_type() == at::kBFloat16, n, bias.has_value() ? bias->data_ptr() : nullptr,
+                       bias_bf16};
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const uint8_t* s = scales.data_ptr<uint8_t>();
-  const float* sx = act_scales.data_ptr<float>();
   // Work is split over output features in whole 16-row chunks, so every thread streams whole rows.
   constexpr int64_t kChunk = 16;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     gemm_any(isa, static_cast<int>(act_bits), w, s, nblocks, c0 * kChunk, std::min(n, c1 * kChunk), groups, q8, q16,
-             off, sx, m, out, n);
+             off, sx, m, out);
   });
-  if (bias.has_value()) out32.add_(bias->to(at::kFloat).unsqueeze(0));
-  return x.scalar_type() == at::kFloat ? out32 : out32.to(x.scalar_type());
+  return y;
 }
 
 std::string resolve_isa(const std::string& name) { return isa_name(parse_isa(name)); }

@@ -15,10 +15,12 @@ The checkpoint is never read a second time.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 from torch.nn import Parameter
-from vllm.config import VllmConfig, get_current_vllm_config_or_none
+from vllm.config import CompilationMode, VllmConfig, get_current_vllm_config_or_none
 from vllm.logger import init_logger
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm, LayerNorm, RMSNorm
 from vllm.model_executor.layers.linear import LinearBase
@@ -26,6 +28,13 @@ from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmb
 from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.utils.torch_utils import set_default_torch_dtype
 
+from vllm_specqd.adapter.draft_fastpath import (
+    POISON_KV_ENV,
+    call_attention_directly,
+    fused_cpu_ops_available,
+    poison_kv_writes,
+    use_fused_cpu_modules,
+)
 from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod, apply_mxfp4, finalize_mxfp4_layer
 from vllm_specqd.config import from_dict
 from vllm_specqd.mxfp4 import quantize_mxfp4
@@ -153,6 +162,13 @@ def build_mxfp4_draft(
             )
         draft.lm_head = MXFP4LMHead(target.lm_head, scale_rule, cpu_kernel)
         cpu_copy_bytes += draft.lm_head.cpu_copy_bytes
+    if device.type == "cpu" and fused_cpu_ops_available():
+        logger.info("specqd: the draft runs %d norms/activations as fused CPU kernels", use_fused_cpu_modules(draft))
+    if device.type == "cpu" and vllm_config.compilation_config.mode == CompilationMode.NONE:
+        call_attention_directly(draft)
+    if os.environ.get(POISON_KV_ENV) == "1":
+        logger.warning("specqd: %s=1: the draft writes random KV (a test of the shared KV cache)", POISON_KV_ENV)
+        poison_kv_writes(draft)
 
     _log_extra_bytes(draft, target, cpu_copy_bytes)
     return draft.eval()

@@ -47,7 +47,7 @@ def describe_draft(worker, layer: str | None = None) -> dict:
             },
             key=str,
         ),
-        shares_final_norm=draft.model.norm is target.model.norm,
+        shares_final_norm=getattr(draft.model.norm, "fallback", draft.model.norm) is target.model.norm,
         unshared_bf16_params=sorted(
             name
             for name, p in draft.named_parameters()
