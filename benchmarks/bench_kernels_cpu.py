@@ -169,7 +169,7 @@ def bench_model(name: str, spec: dict, ms: list[int], threads: int, reps: int, i
             for m in ms:
                 xs = [torch.randn(m, k, dtype=torch.bfloat16) for _, k in shapes]
                 calls = [
-                    (lambda x=x, p=p, s=s: cpu_ops.mxfp4_linear_cpu(x, p, s, None, act_bits, isa))
+                    (lambda x=x, p=p, s=s, a=act_bits, i=isa: cpu_ops.mxfp4_linear_cpu(x, p, s, None, a, i))
                     for x, (p, s) in zip(xs, weights)
                 ]
                 rows.append(Row(name, f"mxfp4 {isa} w4a{act_bits}", threads, m, time_pass(calls, reps), mx_bytes))
