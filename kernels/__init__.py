@@ -30,6 +30,25 @@ else:
 CPU_DEFAULT_ACT_BITS = 16
 
 
+def quantize_mxfp4(w: torch.Tensor, scale_rule: str = "floor", name: str = "weight"):
+    """``vllm_specqd.mxfp4.quantize_mxfp4``, run natively for 2-D CPU weights (same bytes, ~10x faster)."""
+    from vllm_specqd.mxfp4 import MXFP4Tensor, SCALE_RULES
+    from vllm_specqd.mxfp4 import quantize_mxfp4 as quantize_reference
+
+    if w.device.type != "cpu" or w.dim() != 2 or scale_rule not in SCALE_RULES or not w.is_floating_point():
+        return quantize_reference(w, scale_rule=scale_rule, name=name)
+    from .cpu_ops import native_available, quantize_mxfp4_cpu
+
+    if not native_available():
+        return quantize_reference(w, scale_rule=scale_rule, name=name)
+    finite = torch.isfinite(w)
+    if not finite.all():
+        n_bad = int((~finite).sum())
+        raise ValueError(f"{name}: cannot quantize to MXFP4, {n_bad} of {w.numel()} values are NaN or Inf")
+    packed, scales = quantize_mxfp4_cpu(w.detach(), scale_rule)
+    return MXFP4Tensor(packed, scales, w.shape[-1])
+
+
 def mxfp4_matmul(
     x: torch.Tensor,  # [..., K] bf16/fp16/fp32
     packed: torch.Tensor,  # [N, K_pad/2] uint8
@@ -61,6 +80,7 @@ __all__ = [
     "mxfp4_matmul_int_act_torch",
     "mxfp4_matmul_torch",
     "quantize_activations_torch",
+    "quantize_mxfp4",
 ]
 if HAS_TRITON:
     __all__ += ["mxfp4_dequant_triton", "mxfp4_matmul_triton"]

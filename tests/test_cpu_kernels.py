@@ -216,3 +216,43 @@ def test_build_is_cached(tmp_path):
     out = _run_python(code, {})
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip()) < 15.0, "the cached build should load in seconds, not recompile"
+
+
+@pytest.mark.parametrize("rule", ["floor", "rceil", "mse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_native_quantizer_is_bit_identical_to_the_format_module(rule, dtype):
+    from vllm_specqd.mxfp4 import quantize_mxfp4 as reference
+
+    g = torch.Generator().manual_seed(11)
+    # Magnitudes over many decades (fp16: its range), K not a multiple of 32, zero blocks, E2M1 ties.
+    decades = 3 if dtype == torch.float16 else 6
+    w = (torch.randn(70, 230, generator=g) * torch.logspace(-decades, decades, 230)).to(dtype)
+    w[0, :64] = 0
+    w[1, :32] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 4)  # every midpoint, amax 6
+    w[2, :32] = -w[1, :32]
+    packed, scales = cpu_ops.quantize_mxfp4_cpu(w, rule)
+    expected = reference(w, scale_rule=rule)
+    assert torch.equal(packed, expected.packed)
+    assert torch.equal(scales, expected.scales)
+
+
+def test_native_quantizer_matches_on_a_real_checkpoint(model_dir):
+    from safetensors.torch import load_file
+
+    from vllm_specqd.mxfp4 import quantize_mxfp4 as reference
+
+    weights = load_file(model_dir / "model.safetensors")
+    for name in [n for n in weights if n.startswith("model.layers.0.") and weights[n].dim() == 2]:
+        packed, scales = cpu_ops.quantize_mxfp4_cpu(weights[name], "mse")
+        expected = reference(weights[name], scale_rule="mse")
+        assert torch.equal(packed, expected.packed), name
+        assert torch.equal(scales, expected.scales), name
+
+
+def test_dispatching_quantizer_names_a_bad_tensor():
+    from vllm_specqd.kernels import quantize_mxfp4
+
+    w = torch.randn(4, 64)
+    w[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="layers.7.mlp: cannot quantize to MXFP4, 1 of 256 values are NaN or Inf"):
+        quantize_mxfp4(w, "mse", name="layers.7.mlp")

@@ -48,9 +48,10 @@ DEFAULT_SCALE_RULE = "mse"
 # verify the draft's greedy choices, so with `inner` the default is greedy.
 DEFAULT_DRAFT_SAMPLE_METHOD = "probabilistic"
 DEFAULT_DRAFT_SAMPLE_METHOD_WITH_INNER = "greedy"
-DEFAULT_CPU_KERNEL = "w4a16"
+DEFAULT_CPU_KERNEL = "w4a8"
 DEFAULT_LM_HEAD = "mxfp4"
 DEFAULT_KV_CACHE = "shared"
+DEFAULT_LM_HEAD_RESCORE_TOP_K = 8
 
 
 class SpecQDConfigError(ValueError):
@@ -67,6 +68,8 @@ class DraftSpec:
     # "shared": the target's own lm_head (as in the paper); "mxfp4": a direct-cast copy for the draft.
     lm_head: str = DEFAULT_LM_HEAD
     kv_cache: str = DEFAULT_KV_CACHE
+    # With lm_head "mxfp4": the target head's exact logits for the MXFP4 head's top-k tokens (0: off).
+    lm_head_rescore_top_k: int = DEFAULT_LM_HEAD_RESCORE_TOP_K
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ def _inner_to_dict(spec: InnerSpec) -> dict[str, Any]:
 # ---------------------------------------------------------------- validation
 
 _TOP_KEYS = {"method", "num_speculative_tokens", "draft", "inner", "draft_sample_method"}
-_DRAFT_KEYS = {"quantization", "scale_rule", "cpu_kernel", "lm_head", "kv_cache"}
+_DRAFT_KEYS = {"quantization", "scale_rule", "cpu_kernel", "lm_head", "kv_cache", "lm_head_rescore_top_k"}
 _NGRAM_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
 _MODEL_KEYS = {
     "method",
@@ -167,6 +170,11 @@ def _int_in_range(raw: Mapping, key: str, path: str, lo: int, hi: int, required:
     if not lo <= value <= hi:
         raise _fail(path, f"must be in {lo}..{hi}, got {value}")
     return value
+
+
+def _int_or(raw: Mapping, key: str, path: str, lo: int, hi: int, default: int) -> int:
+    value = _int_in_range(raw, key, path, lo, hi, required=False)
+    return default if value is None else value
 
 
 def _choice(raw: Mapping, key: str, path: str, allowed: tuple[str, ...], default: str | None) -> str | None:
@@ -253,6 +261,9 @@ def parse_config(raw: Mapping[str, Any], target_model: str | None = None) -> Spe
         cpu_kernel=_choice(draft_raw, "cpu_kernel", "draft.cpu_kernel", CPU_KERNELS, DEFAULT_CPU_KERNEL),
         lm_head=_choice(draft_raw, "lm_head", "draft.lm_head", LM_HEADS, DEFAULT_LM_HEAD),
         kv_cache=_choice(draft_raw, "kv_cache", "draft.kv_cache", KV_CACHE_MODES, DEFAULT_KV_CACHE),
+        lm_head_rescore_top_k=_int_or(
+            draft_raw, "lm_head_rescore_top_k", "draft.lm_head_rescore_top_k", 0, 64, DEFAULT_LM_HEAD_RESCORE_TOP_K
+        ),
     )
     inner = None
     if raw.get("inner") is not None:

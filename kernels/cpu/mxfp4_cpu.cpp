@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -22,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #ifdef SPECQD_EMULATE_AVX512
@@ -83,6 +85,7 @@ struct OutputRows {
 namespace avx2 {
 #include "vec_avx2.h"
 #include "gemm_body.h"
+#include "quantize.h"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -277,6 +280,43 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& packed, const at:
   return y;
 }
 
+std::tuple<at::Tensor, at::Tensor> quantize_mxfp4(const at::Tensor& w, const std::string& rule_name) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
+              "specqd::quantize_mxfp4: w must be a contiguous 2-D CPU tensor, got ", w.sizes());
+  TORCH_CHECK(cpu_has(Isa::avx2), "specqd::quantize_mxfp4 needs an x86-64 CPU with AVX2 and FMA");
+  using avx2::quant::ScaleRule;
+  namespace quant = avx2::quant;
+  quant::ScaleRule rule;
+  if (rule_name == "floor")
+    rule = quant::ScaleRule::floor;
+  else if (rule_name == "rceil")
+    rule = quant::ScaleRule::rceil;
+  else if (rule_name == "mse")
+    rule = quant::ScaleRule::mse;
+  else
+    TORCH_CHECK(false, "specqd::quantize_mxfp4: unknown scale rule '", rule_name, "' (floor, rceil, mse)");
+  const int64_t n = w.size(0), k = w.size(1), blocks = (k + 31) / 32;
+  at::Tensor packed = at::empty({n, blocks * 16}, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({n, blocks}, w.options().dtype(at::kByte));
+  uint8_t* p = packed.data_ptr<uint8_t>();
+  uint8_t* s = scales.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    uint8_t* pr = p + r0 * blocks * 16;
+    uint8_t* sr = s + r0 * blocks;
+    switch (w.scalar_type()) {
+      case at::kFloat:
+        return quant::quantize_rows(w.data_ptr<float>() + r0 * k, r1 - r0, k, rule, pr, sr);
+      case at::kBFloat16:
+        return quant::quantize_rows(w.data_ptr<c10::BFloat16>() + r0 * k, r1 - r0, k, rule, pr, sr);
+      case at::kHalf:
+        return quant::quantize_rows(w.data_ptr<c10::Half>() + r0 * k, r1 - r0, k, rule, pr, sr);
+      default:
+        TORCH_CHECK(false, "specqd::quantize_mxfp4: w must be float32, bfloat16 or float16, got ", w.scalar_type());
+    }
+  });
+  return {packed, scales};
+}
+
 std::string resolve_isa(const std::string& name) { return isa_name(parse_isa(name)); }
 
 std::string cpu_isas() {
@@ -325,11 +365,13 @@ SPECQD_DEFINE_OPS {
   m.def("cpu_isas() -> str");
   m.def("resolve_isa(str name) -> str");
   m.def("stream_read(Tensor buf) -> int");
+  m.def("quantize_mxfp4(Tensor w, str rule) -> (Tensor, Tensor)");
 }
 
 SPECQD_CPU_OPS {
   m.impl("mxfp4_linear", &mxfp4_linear);
   m.impl("stream_read", &stream_read);
+  m.impl("quantize_mxfp4", &quantize_mxfp4);
 }
 
 SPECQD_ANY_OPS {

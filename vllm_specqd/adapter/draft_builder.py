@@ -37,7 +37,7 @@ from vllm_specqd.adapter.draft_fastpath import (
 )
 from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod, apply_mxfp4, finalize_mxfp4_layer
 from vllm_specqd.config import from_dict
-from vllm_specqd.mxfp4 import quantize_mxfp4
+from vllm_specqd.kernels import quantize_mxfp4  # native on CPU, same bytes as vllm_specqd.mxfp4
 
 # Under "vllm." so vLLM's logging config (handlers, level, process prefix) applies.
 logger = init_logger("vllm." + __name__)
@@ -98,13 +98,44 @@ class MXFP4LMHeadMethod:
     (vllm/model_executor/layers/logits_processor.py:144, ``lm_head.quant_method.apply``)."""
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return apply_mxfp4(layer, x, bias)
+        logits = apply_mxfp4(layer, x, bias)  # [T, V]
+        if layer.rescore_top_k:
+            logits = rescore_top_candidates(logits, x, layer.exact_head.weight, bias, layer.rescore_top_k)
+        return logits
+
+
+def rescore_top_candidates(
+    logits: torch.Tensor,  # [T, V] from the MXFP4 head
+    x: torch.Tensor,  # [T, H]
+    exact_weight: torch.Tensor,  # [V, H] the target's lm_head
+    bias: torch.Tensor | None,  # [V]
+    k: int,
+) -> torch.Tensor:  # [T, V]
+    """Exact logits for the MXFP4 head's top-k tokens; no other token may outrank them.
+
+    The draft's greedy choice is then the target's own argmax whenever that token is among the
+    MXFP4 top-k, at the cost of k rows of the full-precision head. Example (k=2): MXFP4 logits
+    [1.0, 3.1, 2.9, 0.5] pick tokens 1 and 2; exact logits 2.7 and 3.0 replace them and every other
+    logit is capped at 2.7: [1.0, 2.7, 3.0, 0.5], argmax 2.
+    """
+    top = logits.topk(k, dim=-1).indices  # [T, k]
+    rows = exact_weight[top]  # [T, k, H]
+    exact = torch.einsum("th,tkh->tk", x.to(rows.dtype), rows)
+    if bias is not None:
+        exact = exact + bias[top]
+    exact = exact.to(logits.dtype)
+    capped = torch.minimum(logits, exact.min(dim=-1, keepdim=True).values)
+    return capped.scatter_(1, top, exact)
 
 
 class MXFP4LMHead(nn.Module):
-    """The draft's own MXFP4 copy of the target's (vocab-parallel shard of the) lm_head."""
+    """The draft's own MXFP4 copy of the target's (vocab-parallel shard of the) lm_head.
 
-    def __init__(self, target_head: nn.Module, scale_rule: str, cpu_kernel: str):
+    With ``rescore_top_k`` > 0 its top-k tokens get the target head's exact logits
+    (:func:`rescore_top_candidates`); the target's head is only referenced, never copied.
+    """
+
+    def __init__(self, target_head: nn.Module, scale_rule: str, cpu_kernel: str, rescore_top_k: int = 0):
         super().__init__()
         q = quantize_mxfp4(target_head.weight.data, scale_rule=scale_rule, name="lm_head.weight")
         self.weight_packed = Parameter(q.packed, requires_grad=False)
@@ -113,6 +144,9 @@ class MXFP4LMHead(nn.Module):
         self.params_dtype = target_head.weight.dtype
         self.tp_size = target_head.tp_size  # read by LogitsProcessor._get_logits
         self.quant_method = MXFP4LMHeadMethod()
+        self.rescore_top_k = min(rescore_top_k, target_head.weight.shape[0])
+        # Not a submodule: the draft must not own (or count, or save) the target's weight.
+        self.__dict__["exact_head"] = target_head
         self.cpu_copy_bytes = finalize_mxfp4_layer(self, cpu_kernel)
 
 
@@ -123,6 +157,7 @@ def build_mxfp4_draft(
     cpu_kernel: str = "w4a16",
     lm_head: str = "shared",
     scale_rule: str = "mse",
+    lm_head_rescore_top_k: int = 0,
 ) -> nn.Module:
     """A new model of the target's architecture whose linears hold the captured MXFP4 weights.
 
@@ -160,7 +195,7 @@ def build_mxfp4_draft(
                 f"specqd: draft.lm_head 'mxfp4' needs a vLLM lm_head on the target, found "
                 f"{type(getattr(target, 'lm_head', None)).__name__}; use draft.lm_head 'shared'"
             )
-        draft.lm_head = MXFP4LMHead(target.lm_head, scale_rule, cpu_kernel)
+        draft.lm_head = MXFP4LMHead(target.lm_head, scale_rule, cpu_kernel, lm_head_rescore_top_k)
         cpu_copy_bytes += draft.lm_head.cpu_copy_bytes
     if device.type == "cpu" and fused_cpu_ops_available():
         logger.info("specqd: the draft runs %d norms/activations as fused CPU kernels", use_fused_cpu_modules(draft))

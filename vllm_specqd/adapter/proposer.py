@@ -115,6 +115,7 @@ class SpecQDProposer(DraftModelProposer):
                 cpu_kernel=self.specqd.draft.cpu_kernel,
                 lm_head=self.specqd.draft.lm_head,
                 scale_rule=self.specqd.draft.scale_rule,
+                lm_head_rescore_top_k=self.specqd.draft.lm_head_rescore_top_k,
             )
 
     def _build_chain(self) -> SpeculativeLevel:
