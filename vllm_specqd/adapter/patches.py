@@ -199,6 +199,29 @@ def _patch_top_k_empty_batch() -> None:
     _wrap(topk_topp_sampler, "apply_top_k_only", make, "top_k_empty")
 
 
+# --------------------------------------------------------------------------
+# 8. vllm/v1/worker/gpu_model_runner.py:7146 `GPUModelRunner.get_kv_cache_spec`
+#    gives no KV cache to a layer whose `kv_sharing_target_layer_name` is set and
+#    binds it to its target's KV (:7161-7172, :7008). A shared-KV specqd draft
+#    sets that attribute only while the specs are collected: the attribute also
+#    makes Attention.forward skip the KV write, and on CPU the graphs are compiled
+#    earlier, in the warm-up (vllm/v1/worker/cpu_worker.py:204-206).
+def _patch_kv_cache_spec_for_shared_kv() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def make(original):
+        def get_kv_cache_spec(self):
+            context = getattr(getattr(self, "drafter", None), "kv_cache_spec_context", None)
+            if context is None:
+                return original(self)
+            with context():
+                return original(self)
+
+        return get_kv_cache_spec
+
+    _wrap(GPUModelRunner, "get_kv_cache_spec", make, "kv_cache_spec")
+
+
 def apply_all() -> None:
     _patch_cli_speculative_config()
     _patch_create_speculative_config()
@@ -207,3 +230,4 @@ def apply_all() -> None:
     _patch_capture_target_weights()
     _patch_cpu_expand_kernel()
     _patch_top_k_empty_batch()
+    _patch_kv_cache_spec_for_shared_kv()

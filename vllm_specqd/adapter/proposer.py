@@ -15,6 +15,7 @@ Greedy drafting makes d1..dK exactly what the MXFP4 draft alone would give.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Hashable
@@ -38,7 +39,7 @@ from vllm_specqd.adapter.draft_builder import (
     inner_prefix,
 )
 from vllm_specqd.adapter.level_stats import LevelStatsPublisher
-from vllm_specqd.adapter.vllm_internals import enable_shared_kv_writes, share_target_kv
+from vllm_specqd.adapter.vllm_internals import sharing_target_kv_while
 from vllm_specqd.adapter.window_model import VllmWindowModel
 from vllm_specqd.config import InnerSpec, from_dict
 from vllm_specqd.multilevel import RequestContext, SpeculativeLevel, build_chain
@@ -90,8 +91,6 @@ class SpecQDProposer(DraftModelProposer):
             self._target_for_build = None
         self.stats.level_info["1"] = {"weight_bytes": self.model.specqd_extra_weight_bytes}
         self.shared_kv = self.specqd.draft.kv_cache == "shared"
-        if self.shared_kv:
-            share_target_kv(self.vllm_config, self._draft_attn_layer_names, DRAFT_PREFIX)
         self.level1_model = VllmWindowModel("level1", self.model, self.vllm_config, self.device)
         if self.specqd.inner is not None:
             self.chain = self._build_chain()
@@ -117,6 +116,12 @@ class SpecQDProposer(DraftModelProposer):
                 scale_rule=self.specqd.draft.scale_rule,
                 lm_head_rescore_top_k=self.specqd.draft.lm_head_rescore_top_k,
             )
+
+    def kv_cache_spec_context(self):
+        """What the runner's KV cache spec collection runs inside (patches.py, patch 8)."""
+        if not self.shared_kv:
+            return contextlib.nullcontext()
+        return sharing_target_kv_while(self.vllm_config, self._draft_attn_layer_names, DRAFT_PREFIX)
 
     def _build_chain(self) -> SpeculativeLevel:
         models: list[list] = [[self.level1_model, 0]]
@@ -171,7 +176,6 @@ class SpecQDProposer(DraftModelProposer):
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
         if self.shared_kv:
-            enable_shared_kv_writes(self.vllm_config, self._draft_attn_layer_names)
             self.stats.level_info["1"]["kv_bytes_per_token"] = 0
         else:
             self.stats.level_info["1"]["kv_bytes_per_token"] = self._kv_bytes_per_token(self._draft_attn_layer_names)

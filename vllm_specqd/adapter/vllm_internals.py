@@ -5,6 +5,8 @@ Each function cites the vLLM 0.32.0 file and line it depends on; a vLLM upgrade 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from vllm.config import VllmConfig, get_layers_from_vllm_config
 from vllm.model_executor.layers.attention.attention import Attention
 
@@ -15,8 +17,9 @@ def share_target_kv(vllm_config: VllmConfig, draft_layer_names: set[str], draft_
     vLLM's cross-layer KV sharing does the bookkeeping: a layer whose ``kv_sharing_target_layer_name``
     is set gets no KV cache spec of its own (vllm/v1/worker/gpu_model_runner.py:7161-7172), joins its
     target's KV cache group (vllm/v1/worker/utils.py:779 add_kv_sharing_layers_to_kv_cache_groups)
-    and is bound to the target's KV tensor (gpu_model_runner.py:7008). Must run before the runner
-    collects KV cache specs; :func:`enable_shared_kv_writes` must run after.
+    and is bound to the target's KV tensor (gpu_model_runner.py:7008). Use it only while the specs
+    are collected (:func:`sharing_target_kv_while`): the attribute also makes a layer skip its KV
+    writes, and a graph compiled while it is set would keep skipping them.
     """
     layers = get_layers_from_vllm_config(vllm_config, Attention)
     targets = {}
@@ -29,6 +32,16 @@ def share_target_kv(vllm_config: VllmConfig, draft_layer_names: set[str], draft_
         layers[name].kv_sharing_target_layer_name = target
         targets[name] = target
     return targets
+
+
+@contextmanager
+def sharing_target_kv_while(vllm_config: VllmConfig, draft_layer_names: set[str], draft_prefix: str):
+    """Share the target's KV for the duration of the block (the runner collecting KV cache specs)."""
+    share_target_kv(vllm_config, draft_layer_names, draft_prefix)
+    try:
+        yield
+    finally:
+        enable_shared_kv_writes(vllm_config, draft_layer_names)
 
 
 def enable_shared_kv_writes(vllm_config: VllmConfig, draft_layer_names: set[str]) -> None:
