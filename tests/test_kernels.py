@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from vllm_specqd.kernels import HAS_TRITON, check_mxfp4_matmul_inputs, mxfp4_matmul, mxfp4_matmul_torch
 
+from vllm_specqd.kernels import HAS_TRITON, check_mxfp4_matmul_inputs, mxfp4_matmul, mxfp4_matmul_torch
 from vllm_specqd.mxfp4 import dequantize_mxfp4, pack_fp4, quantize_mxfp4
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
