@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from vllm_specqd.kernels import cpu_ops, mxfp4_int_act_error_bound, mxfp4_matmul, mxfp4_matmul_int_act_torch
+
 from vllm_specqd.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 
 SIMDE_HEADER = Path("/usr/include/simde/x86/avx512.h")
