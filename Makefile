@@ -23,7 +23,7 @@ export TOKENIZERS_PARALLELISM := false
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: install preload-libs test test-fast demo bench bench-qwen bench-extras prepare-qwen clean
+.PHONY: install preload-libs lint test test-fast demo bench bench-qwen bench-extras prepare-qwen clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,11 +51,16 @@ preload-libs: $(STAMP)
 	|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1) \
 	|| echo "WARNING: could not apt-get install libtcmalloc-minimal4: engines will run without tcmalloc preloaded (vLLM's CPU docs ask for it)" >&2
 
-test: install
+# ruff's settings are in pyproject.toml; the test extra installs it.
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: install lint
 	$(PY) -m vllm_specqd prepare-model
 	$(PY) -m pytest -q -rs tests
 
-test-fast: install
+test-fast: install lint
 	$(PY) -m pytest -q -rs tests -m "not engine and not server"
 
 demo: install

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from vllm_specqd.kernels import HAS_TRITON, mxfp4_matmul
 
+from vllm_specqd.kernels import HAS_TRITON, mxfp4_matmul
 from vllm_specqd.mxfp4 import quantize_mxfp4
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from vllm_specqd.kernels import HAS_TRITON, mxfp4_matmul
 
 # (layer, N = out features, K = in features) for one decoder layer, tensor-parallel 1.

@@ -12,7 +12,9 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from engine_harness import Workload, chat_prompts, humaneval_prompts, run_engine  # noqa: E402
+from engine_harness import Workload, run_engine  # noqa: E402
+
+from vllm_specqd.bench.datasets import chat_questions, humaneval_prompts, render_chat  # noqa: E402
 
 SAMPLED_REQUESTS = 300
 SAMPLED_PROMPT = "Pick a random animal and describe it:"
@@ -30,6 +32,11 @@ def small_model_dir() -> Path:
     from vllm_specqd.model_prep import prepare_small_model
 
     return prepare_small_model(8, quiet=True)
+
+
+def chat_prompts(model_dir: Path, n: int) -> list[str]:
+    """The first ``n`` bundled chat questions in the model's chat template (as the benchmark sends them)."""
+    return render_chat(chat_questions(n), model_dir)
 
 
 def greedy_workload(model_dir: Path) -> Workload:

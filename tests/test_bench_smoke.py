@@ -1,8 +1,8 @@
 """The benchmark suite: accounting and projection arithmetic, report formatting, and tiny real runs.
 
 The engine test runs `python -m vllm_specqd bench --quick` in a subprocess
-(three engines, ~3-4 minutes on a 2-core CPU); everything else is pure Python
-or the CPU smoke mode of benchmarks/bench_decode_step.py.
+(three engines, one after the other); everything else is pure Python or the
+CPU smoke mode of benchmarks/bench_decode_step.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import pytest
 
 from vllm_specqd.bench import datasets, memory, projection, report, spec_stats
 from vllm_specqd.bench.methods import METHODS, parse_methods, speculative_config
-from vllm_specqd.bench.served import parse_prometheus
+from vllm_specqd.bench.served import inner_levels, parse_prometheus
+from vllm_specqd.level_report import LevelEntry, LevelReport
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_METHODS = "none,specqd-1,specqd-ngram"
@@ -35,7 +36,7 @@ def _counters() -> spec_stats.SpecCounters:
 
 
 def test_one_level_accounting():
-    s = spec_stats.summarize(("MXFP4 self-draft",), 4, _counters(), {}, generated_tokens=32, num_requests=2)
+    s = spec_stats.summarize(("MXFP4 self-draft",), 4, _counters(), None, generated_tokens=32, num_requests=2)
     level1 = s["levels"]["1"]
     assert level1["mean_accepted_length"] == 3.0  # 1 + 20 / 10
     assert level1["acceptance_rate"] == 0.5
@@ -47,7 +48,12 @@ def test_one_level_accounting():
 
 
 def test_multilevel_accounting():
-    delta = {"1": {"forward_passes": 99}, "2": {"proposed_tokens": 8, "accepted_tokens": 6, "verify_windows": 30}}
+    delta = LevelReport(
+        levels={
+            1: LevelEntry(1, "MXFP4 self-draft", forward_passes=99),
+            2: LevelEntry(2, "n-gram lookup", proposed_tokens=8, accepted_tokens=6, verify_windows=30),
+        }
+    )
     s = spec_stats.summarize(("MXFP4 self-draft", None), 4, _counters(), delta, generated_tokens=32, num_requests=2)
     level1, level2 = s["levels"]["1"], s["levels"]["2"]
     assert level1["forward_passes"] == 12 + 30  # one shared first pass per round + level 2's windows
@@ -58,7 +64,7 @@ def test_multilevel_accounting():
 
 
 def test_no_speculation_takes_one_target_pass_per_token():
-    s = spec_stats.summarize((), 6, spec_stats.SpecCounters(), {}, generated_tokens=50, num_requests=5)
+    s = spec_stats.summarize((), 6, spec_stats.SpecCounters(), None, generated_tokens=50, num_requests=5)
     assert s["levels"] == {} and s["target_passes_per_generated_token"] == 1.0
 
 
@@ -71,20 +77,29 @@ def test_counter_and_level_report_deltas():
         "accepted_tokens": 6,
         "accepted_per_pos": [3, 2, 1],
     }
-    old = {"levels": {"2": {"proposed_tokens": 4, "verify_windows": 10, "acceptance_rate": 0.5}}}
-    new = {
-        "levels": {
-            "2": {"proposed_tokens": 9, "verify_windows": 25, "acceptance_rate": 0.7},
-            "3": {"verify_windows": 4},
+    old = LevelReport(
+        levels={2: LevelEntry(2, "n-gram lookup", proposed_tokens=4, accepted_tokens=2, verify_windows=10)}
+    )
+    new = LevelReport(
+        levels={
+            2: LevelEntry(2, "n-gram lookup", proposed_tokens=9, accepted_tokens=6, verify_windows=25),
+            3: LevelEntry(3, "n-gram lookup", proposed_tokens=0, accepted_tokens=0, verify_windows=4),
         }
-    }
-    assert spec_stats.level_report_delta(new, old) == {
-        "2": {"proposed_tokens": 5, "verify_windows": 15},
-        "3": {"verify_windows": 4},
+    )
+    delta = new.minus(old)
+    assert (delta.levels[2].proposed_tokens, delta.levels[2].verify_windows) == (5, 15)
+    assert delta.levels[3].verify_windows == 4
+    assert inner_levels(new, old)["2"] == {
+        "proposed_tokens": 5,
+        "accepted_tokens": 4,
+        "acceptance_rate": 0.8,
+        "mean_accepted_length": (4 + 15) / 15,  # ratios come from the deltas, not the totals
+        "verify_windows": 15,
+        "verify_windows_without_proposal": 0,
     }
 
 
-def test_parse_prometheus_reads_spec_and_level_counters():
+def test_parse_prometheus_reads_spec_counters():
     text = (
         "\n".join(
             [
@@ -105,27 +120,46 @@ def test_parse_prometheus_reads_spec_and_level_counters():
         )
         + "\n"
     )
-    counters, levels = parse_prometheus(text)
-    assert counters.to_dict() == {
+    assert parse_prometheus(text).to_dict() == {
         "num_drafts": 7,
         "num_draft_tokens": 42,
         "accepted_tokens": 25,
         "accepted_per_pos": [7, 6],
     }
-    assert levels == {"2": {"proposed_tokens": 3.0, "mean_accepted_length": 1.02}}
 
 
 # ---------------------------------------------------------------- memory, datasets, methods
 
 
-def test_mxfp4_bytes_and_kv_check():
-    assert memory.mxfp4_bytes([4, 40]) == 4 * 64 // 2 + 4 * 2  # K padded to 64: 32 code bytes + 2 scales per row
+def test_memory_comes_from_the_level_report_and_the_kv_check(model_dir):
     kv = memory.kv_report(
         budget_bytes=2**20, capacity_tokens=160, block_size=16, target_per_token=3000, added_per_token=3000
     )
     assert kv["kv_capacity_check"] == "matches the engine"  # 2**20 // (6000 * 16) = 10 blocks
     wrong = memory.kv_report(2**20, 320, 16, 3000, 3000)
     assert wrong["kv_capacity_check"].startswith("MISMATCH")
+    shared = memory.kv_report(2**20, 336, 16, 3000, 0)
+    assert shared["kv_capacity_check"] == "matches the engine"  # no draft KV: 2**20 // (3000 * 16) = 21 blocks
+    report = LevelReport(
+        levels={
+            1: LevelEntry(1, "MXFP4 self-draft", weight_bytes=1000, kv_cache="shared"),
+            2: LevelEntry(
+                2, "model s", weight_bytes=700, cpu_copy_bytes=200, kv_cache="separate", kv_bytes_per_token=96
+            ),
+            3: LevelEntry(3, "n-gram lookup"),
+        }
+    )
+    assert memory.added_memory("specqd-small", report, model_dir, 4) == {
+        "added_weight_bytes": 1500,
+        "cpu_dequantized_copy_bytes": 200,
+        "added_kv_bytes_per_token": 96,
+        "kv_cache": {"1": "shared", "2": "separate", "3": "none"},
+    }
+    per_token = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads of 576 / 9 = 64, fp32: 46080
+    assert memory.kv_bytes_per_token(model_dir, 4) == per_token
+    full_copy = memory.added_memory("draft_model", None, model_dir, 4)
+    assert full_copy["added_kv_bytes_per_token"] == per_token and full_copy["added_weight_bytes"] > 100 * 2**20
+    assert memory.added_memory("ngram", None, model_dir, 4)["added_weight_bytes"] == 0
 
 
 def test_datasets_and_methods(tmp_path):
@@ -207,8 +241,9 @@ def test_markdown_table_and_cells():
         "memory": {
             "added_weight_bytes": 2 * report.MiB,
             "cpu_dequantized_copy_bytes": 0,
-            "added_kv_bytes_per_token": 46080,
-            "kv_capacity_tokens": 23296,
+            "added_kv_bytes_per_token": 0,
+            "kv_cache": {"1": "shared"},
+            "kv_capacity_tokens": 46592,
         },
     }
     row = report.offline_row(record)
@@ -225,8 +260,9 @@ def test_markdown_table_and_cells():
         "1.00",
         "2.0",
         "0.0",
-        "46080",
-        "23296",
+        "shared",
+        "0",
+        "46592",
     ]
     assert len(row) == len(report.OFFLINE_COLUMNS)
     failed = report.offline_row({"method": "ngram", "num_levels": 1, "error": "boom"})
@@ -310,7 +346,9 @@ def test_quick_bench_results_are_complete_and_consistent(quick_run):
         level1 = record["levels"]["1"]
         assert len(level1["per_position"]) == QUICK_K and 1.0 <= level1["mean_accepted_length"] <= QUICK_K + 1
         assert 0.0 <= level1["acceptance_rate"] <= 1.0
-        assert record["memory"]["added_weight_bytes"] > 0 and record["memory"]["added_kv_bytes_per_token"] > 0
+        # The default level 1 reads and writes the target's KV: it adds weights, but no KV bytes.
+        assert record["memory"]["added_weight_bytes"] > 0 and record["memory"]["added_kv_bytes_per_token"] == 0
+        assert record["memory"]["kv_cache"] == {"1": "shared", **({"2": "none"} if name == "specqd-ngram" else {})}
         assert record["memory"]["kv_capacity_check"] == "matches the engine"
     assert by_name["specqd-1"]["levels"]["1"]["passes_per_level1_draft_token"] == 1.0
     # An inner level can only save MXFP4 passes: at most one pass per level-1 draft token.

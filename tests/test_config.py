@@ -5,6 +5,8 @@ import json
 import pytest
 
 from vllm_specqd.config import (
+    ModelLevel,
+    NgramLevel,
     SpecQDConfigError,
     from_dict,
     load_speculative_config_arg,
@@ -108,8 +110,20 @@ def test_three_levels_parse(small_model_dir):
             }
         )
     )
-    assert [level.method for level in cfg.levels()] == ["draft_model", "ngram"]
+    assert [type(level) for level in cfg.levels()] == [ModelLevel, NgramLevel]
+    assert cfg.levels()[1] == NgramLevel(2, prompt_lookup_min=2, prompt_lookup_max=5)
     assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_workers_parse_once_and_skip_the_file_checks(small_model_dir):
+    inner = {"method": "draft_model", "model": str(small_model_dir), "num_speculative_tokens": 2}
+    data = parse_config(specqd(inner=inner)).to_dict()
+    assert from_dict(data) is from_dict(json.loads(json.dumps(data)))  # one parse per content
+    # A worker trusts the front end's checks: a path it cannot see is no error until it loads.
+    moved = {**data, "inner": {**data["inner"], "model": "/elsewhere/small"}}
+    assert from_dict(moved).inner.model == "/elsewhere/small"
+    with pytest.raises(SpecQDConfigError, match="not a local checkpoint directory"):
+        parse_config(moved)
 
 
 def test_config_argument_accepts_inline_json_and_files(tmp_path):
@@ -166,6 +180,23 @@ def test_translated_into_vllm_draft_model_machinery(model_dir):
     assert cfg.use_v2_model_runner is False
     # vLLM reserves the K lookahead KV slots of draft-model methods for us.
     assert spec.uses_draft_model()
+
+
+def test_capture_hook_reads_a_prefix_to_scale_rule_map(small_model_dir):
+    from vllm_specqd.adapter.draft_builder import capture_rules, scale_rule_for
+
+    inner = {"method": "draft_model", "model": str(small_model_dir), "num_speculative_tokens": 3}
+    inner["quantization"], inner["scale_rule"] = "mxfp4", "rceil"
+    inner["inner"] = {**NGRAM, "num_speculative_tokens": 2}
+    cfg = parse_config(specqd(draft={"scale_rule": "floor"}, inner=inner))
+    rules = capture_rules(cfg)
+    assert rules == (("draft_model", None), ("specqd_inner2", "rceil"), ("", "floor"))
+    assert capture_rules(from_dict(cfg.to_dict())) is rules  # built once per config
+    assert scale_rule_for("model.layers.0.mlp.down_proj", rules) == "floor"  # the target: level 1's copy
+    assert scale_rule_for("draft_model.model.layers.0.mlp.down_proj", rules) is None  # MXFP4 already
+    assert scale_rule_for("specqd_inner2.model.layers.3.self_attn.o_proj", rules) == "rceil"
+    unquantized = parse_config(specqd(inner={**inner, "quantization": None, "inner": None}))
+    assert scale_rule_for("specqd_inner2.lm_head", capture_rules(unquantized)) is None
 
 
 def test_other_methods_are_untouched(model_dir):

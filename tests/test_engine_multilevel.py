@@ -86,7 +86,7 @@ def test_vllm_level1_metrics_agree_across_levels(runs):
 
 def test_ngram_inner_level_cuts_mxfp4_passes(runs):
     workloads = ["greedy", "long"]
-    level2 = level_stats_delta(runs["two"], workloads)["2"]
+    level2 = level_stats_delta(runs["two"], workloads).levels[2]
     assert level2["accepted_tokens"] > 0, level2
     metrics = [runs["two"].spec_metrics[w] for w in workloads]
     drafts = sum(m["vllm:spec_decode_num_drafts"] for m in metrics)
@@ -97,18 +97,24 @@ def test_ngram_inner_level_cuts_mxfp4_passes(runs):
     assert passes_per_draft_token < 0.95, passes_per_draft_token
 
 
-@pytest.mark.parametrize("levels, expected", [("two", ["1", "2"]), ("three", ["1", "2", "3"])])
+@pytest.mark.parametrize("levels, expected", [("two", [1, 2]), ("three", [1, 2, 3])])
 def test_per_level_metrics_are_reported(runs, levels, expected):
     report = runs[levels].level_stats
-    assert sorted(report["levels"]) == expected
-    assert report["generated_tokens"] > 0
-    assert report["levels"]["1"]["forward_passes"] > 0
+    assert sorted(report.levels) == expected
+    assert report.generated_tokens > 0 and not report.busy
+    assert report.levels[1].forward_passes > 0
     for level in expected[1:]:
-        entry = report["levels"][level]
-        assert entry["proposed_tokens"] >= entry["accepted_tokens"] >= 0
-        assert entry["mean_accepted_length"] >= 1.0
+        entry = report.levels[level]
+        assert entry.proposed_tokens >= entry.accepted_tokens >= 0
+        assert entry.mean_accepted_length >= 1.0
+    # What each level adds: the shared-KV MXFP4 draft no KV, a small model its own KV layers.
+    assert (report.levels[1].kv_cache, report.levels[1].kv_bytes_per_token) == ("shared", 0)
+    assert report.levels[1].weight_bytes > 0
+    assert (report.levels[expected[-1]].kv_cache, report.levels[expected[-1]].weight_bytes) == ("none", 0)
     if levels == "three":
-        assert report["levels"]["2"]["forward_passes"] > 0  # the small model ran
+        assert report.levels[2].forward_passes > 0  # the small model ran
+        assert report.levels[2].kv_cache == "separate"
+        assert report.levels[2].kv_bytes_per_token == 2 * 8 * 3 * 64 * 4  # K, V x 8 layers x 3 heads x 64, fp32
 
 
 def test_three_level_engine_structure(runs):

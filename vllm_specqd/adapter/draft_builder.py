@@ -1,20 +1,18 @@
-"""Build the MXFP4 self-draft from the target's weights in memory.
+"""Build the MXFP4 self-draft from the target's weights in memory; the checkpoint is read once.
 
-Two steps, because vLLM may drop a linear layer's BF16 weight right after
-loading (on CPU, ``UnquantizedLinearMethod.process_weights_after_loading``
-repacks it for oneDNN and frees the original):
+Two steps, because vLLM may free a linear layer's BF16 weight right after loading (on CPU,
+``UnquantizedLinearMethod.process_weights_after_loading`` repacks it for oneDNN):
 
-1. :func:`capture_mxfp4` runs inside that hook (see ``patches.py``) and keeps an
-   MXFP4 copy of each linear weight that a specqd level will need.
-2. :func:`build_mxfp4_draft` instantiates the draft architecture and moves
-   those MXFP4 tensors into it. Embeddings, lm_head and norms are the target's
-   own modules (zero extra bytes); any other parameter is copied.
-
-The checkpoint is never read a second time.
+1. :func:`capture_mxfp4` runs inside that hook (``patches.py``) and stashes an MXFP4 copy of each
+   linear weight some specqd level needs, with that level's scale rule.
+2. :func:`build_mxfp4_draft` instantiates the draft architecture and moves those MXFP4 tensors in.
+   Embeddings and norms (and the lm_head, with ``draft.lm_head: shared``) are the target's own
+   modules: zero extra bytes. Any other parameter is copied.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,15 +26,10 @@ from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmb
 from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.utils.torch_utils import set_default_torch_dtype
 
-from vllm_specqd.adapter.draft_fastpath import (
-    POISON_KV_ENV,
-    call_attention_directly,
-    fused_cpu_ops_available,
-    poison_kv_writes,
-    use_fused_cpu_modules,
-)
+from vllm_specqd.adapter import vllm_internals as internals
+from vllm_specqd.adapter.draft_fastpath import POISON_KV_ENV, fused_cpu_ops_available, use_fused_cpu_modules
 from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod, apply_mxfp4, finalize_mxfp4_layer
-from vllm_specqd.config import from_dict
+from vllm_specqd.config import ModelLevel, SpecQDConfig, from_dict
 from vllm_specqd.kernels import quantize_mxfp4  # native on CPU, same bytes as vllm_specqd.mxfp4
 
 # Under "vllm." so vLLM's logging config (handlers, level, process prefix) applies.
@@ -45,44 +38,45 @@ logger = init_logger("vllm." + __name__)
 DRAFT_PREFIX = "draft_model"  # vLLM's DraftModelProposer prefix; its attention layers live under it
 INNER_PREFIX = "specqd_inner"  # + level number, for small-model inner levels
 _SHARED_MODULE_TYPES = (VocabParallelEmbedding, RMSNorm, GemmaRMSNorm, LayerNorm)
-_STASH = "specqd_mxfp4"
 
 
 def inner_prefix(level: int) -> str:
     return f"{INNER_PREFIX}{level}"
 
 
-def _scale_rule_for(prefix: str, specqd: dict) -> str | None:
-    """Scale rule if the model owning ``prefix`` needs an MXFP4 copy, else None."""
-    cfg = from_dict(specqd)
-    if prefix.startswith(DRAFT_PREFIX):
-        return None  # level-1 draft layers are MXFP4 already
+@functools.lru_cache(maxsize=16)
+def capture_rules(cfg: SpecQDConfig) -> tuple[tuple[str, str | None], ...]:
+    """(model prefix, scale rule or None) in match order: which layers get an MXFP4 copy, and how.
+
+    Example, an 8-layer MXFP4 level 2 under the default draft:
+    (("draft_model", None), ("specqd_inner2", "mse"), ("", "mse")): the draft's own layers are
+    MXFP4 already, level 2's get a copy, and everything else is the target, which level 1 is made of.
+    """
+    rules: list[tuple[str, str | None]] = [(DRAFT_PREFIX, None)]
     for level, spec in enumerate(cfg.levels(), start=2):
-        if prefix.startswith(inner_prefix(level)):
-            return spec.scale_rule if spec.quantization == "mxfp4" else None
-    return cfg.draft.scale_rule  # the target: level 1 is made from it
+        if isinstance(spec, ModelLevel):
+            rules.append((inner_prefix(level), spec.scale_rule if spec.quantization == "mxfp4" else None))
+    rules.append(("", cfg.draft.scale_rule))
+    return tuple(rules)
+
+
+def scale_rule_for(prefix: str, rules: tuple[tuple[str, str | None], ...]) -> str | None:
+    for model_prefix, rule in rules:
+        if not model_prefix or prefix == model_prefix or prefix.startswith(model_prefix + "."):
+            return rule
+    return None
 
 
 def capture_mxfp4(layer: nn.Module) -> None:
-    """Keep an MXFP4 copy of ``layer.weight`` before vLLM may free it."""
+    """Stash an MXFP4 copy of ``layer.weight`` before vLLM may free it (specqd engines only)."""
     vllm_config = get_current_vllm_config_or_none()
     specqd = vllm_config.additional_config.get("specqd") if vllm_config is not None else None
     if not specqd or not isinstance(layer, LinearBase) or layer.weight.numel() == 0:
         return
-    rule = _scale_rule_for(layer.prefix, specqd)
+    prefix = internals.linear_prefix(layer)
+    rule = scale_rule_for(prefix, capture_rules(from_dict(specqd)))
     if rule is not None:
-        setattr(layer, _STASH, quantize_mxfp4(layer.weight.data, scale_rule=rule, name=f"{layer.prefix}.weight"))
-
-
-def _take_stash(layer: nn.Module, name: str):
-    stash = getattr(layer, _STASH, None)
-    if stash is None:
-        raise RuntimeError(
-            f"specqd: no MXFP4 copy of '{name}'. The target must be an unquantized dense "
-            "model loaded with the specqd plugin active."
-        )
-    delattr(layer, _STASH)
-    return stash
+        internals.stash_mxfp4(layer, quantize_mxfp4(layer.weight.data, scale_rule=rule, name=f"{prefix}.weight"))
 
 
 def _install_mxfp4(layer: nn.Module, stash, name: str) -> None:
@@ -142,7 +136,7 @@ class MXFP4LMHead(nn.Module):
         self.weight_scale = Parameter(q.scales, requires_grad=False)
         self.specqd_in_features = q.k
         self.params_dtype = target_head.weight.dtype
-        self.tp_size = target_head.tp_size  # read by LogitsProcessor._get_logits
+        self.tp_size = internals.lm_head_tp_size(target_head)  # LogitsProcessor reads it
         self.quant_method = MXFP4LMHeadMethod()
         self.rescore_top_k = min(rescore_top_k, target_head.weight.shape[0])
         # Not a submodule: the draft must not own (or count, or save) the target's weight.
@@ -177,7 +171,7 @@ def build_mxfp4_draft(
         if isinstance(getattr(module, "quant_method", None), MXFP4LinearMethod):
             if twin is None:
                 raise RuntimeError(f"specqd: target has no layer '{name}' for the draft to copy")
-            _install_mxfp4(module, _take_stash(twin, name), name)
+            _install_mxfp4(module, internals.take_mxfp4_stash(twin, name), name)
             if getattr(module, "bias", None) is not None:
                 module.bias = twin.bias
             cpu_copy_bytes += finalize_mxfp4_layer(module, cpu_kernel)
@@ -200,10 +194,10 @@ def build_mxfp4_draft(
     if device.type == "cpu" and fused_cpu_ops_available():
         logger.info("specqd: the draft runs %d norms/activations as fused CPU kernels", use_fused_cpu_modules(draft))
     if device.type == "cpu" and vllm_config.compilation_config.mode == CompilationMode.NONE:
-        call_attention_directly(draft)
+        internals.call_attention_directly(draft)
     if os.environ.get(POISON_KV_ENV) == "1":
         logger.warning("specqd: %s=1: the draft writes random KV (a test of the shared KV cache)", POISON_KV_ENV)
-        poison_kv_writes(draft)
+        internals.poison_kv_writes(draft)
 
     _log_extra_bytes(draft, target, cpu_copy_bytes)
     return draft.eval()
@@ -215,12 +209,9 @@ def convert_to_mxfp4_in_place(model: nn.Module, cpu_kernel: str = "w4a16") -> tu
     Returns (layers converted, bytes of CPU dequantized copies)."""
     converted = cpu_copy_bytes = 0
     for name, module in model.named_modules():
-        if isinstance(module, LinearBase) and hasattr(module, _STASH):
-            _install_mxfp4(module, _take_stash(module, name), name)
-            module.quant_method = MXFP4LinearMethod()
-            module.specqd_in_features = module.input_size_per_partition
-            del module.weight  # the BF16 weight (or its CPU repack) is no longer needed
-            module.__dict__.pop("cpu_linear", None)
+        if isinstance(module, LinearBase) and internals.has_mxfp4_stash(module):
+            _install_mxfp4(module, internals.take_mxfp4_stash(module, name), name)
+            internals.switch_linear_to_mxfp4(module, MXFP4LinearMethod())
             cpu_copy_bytes += finalize_mxfp4_layer(module, cpu_kernel)
             converted += 1
     return converted, cpu_copy_bytes
@@ -247,4 +238,5 @@ def _log_extra_bytes(draft: nn.Module, target: nn.Module, cpu_copy_bytes: int) -
         else "",
     )
     draft.specqd_extra_weight_bytes = extra_bytes + cpu_copy_bytes
+    draft.specqd_cpu_copy_bytes = cpu_copy_bytes
     return extra_bytes

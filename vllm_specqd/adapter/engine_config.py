@@ -20,7 +20,7 @@ from typing import Any
 import vllm.envs as envs
 
 from vllm_specqd.adapter.mxfp4_linear import QUANT_NAME
-from vllm_specqd.config import SpecQDConfig, SpecQDConfigError, parse_config
+from vllm_specqd.config import ModelLevel, SpecQDConfig, SpecQDConfigError, parse_config
 
 
 def _tokenizer_vocab(model_dir: Path) -> dict | None:
@@ -38,7 +38,7 @@ def _check_inner_vocabularies(cfg: SpecQDConfig, target_model_config: Any) -> No
     target_dir = Path(target_model_config.tokenizer or target_model_config.model)
     target_vocab = _tokenizer_vocab(target_dir) if target_dir.is_dir() else None
     for level, spec in enumerate(cfg.levels(), start=2):
-        if spec.method != "draft_model":
+        if not isinstance(spec, ModelLevel):
             continue
         path = f"inner{'.inner' * (level - 2)}.model"
         config = json.loads((Path(spec.model) / "config.json").read_text())

@@ -1,30 +1,30 @@
-"""Per-level specqd metrics for Prometheus (`/metrics`) and offline callers.
+"""Per-level specqd metrics for Prometheus (``/metrics``) and offline callers.
 
-Workers publish one JSON report per engine (see ``level_stats.py``); this
-module turns them into Prometheus metrics in the API server process, next to
-vLLM's own ``vllm:spec_decode_*`` level-1 metrics:
+Workers publish one :class:`~vllm_specqd.level_report.LevelReport` per engine; this module turns
+them into Prometheus metrics in the API server process, next to vLLM's own ``vllm:spec_decode_*``
+level-1 metrics (labels: engine, level)::
 
-    specqd:level_forward_passes_total{engine, level}
-    specqd:level_proposed_tokens_total{engine, level}
-    specqd:level_accepted_tokens_total{engine, level}
-    specqd:level_mean_accepted_length{engine, level}
-    specqd:level_forward_passes_per_generated_token{engine, level}
-    specqd:level_verify_windows_total{engine, level}
-    specqd:level_weight_bytes{engine, level}
-    specqd:level_kv_bytes_per_token{engine, level}
-    specqd:generated_tokens_total{engine}
-    specqd:rounds_total{engine}
-    specqd:tracked_requests{engine}
+    specqd:level_forward_passes_total             specqd:level_weight_bytes
+    specqd:level_proposed_tokens_total            specqd:level_kv_bytes_per_token
+    specqd:level_accepted_tokens_total            specqd:level_kv_cache_info{kv_cache=shared|separate|none}
+    specqd:level_verify_windows_total             specqd:generated_tokens_total{engine}
+    specqd:level_mean_accepted_length             specqd:rounds_total{engine}
+    specqd:level_forward_passes_per_generated_token   specqd:tracked_requests{engine}
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from pathlib import Path
 
-from vllm_specqd.adapter.level_stats import STATS_DIR_ENV, stats_path
+from vllm_specqd.level_report import (
+    STATS_DIR_ENV,
+    LevelReport,
+    read_reports,
+    read_settled_report,
+    report_path,
+    stats_dir,
+)
 
 _collector_registered = False
 
@@ -36,65 +36,63 @@ def ensure_stats_dir() -> str:
     return os.environ[STATS_DIR_ENV]
 
 
-def _reports() -> dict[str, dict]:
-    directory = os.environ.get(STATS_DIR_ENV)
-    if not directory or not Path(directory).is_dir():
-        return {}
-    reports = {}
-    for path in Path(directory).glob("*.json"):
-        try:
-            reports[path.stem] = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # a writer is mid-replace; the next scrape sees it
-    return reports
+def read_level_stats(llm) -> LevelReport | None:
+    """The level report of an offline ``vllm.LLM``, once its worker has written its last counts
+    (None for an engine without specqd)."""
+    path = report_path(llm.llm_engine.vllm_config.instance_id)
+    return read_settled_report(path) if path is not None else None
 
 
-def read_level_stats(llm) -> dict | None:
-    """The per-level report of an offline `vllm.LLM` (None before its first drafting round)."""
-    path = stats_path(llm.llm_engine.vllm_config.instance_id)
-    if path is None or not path.exists():
-        return None
-    return json.loads(path.read_text())
+def _families():
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["engine", "level"]
+    return {
+        "forward_passes": CounterMetricFamily(
+            "specqd:level_forward_passes", "Forward passes run by a specqd level", labels=labels
+        ),
+        "proposed_tokens": CounterMetricFamily(
+            "specqd:level_proposed_tokens", "Tokens a level proposed to the level above", labels=labels
+        ),
+        "accepted_tokens": CounterMetricFamily(
+            "specqd:level_accepted_tokens", "Proposed tokens the level above accepted", labels=labels
+        ),
+        "mean_accepted_length": GaugeMetricFamily(
+            "specqd:level_mean_accepted_length",
+            "Tokens the level above gained per verification window (bonus included)",
+            labels=labels,
+        ),
+        "forward_passes_per_generated_token": GaugeMetricFamily(
+            "specqd:level_forward_passes_per_generated_token",
+            "Forward passes of a level per token the target generated",
+            labels=labels,
+        ),
+        "verify_windows": CounterMetricFamily(
+            "specqd:level_verify_windows",
+            "Per-request windows the level above ran to check this level's proposals",
+            labels=labels,
+        ),
+        "weight_bytes": GaugeMetricFamily(
+            "specqd:level_weight_bytes", "Weight bytes a level adds to the target's", labels=labels
+        ),
+        "kv_bytes_per_token": GaugeMetricFamily(
+            "specqd:level_kv_bytes_per_token",
+            "KV-cache bytes per token a level adds (0 when it shares the target's KV)",
+            labels=labels,
+        ),
+        "kv_cache": GaugeMetricFamily(
+            "specqd:level_kv_cache_info",
+            "A level's KV cache: shared (the target's), separate (its own layers) or none (n-gram)",
+            labels=[*labels, "kv_cache"],
+        ),
+    }
 
 
 class LevelStatsCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        families = {
-            "forward_passes": CounterMetricFamily(
-                "specqd:level_forward_passes", "Forward passes run by a specqd level", labels=["engine", "level"]
-            ),
-            "proposed_tokens": CounterMetricFamily(
-                "specqd:level_proposed_tokens", "Tokens a level proposed to the level above", labels=["engine", "level"]
-            ),
-            "accepted_tokens": CounterMetricFamily(
-                "specqd:level_accepted_tokens", "Proposed tokens the level above accepted", labels=["engine", "level"]
-            ),
-            "mean_accepted_length": GaugeMetricFamily(
-                "specqd:level_mean_accepted_length",
-                "Tokens the level above gained per verification window (bonus included)",
-                labels=["engine", "level"],
-            ),
-            "forward_passes_per_generated_token": GaugeMetricFamily(
-                "specqd:level_forward_passes_per_generated_token",
-                "Forward passes of a level per token the target generated",
-                labels=["engine", "level"],
-            ),
-            "verify_windows": CounterMetricFamily(
-                "specqd:level_verify_windows",
-                "Per-request windows the level above ran to check this level's proposals",
-                labels=["engine", "level"],
-            ),
-            "weight_bytes": GaugeMetricFamily(
-                "specqd:level_weight_bytes", "Weight bytes a level adds to the target's", labels=["engine", "level"]
-            ),
-            "kv_bytes_per_token": GaugeMetricFamily(
-                "specqd:level_kv_bytes_per_token",
-                "KV-cache bytes per token of a level's own KV layers",
-                labels=["engine", "level"],
-            ),
-        }
+        families = _families()
         generated = CounterMetricFamily(
             "specqd:generated_tokens", "Tokens committed by the target while specqd drafted", labels=["engine"]
         )
@@ -104,16 +102,29 @@ class LevelStatsCollector:
             "Requests whose per-level state (KV bookkeeping, stats) the drafter still holds",
             labels=["engine"],
         )
-        for engine, report in _reports().items():
-            if "generated_tokens" in report:
-                generated.add_metric([engine], report["generated_tokens"])
-                rounds.add_metric([engine], report["rounds"])
-            if "tracked_requests" in report:
-                tracked.add_metric([engine], report["tracked_requests"])
-            for level, entry in report.get("levels", {}).items():
-                for key, family in families.items():
-                    if key in entry:
-                        family.add_metric([engine, level], entry[key])
+        directory = stats_dir()
+        reports = read_reports(directory) if directory is not None and directory.is_dir() else {}
+        for engine, report in reports.items():
+            if report.generated_tokens is not None:
+                generated.add_metric([engine], report.generated_tokens)
+                rounds.add_metric([engine], report.rounds)
+            tracked.add_metric([engine], report.tracked_requests)
+            for number, entry in sorted(report.levels.items()):
+                labels = [engine, str(number)]
+                values = {
+                    "forward_passes": entry.forward_passes,
+                    "proposed_tokens": entry.proposed_tokens,
+                    "accepted_tokens": entry.accepted_tokens,
+                    "mean_accepted_length": entry.mean_accepted_length,
+                    "forward_passes_per_generated_token": report.passes_per_generated_token(number),
+                    "verify_windows": entry.verify_windows,
+                    "weight_bytes": entry.weight_bytes,
+                    "kv_bytes_per_token": entry.kv_bytes_per_token,
+                }
+                for key, value in values.items():
+                    if value is not None:
+                        families[key].add_metric(labels, value)
+                families["kv_cache"].add_metric([*labels, entry.kv_cache], 1)
         yield from families.values()
         yield generated
         yield rounds

@@ -19,6 +19,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.model_executor.utils import set_weight_attrs
 
+from vllm_specqd.adapter import vllm_internals
 from vllm_specqd.kernels import mxfp4_matmul
 from vllm_specqd.mxfp4 import BLOCK_SIZE, dequantize_mxfp4
 
@@ -70,9 +71,9 @@ def apply_mxfp4(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | No
             x2d.contiguous(), layer.weight_packed, layer.weight_scale, bias, act_bits, "auto"
         )
         return y.reshape(*x.shape[:-1], y.shape[-1])
-    cpu_linear = getattr(layer, "cpu_linear", None)
-    if cpu_linear is not None:  # cpu_kernel "dequantized"
-        return cpu_linear(x, layer.weight, bias)
+    cpu_gemm = vllm_internals.cpu_gemm(layer)
+    if cpu_gemm is not None:  # cpu_kernel "dequantized"
+        return cpu_gemm(x, layer.weight, bias)
     return mxfp4_matmul(x, layer.weight_packed, layer.weight_scale, bias)
 
 

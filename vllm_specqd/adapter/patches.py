@@ -180,7 +180,7 @@ def _patch_cpu_expand_kernel() -> None:
 
 
 # --------------------------------------------------------------------------
-# 7. vllm/v1/sample/ops/topk_topp_sampler.py:519 `apply_top_k_only` (taken on
+# 7. vllm/v1/sample/ops/topk_topp_sampler.py:517 `apply_top_k_only` (taken on
 #    CPU) calls `k.max()`, which raises on an empty batch. The rejection sampler
 #    calls it with zero rows when a step schedules no draft tokens for its
 #    top-k requests (e.g. every request is one token from max_tokens), which

@@ -2,7 +2,8 @@
 
 vLLM calls :func:`register` in every process (API server, engine core,
 workers) before configs are built. It is idempotent: vLLM may call it more
-than once per process.
+than once per process. Importing this module checks the vLLM version
+(``vllm_specqd/adapter/__init__.py``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm_specqd.vllm_compat import check_vllm_version
-
-    check_vllm_version(required=True)
-
     from vllm_specqd.adapter import mxfp4_linear  # noqa: F401  registers "specqd_mxfp4"
     from vllm_specqd.adapter.metrics import ensure_stats_dir, register_collector
     from vllm_specqd.adapter.patches import apply_all

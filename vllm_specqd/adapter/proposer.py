@@ -1,16 +1,16 @@
 """SpecQDProposer: vLLM's DraftModelProposer with an in-memory MXFP4 self-draft.
 
-Level 1 only: vLLM's drafting loop runs unchanged (a first pass that keeps the
-draft's KV cache in step with the target, then one forward pass per draft
-token).
+One phase per function, as vLLM calls them: :meth:`load_model` (the draft, the inner levels),
+:meth:`initialize_attn_backend` (where each level's KV lives), :meth:`propose` (one round).
+A round for K level-1 tokens takes one of three paths:
 
-With ``inner`` levels, a round for K level-1 tokens is:
+* shared KV, one level: K single-token passes over the target's own KV (``_propose_shared_kv``);
+* separate KV, one level: vLLM's own loop (a first pass that catches the draft's KV up, then one
+  pass per token);
+* inner levels: a first pass gives d1 (``_first_pass``), then the speculative chain gives
+  d2..dK (``_draft_rest``). Greedy drafting makes d1..dK exactly what the MXFP4 draft alone gives.
 
-1. the first pass, as in vLLM, gives d1; small-model levels run the same pass
-   over their own KV layers so every level's KV covers the committed context;
-2. :class:`vllm_specqd.multilevel.SpeculativeLevel` produces d2..dK: the inner
-   chain guesses, the MXFP4 draft checks a whole window per forward pass.
-Greedy drafting makes d1..dK exactly what the MXFP4 draft alone would give.
+Every vLLM internal it needs goes through ``vllm_internals``; docs/design.md draws the rounds.
 """
 
 from __future__ import annotations
@@ -24,24 +24,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 from vllm.compilation.backends import set_model_tag
-from vllm.config import ModelConfig, get_layers_from_vllm_config
-from vllm.config.utils import replace
-from vllm.forward_context import set_forward_context
 from vllm.logger import init_logger
-from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
-from vllm.model_executor.model_loader import get_model
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
-from vllm_specqd.adapter.draft_builder import (
-    DRAFT_PREFIX,
-    build_mxfp4_draft,
-    convert_to_mxfp4_in_place,
-    inner_prefix,
-)
+from vllm_specqd.adapter import vllm_internals as internals
+from vllm_specqd.adapter.draft_builder import DRAFT_PREFIX, build_mxfp4_draft
+from vllm_specqd.adapter.inner_models import load_inner_model
 from vllm_specqd.adapter.level_stats import LevelStatsPublisher
-from vllm_specqd.adapter.vllm_internals import sharing_target_kv_while
 from vllm_specqd.adapter.window_model import VllmWindowModel
-from vllm_specqd.config import InnerSpec, from_dict
+from vllm_specqd.config import ModelLevel, NgramLevel, from_dict
 from vllm_specqd.multilevel import RequestContext, SpeculativeLevel, build_chain
 from vllm_specqd.ngram import NgramProposer
 
@@ -57,156 +48,109 @@ class SpecQDProposer(DraftModelProposer):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
         self.runner = runner  # the base class does not keep it; we read its input batch
         self.specqd = from_dict(vllm_config.additional_config["specqd"])
-        self._target_for_build: nn.Module | None = None
+        self.shared_kv = self.specqd.draft.kv_cache == "shared"
         self.chain: SpeculativeLevel | None = None
-        self.inner_window_models: list[VllmWindowModel] = []
+        self.inner_window_models: list[VllmWindowModel] = []  # level 2, 3, ... (model levels only)
         self.stats = LevelStatsPublisher(vllm_config)
         if runner is not None:
-            self._forget_removed_requests(runner)
+            internals.on_request_removed(runner, self._forget_request)
 
-    def _forget_removed_requests(self, runner) -> None:
-        """Drop a request's per-level state as soon as vLLM drops the request.
-
-        GPUModelRunner._update_states calls the platform hook
-        _on_request_state_removed for every finished request, aborted ones
-        included (vllm/v1/worker/gpu_model_runner.py:1156 the hook, :1183-1185
-        the calls), also in the step that only carries finished ids (:3979,
-        before the early return for an empty schedule), so idle engines hold nothing.
-        """
-        removed = runner._on_request_state_removed
-
-        def on_removed(req_id, req_state) -> None:
-            removed(req_id, req_state)
-            self.stats.forget(req_id, self.chain)
-
-        runner._on_request_state_removed = on_removed
+    def _forget_request(self, req_id: str) -> None:
+        """vLLM dropped a request (finished or aborted): free its per-level state at once."""
+        self.stats.forget(req_id, batch_empty=not internals.runner_holds_requests(self.runner))
 
     # ------------------------------------------------------------------ loading
 
     def load_model(self, target_model: nn.Module) -> None:
-        self._target_for_build = target_model
-        try:
-            super().load_model(target_model)
-        finally:
-            self._target_for_build = None
-        self.stats.level_info["1"] = {"weight_bytes": self.model.specqd_extra_weight_bytes}
-        self.shared_kv = self.specqd.draft.kv_cache == "shared"
+        draft = self.specqd.draft
+        internals.load_draft_model(self, target_model, lambda config: self._build_draft(config, target_model))
         self.level1_model = VllmWindowModel("level1", self.model, self.vllm_config, self.device)
+        self.stats.set_level(
+            1,
+            proposer="MXFP4 self-draft",
+            weight_bytes=self.model.specqd_extra_weight_bytes,
+            cpu_copy_bytes=self.model.specqd_cpu_copy_bytes,
+            kv_cache=draft.kv_cache,
+        )
         if self.specqd.inner is not None:
-            self.chain = self._build_chain()
+            self.chain = self.stats.chain = self._build_chain()
         logger.info(
             "specqd: level 1 = MXFP4 self-draft (scale rule %s, %s KV, lm_head %s), K=%d, draft sampling %s; "
             "levels below: %s",
-            self.specqd.draft.scale_rule,
-            self.specqd.draft.kv_cache,
-            self.specqd.draft.lm_head,
+            draft.scale_rule,
+            draft.kv_cache,
+            draft.lm_head,
             self.specqd.num_speculative_tokens,
             self.specqd.draft_sample_method,
-            [f"{s.method}(k={s.num_speculative_tokens})" for s in self.specqd.levels()] or "none",
+            [_describe(level) for level in self.specqd.levels()] or "none",
         )
 
-    def _get_model(self) -> nn.Module:
-        assert self._target_for_build is not None, "load_model() passes the target in"
+    def _build_draft(self, draft_vllm_config, target_model: nn.Module) -> nn.Module:
+        draft = self.specqd.draft
         with set_model_tag(DRAFT_PREFIX):
             return build_mxfp4_draft(
-                self._create_draft_vllm_config(),
-                self._target_for_build,
-                cpu_kernel=self.specqd.draft.cpu_kernel,
-                lm_head=self.specqd.draft.lm_head,
-                scale_rule=self.specqd.draft.scale_rule,
-                lm_head_rescore_top_k=self.specqd.draft.lm_head_rescore_top_k,
+                draft_vllm_config,
+                target_model,
+                cpu_kernel=draft.cpu_kernel,
+                lm_head=draft.lm_head,
+                scale_rule=draft.scale_rule,
+                lm_head_rescore_top_k=draft.lm_head_rescore_top_k,
             )
 
     def kv_cache_spec_context(self):
         """What the runner's KV cache spec collection runs inside (patches.py, patch 8)."""
         if not self.shared_kv:
             return contextlib.nullcontext()
-        return sharing_target_kv_while(self.vllm_config, self._draft_attn_layer_names, DRAFT_PREFIX)
+        return internals.sharing_target_kv_while(self.vllm_config, internals.draft_layer_names(self), DRAFT_PREFIX)
 
     def _build_chain(self) -> SpeculativeLevel:
-        models: list[list] = [[self.level1_model, 0]]
-        innermost = None
+        """Level 1's window model, then each inner level's, nested; an n-gram level ends the chain."""
+        models, asks, innermost = [self.level1_model], [], None
         for level, spec in enumerate(self.specqd.levels(), start=2):
-            models[-1][1] = spec.num_speculative_tokens  # the level above asks this many
-            if spec.method == "ngram":
+            asks.append(spec.num_speculative_tokens)  # the level above asks this many per pass
+            if isinstance(spec, NgramLevel):
                 innermost = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens)
+                self.stats.set_level(level, proposer="n-gram lookup", kv_cache="none")
                 break
-            window_model = self._load_inner_model(spec, level)
-            self.inner_window_models.append(window_model)
-            models.append([window_model, 0])
-        return build_chain([tuple(m) for m in models], innermost)
-
-    def _load_inner_model(self, spec: InnerSpec, level: int) -> VllmWindowModel:
-        target = self.vllm_config.model_config
-        model_config = ModelConfig(
-            model=spec.model,
-            runner="draft",
-            tokenizer=target.tokenizer,
-            tokenizer_mode=target.tokenizer_mode,
-            trust_remote_code=target.trust_remote_code,
-            dtype=target.dtype,
-            seed=target.seed,
-            max_model_len=target.max_model_len,
-            enforce_eager=True,  # ragged windows run eagerly anyway
-            max_logprobs=target.max_logprobs,
-        )
-        inner_config = replace(self.vllm_config, model_config=model_config, quant_config=None)
-        before = set(get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase))
-        prefix = inner_prefix(level)
-        with set_model_tag(prefix):
-            try:
-                model = get_model(vllm_config=inner_config, model_config=model_config, prefix=prefix)
-            except Exception as e:  # a corrupt or truncated checkpoint: say which level and files
-                raise RuntimeError(
-                    f"specqd: level {level} model {spec.model!r} failed to load: {type(e).__name__}: {e}"
-                ) from e
-        cpu_copy_bytes = 0
-        if spec.quantization == "mxfp4":
-            converted, cpu_copy_bytes = convert_to_mxfp4_in_place(model, cpu_kernel=spec.cpu_kernel)
-            logger.info("specqd: level %d (%s) converted %d linear layers to MXFP4", level, spec.model, converted)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + cpu_copy_bytes
-        self.stats.level_info[str(level)] = {"weight_bytes": weight_bytes}
-        window_model = VllmWindowModel(f"level{level}", model, self.vllm_config, self.device)
-        after = get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase)
-        window_model.layer_names = sorted(
-            name for name in set(after) - before if after[name].get_kv_cache_spec(self.vllm_config) is not None
-        )
-        return window_model
+            inner = load_inner_model(self.vllm_config, spec, level, self.device)
+            self.stats.set_level(
+                level,
+                proposer=f"model {spec.model}",
+                weight_bytes=inner.weight_bytes,
+                cpu_copy_bytes=inner.cpu_copy_bytes,
+                kv_cache="separate",
+            )
+            self.inner_window_models.append(inner.window_model)
+            models.append(inner.window_model)
+        asks += [0] * (len(models) - len(asks))  # the innermost model level asks nobody
+        return build_chain(list(zip(models, asks)), innermost)
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
+        """Attention groups for every level's layers (shared-KV draft layers sit in the target's groups)."""
         super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
-        if self.shared_kv:
-            self.stats.level_info["1"]["kv_bytes_per_token"] = 0
-        else:
-            self.stats.level_info["1"]["kv_bytes_per_token"] = self._kv_bytes_per_token(self._draft_attn_layer_names)
-        self.stats.level_info["1"]["kv_cache"] = self.specqd.draft.kv_cache
-        level1 = self.level1_model
-        level1.layer_names = sorted(self._draft_attn_layer_names)
-        level1.attn_groups, level1.block_size = self.draft_attn_groups, self.block_size
-        if self.chain is None:
-            return
-        # The base method builds attention groups for `_draft_attn_layer_names`;
-        # run it once per inner model over that model's layers.
-        saved = (self._draft_attn_layer_names, self.draft_attn_groups, self.kv_cache_gid, self.block_size)
-        try:
-            for window_model in self.inner_window_models:
-                self._draft_attn_layer_names = set(window_model.layer_names)
-                super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
-                if self.kv_cache_gid != saved[2]:
-                    raise RuntimeError(
-                        f"specqd: {window_model.name}'s KV layers landed in a different KV cache group "
-                        "than the MXFP4 draft's; inner models need the target's KV block layout."
-                    )
-                window_model.attn_groups, window_model.block_size = self.draft_attn_groups, self.block_size
-                level = window_model.name.removeprefix("level")
-                self.stats.level_info[level]["kv_bytes_per_token"] = self._kv_bytes_per_token(window_model.layer_names)
-        finally:
-            self._draft_attn_layer_names, self.draft_attn_groups, self.kv_cache_gid, self.block_size = saved
+        draft_layers = internals.draft_layer_names(self)
+        level1 = internals.attention_binding(self)
+        self._bind(self.level1_model, sorted(draft_layers), level1)
+        kv_bytes = 0 if self.shared_kv else internals.kv_bytes_per_token(self.vllm_config, draft_layers)
+        self.stats.set_level(1, kv_bytes_per_token=kv_bytes)
+        for level, window_model in enumerate(self.inner_window_models, start=2):
+            binding = internals.attention_binding_for(
+                self, window_model.layer_names, kv_cache_config, kernel_block_sizes
+            )
+            if binding.kv_cache_gid != level1.kv_cache_gid:
+                raise RuntimeError(
+                    f"specqd: {window_model.name}'s KV layers landed in a different KV cache group "
+                    "than the MXFP4 draft's; inner models need the target's KV block layout."
+                )
+            self._bind(window_model, window_model.layer_names, binding)
+            kv_bytes = internals.kv_bytes_per_token(self.vllm_config, window_model.layer_names)
+            self.stats.set_level(level, kv_bytes_per_token=kv_bytes)
+        self.stats.publish(busy=False, force=True)  # what each level adds, before any request
 
-    def _kv_bytes_per_token(self, layer_names) -> int:
-        layers = get_layers_from_vllm_config(self.vllm_config, AttentionLayerBase, sorted(layer_names))
-        specs = [layer.get_kv_cache_spec(self.vllm_config) for layer in layers.values()]
-        return sum(spec.page_size_bytes // spec.block_size for spec in specs if spec is not None)
+    @staticmethod
+    def _bind(window_model: VllmWindowModel, layer_names: list[str], binding: internals.AttentionBinding) -> None:
+        window_model.layer_names = list(layer_names)
+        window_model.attn_groups, window_model.block_size = binding.groups, binding.block_size
 
     # ------------------------------------------------------------------ drafting
 
@@ -229,7 +173,7 @@ class SpecQDProposer(DraftModelProposer):
             next_positions = self._next_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
         if self.shared_kv and (self.chain is None or num_speculative_tokens <= 1):
             self.stats.first_passes += max(1, num_speculative_tokens)
-            self.stats.publish(None)
+            self.stats.publish()
             drafts = self._propose_shared_kv(
                 num_speculative_tokens,
                 target_positions,
@@ -240,7 +184,7 @@ class SpecQDProposer(DraftModelProposer):
             )
         elif self.chain is None or num_speculative_tokens <= 1:
             self.stats.first_passes += max(1, num_speculative_tokens)  # vLLM's loop: K passes
-            self.stats.publish(None)
+            self.stats.publish()
             drafts = super().propose(
                 num_speculative_tokens,
                 target_token_ids,
@@ -284,19 +228,18 @@ class SpecQDProposer(DraftModelProposer):
         The committed context's KV is the target's, exact; pass j writes the slot of position
         p + 1 + j only, which the next verification rewrites before attending to it.
         """
-        self.num_speculative_tokens = num_speculative_tokens
-        self._last_draft_probs = None
+        internals.begin_round(self, num_speculative_tokens)
         positions = self._sampled_positions(target_positions, cad, num_rejected_tokens_gpu)
         self.level1_model.bind_batch({}, cad.block_table_tensor)
         tokens, drafts, probs = next_token_ids, [], []
         for step in range(max(1, num_speculative_tokens)):
             hidden = self.level1_model.decode_step(tokens, positions + step, self.max_model_len)
-            tokens, step_probs = self._sample_draft_tokens(hidden, sampling_metadata)
+            tokens, step_probs = internals.sample_draft_tokens(self, hidden, sampling_metadata)
             drafts.append(tokens)
             if step_probs is not None:
                 probs.append(step_probs)
         if probs:
-            self._last_draft_probs = torch.stack(probs, dim=1).contiguous()
+            internals.keep_draft_probs(self, torch.stack(probs, dim=1).contiguous())
         return torch.stack(drafts, dim=1)
 
     @staticmethod
@@ -321,8 +264,8 @@ class SpecQDProposer(DraftModelProposer):
         return [positions[hi - 1] + 1 for _, hi in self._accepted_rows(cad, num_rejected_tokens_gpu)]
 
     def _trace(self, path: str, next_positions: list[int], drafts: torch.Tensor) -> None:
-        req_ids = self.runner.input_batch.req_ids
-        discarded = self.runner.discard_request_mask.np
+        req_ids = internals.batch_req_ids(self.runner, len(next_positions))
+        discarded = internals.discarded_rows(self.runner, len(next_positions))
         with open(path, "a") as f:
             for i, (pos, row) in enumerate(zip(next_positions, drafts.tolist())):
                 if not discarded[i]:
@@ -340,8 +283,7 @@ class SpecQDProposer(DraftModelProposer):
         num_rejected_tokens_gpu,
         mm_embed_inputs,
     ) -> torch.Tensor:
-        self.num_speculative_tokens = num_speculative_tokens
-        self._last_draft_probs = None
+        internals.begin_round(self, num_speculative_tokens)
         contexts = self._committed_contexts(
             target_token_ids, target_positions, next_token_ids, common_attn_metadata, num_rejected_tokens_gpu
         )
@@ -364,18 +306,16 @@ class SpecQDProposer(DraftModelProposer):
 
         The runner has not yet booked this step's tokens (the drafter runs
         before bookkeeping), so the tail comes from the target's own inputs:
-        token_ids_cpu[:first input position] + the accepted input rows + next token.
+        the booked tokens before the first input position + the accepted input rows + next token.
         """
-        batch = self.runner.input_batch
         tokens = target_token_ids.tolist()
         positions = target_positions.tolist()
         next_tokens = next_token_ids.tolist()
         contexts = []
         for i, (lo, hi) in enumerate(self._accepted_rows(cad, num_rejected_tokens_gpu)):
-            first_pos = positions[lo]
             context = np.concatenate(
                 [
-                    batch.token_ids_cpu[i, :first_pos].astype(np.int64),
+                    internals.committed_token_ids(self.runner, i, positions[lo]),
                     np.asarray(tokens[lo:hi], dtype=np.int64),
                     np.asarray([next_tokens[i]], dtype=np.int64),
                 ]
@@ -395,56 +335,36 @@ class SpecQDProposer(DraftModelProposer):
         mm_embed_inputs,
         num_rejected_tokens_gpu,
     ) -> torch.Tensor:  # [batch_size] d1 per request
-        """vLLM's first drafting pass (llm_base_proposer.py:535-590), plus the inner models.
+        """The round's first level-1 pass, which gives d1; inner models catch their own KV up.
 
-        With a shared KV the MXFP4 draft only runs the token the target just sampled; inner
-        models with their own KV still catch up over the target's whole input.
+        With a shared KV the MXFP4 draft runs only the token the target just sampled; with a
+        separate KV it runs vLLM's first pass over the target's whole input (its KV must follow).
         """
+
+        def vllm_first_pass_inputs() -> internals.FirstPassInputs:
+            return internals.first_pass_inputs(
+                self,
+                target_token_ids,
+                next_token_ids,
+                target_positions,
+                target_hidden_states,
+                token_indices_to_sample,
+                common_attn_metadata,
+                num_rejected_tokens_gpu,
+            )
+
         if self.shared_kv:
             positions = self._sampled_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
             self.level1_model.bind_batch({}, common_attn_metadata.block_table_tensor)
             hidden = self.level1_model.decode_step(next_token_ids, positions, self.max_model_len)
-            if self.inner_window_models:
-                num_tokens, _, cad = self.set_inputs_first_pass(
-                    target_token_ids=target_token_ids,
-                    next_token_ids=next_token_ids,
-                    target_positions=target_positions,
-                    target_hidden_states=target_hidden_states,
-                    token_indices_to_sample=token_indices_to_sample,
-                    cad=common_attn_metadata,
-                    num_rejected_tokens_gpu=num_rejected_tokens_gpu,
-                )
-                for window_model in self.inner_window_models:
-                    window_model.forward(self.input_ids[:num_tokens], self.positions[:num_tokens], cad)
-            self.stats.first_passes += 1
-            return self._greedy_sample(hidden)
-        num_tokens, token_indices_to_sample, cad = self.set_inputs_first_pass(
-            target_token_ids=target_token_ids,
-            next_token_ids=next_token_ids,
-            target_positions=target_positions,
-            target_hidden_states=target_hidden_states,
-            token_indices_to_sample=token_indices_to_sample,
-            cad=common_attn_metadata,
-            num_rejected_tokens_gpu=num_rejected_tokens_gpu,
-        )
-        _, per_layer = self.build_per_group_and_layer_attn_metadata(cad)
-        mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
-        model_kwargs, slot_mapping_size = self.build_model_inputs_first_pass(
-            num_tokens, num_input_tokens, mm_embed_inputs
-        )
-        with set_forward_context(
-            per_layer,
-            self.vllm_config,
-            num_tokens=num_input_tokens,
-            num_tokens_across_dp=across_dp,
-            cudagraph_runtime_mode=mode,
-            slot_mapping=self._get_slot_mapping(slot_mapping_size, cad.slot_mapping),
-        ):
-            hidden_states = self.model(**model_kwargs)
+            inputs = vllm_first_pass_inputs() if self.inner_window_models else None
+        else:
+            inputs = vllm_first_pass_inputs()
+            hidden = internals.run_first_pass(self, inputs, mm_embed_inputs)[inputs.sample_rows]
         for window_model in self.inner_window_models:
-            window_model.forward(self.input_ids[:num_tokens], self.positions[:num_tokens], cad)
+            window_model.forward(inputs.input_ids, inputs.positions, inputs.cad)
         self.stats.first_passes += 1
-        return self._greedy_sample(hidden_states[token_indices_to_sample])
+        return internals.greedy_sample(self, hidden)
 
     def _useful_draft_tokens(self, req_id: Hashable, context_len: int, k: int) -> int:
         """How many of d2..dK the next target step can use.
@@ -454,20 +374,19 @@ class SpecQDProposer(DraftModelProposer):
         use at most m - 1 drafts, d1 included.
         """
         useful = min(k - 1, self.max_model_len - context_len)
-        state = self.runner.requests.get(req_id)
-        params = getattr(state, "sampling_params", None)
-        if params is not None and params.max_tokens is not None:
-            generated = context_len - state.num_prompt_tokens
-            useful = min(useful, params.max_tokens - generated - 2)
+        budget = internals.generation_budget(self.runner, req_id)
+        if budget is not None:
+            num_prompt_tokens, max_tokens = budget
+            useful = min(useful, max_tokens - (context_len - num_prompt_tokens) - 2)
         return max(0, useful)
 
     def _draft_rest(self, contexts: list[np.ndarray], first_tokens: torch.Tensor, k: int, cad) -> torch.Tensor:
-        batch = self.runner.input_batch
-        req_ids: list[Hashable] = list(batch.req_ids[: len(contexts)])
+        """d2..dK: the speculative chain continues every request's context + d1."""
+        req_ids: list[Hashable] = internals.batch_req_ids(self.runner, len(contexts))
         row_of = {req_id: i for i, req_id in enumerate(req_ids)}
         for window_model in [self.chain.model, *self.inner_window_models]:
             window_model.bind_batch(row_of, cad.block_table_tensor)
-        discarded = self.runner.discard_request_mask.np[: len(contexts)]
+        discarded = internals.discarded_rows(self.runner, len(contexts))
         first = first_tokens.tolist()
         requests, wanted = [], []
         for i, (req_id, context) in enumerate(zip(req_ids, contexts)):
@@ -476,8 +395,13 @@ class SpecQDProposer(DraftModelProposer):
             wanted.append(0 if discarded[i] else self._useful_draft_tokens(req_id, len(context), k))
             requests.append(RequestContext(req_id, np.append(context, first[i])))
             self.stats.count_round(req_id, len(context), discarded[i])
-        self.stats.forget_missing(req_ids, self.chain)
+        self.stats.forget_missing(req_ids)
         rest = self.chain.propose(requests, wanted)
         drafts = [[first[i], *rest[i]] + [first[i]] * (k - 1 - len(rest[i])) for i in range(len(contexts))]
-        self.stats.publish(self.chain)
+        self.stats.publish()
         return torch.tensor(drafts, dtype=first_tokens.dtype, device=first_tokens.device)
+
+
+def _describe(level: NgramLevel | ModelLevel) -> str:
+    what = "ngram" if isinstance(level, NgramLevel) else f"model {level.model}"
+    return f"{what} (k={level.num_speculative_tokens})"

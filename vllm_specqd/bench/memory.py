@@ -1,21 +1,10 @@
-"""Memory speculation adds: draft weights (from checkpoint headers) and KV cache per token (from the engine).
+"""Memory a method adds to the target: the specqd level report's bytes, and what no report can know.
 
-Weights are computed, not measured: the adapter logs the MXFP4 draft's size
-but does not export it to the front-end process. The rules follow the adapter:
-
-* specqd level 1 (``draft_builder.py``): every linear weight of the decoder
-  layers becomes MXFP4 (0.5 byte per element + 1 scale byte per 32 elements,
-  K padded to 32); embeddings, lm_head and norms are shared with the target.
-  Off CUDA each MXFP4 layer also keeps a once-dequantized copy in the run's
-  dtype for the CPU GEMM (``draft.cpu_dequantize_once``), reported apart.
-* a small-model level with ``quantization: mxfp4``: its decoder linears as
-  above, everything else (its own embeddings, norms) in the run's dtype.
-* vLLM ``draft_model`` with the target's checkpoint: a full second copy.
-
-KV: every draft model level has its own KV layers in the engine's one KV
-budget; per token, a model holds 2 * layers * kv_heads * head_dim * element
-size. The engine's reported capacity is checked against that count
-(capacity = budget // (bytes per token * block size) * block size).
+specqd levels report the bytes they really added (``LevelReport``: weights, CPU copies, KV bytes per
+token, 0 for a level-1 draft that shares the target's KV). Computed here: vLLM's own ``draft_model``
+(a full copy of the target: checkpoint bytes, and the target's KV per token again), the target's KV
+per token, and a check that the engine's KV capacity agrees with the per-token count:
+capacity = budget // ((target + added) bytes per token * block size) * block size.
 """
 
 from __future__ import annotations
@@ -24,59 +13,20 @@ import json
 import math
 from pathlib import Path
 
-from vllm_specqd.mxfp4 import BLOCK_SIZE
+from vllm_specqd.level_report import LevelReport
 
 
-def checkpoint_shapes(model_dir: str | Path) -> dict[str, list[int]]:
-    """Tensor name -> shape for every ``*.safetensors`` file in ``model_dir`` (headers only)."""
+def checkpoint_bytes(model_dir: str | Path, elem_bytes: int) -> int:
+    """Bytes of every tensor in ``model_dir``'s ``*.safetensors`` files at ``elem_bytes`` each (headers only)."""
     from safetensors import safe_open
 
-    shapes = {}
+    numel = 0
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = list(f.get_slice(name).get_shape())
-    if not shapes:
+            numel += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    if not numel:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}: cannot size its weights")
-    return shapes
-
-
-def _is_layer_linear(name: str, shape: list[int]) -> bool:
-    return ".layers." in name and name.endswith(".weight") and len(shape) == 2
-
-
-def mxfp4_bytes(shape: list[int]) -> int:
-    """Packed codes + E8M0 scales of a ``[N, K]`` weight (see docs/CONTRACTS.md)."""
-    n, k = math.prod(shape[:-1]), shape[-1]
-    k_pad = -(-k // BLOCK_SIZE) * BLOCK_SIZE
-    return n * k_pad // 2 + n * k_pad // BLOCK_SIZE
-
-
-def mxfp4_model_bytes(shapes: dict[str, list[int]], elem_bytes: int, share_non_linear: bool) -> tuple[int, int]:
-    """(MXFP4 weight bytes added, CPU dequantized-copy bytes) of an MXFP4 copy of a checkpoint."""
-    added = copy = 0
-    for name, shape in shapes.items():
-        if _is_layer_linear(name, shape):
-            added += mxfp4_bytes(shape)
-            copy += math.prod(shape) * elem_bytes
-        elif not share_non_linear:
-            added += math.prod(shape) * elem_bytes
-    return added, copy
-
-
-def added_weight_bytes(
-    method_name: str, target_dir: str | Path, small_dir: str | Path | None, elem_bytes: int, cpu_copy: bool
-) -> dict[str, int]:
-    """Weight bytes a method adds over the target alone; ``cpu_copy``: the engine runs off CUDA."""
-    added = copy = 0
-    if method_name == "draft_model":
-        added = sum(math.prod(s) for s in checkpoint_shapes(target_dir).values()) * elem_bytes
-    elif method_name.startswith("specqd"):
-        added, copy = mxfp4_model_bytes(checkpoint_shapes(target_dir), elem_bytes, share_non_linear=True)
-        if method_name == "specqd-small":
-            small_added, small_copy = mxfp4_model_bytes(checkpoint_shapes(small_dir), elem_bytes, False)
-            added, copy = added + small_added, copy + small_copy
-    return {"added_weight_bytes": added, "cpu_dequantized_copy_bytes": copy if cpu_copy else 0}
+    return numel * elem_bytes
 
 
 def kv_bytes_per_token(model_dir: str | Path, elem_bytes: int) -> int:
@@ -89,16 +39,24 @@ def kv_bytes_per_token(model_dir: str | Path, elem_bytes: int) -> int:
     return 2 * config["num_hidden_layers"] * kv_heads * head_dim * elem_bytes
 
 
-def added_kv_bytes_per_token(
-    method_name: str, target_dir: str | Path, small_dir: str | Path | None, elem_bytes: int
-) -> int:
-    """KV bytes per token of the draft models' own KV layers (n-gram levels hold none)."""
-    if method_name in ("none", "ngram", "suffix"):
-        return 0
-    added = kv_bytes_per_token(target_dir, elem_bytes)  # draft_model and the MXFP4 self-draft: target's shape
-    if method_name == "specqd-small":
-        added += kv_bytes_per_token(small_dir, elem_bytes)
-    return added
+def added_memory(method_name: str, report: LevelReport | None, target_dir: str | Path, elem_bytes: int) -> dict:
+    """Weights, CPU copies and KV bytes per token a method adds; the KV mode of each specqd level."""
+    if report is not None:
+        levels = report.levels.values()
+        return {
+            "added_weight_bytes": sum(e.weight_bytes - e.cpu_copy_bytes for e in levels),
+            "cpu_dequantized_copy_bytes": sum(e.cpu_copy_bytes for e in levels),
+            "added_kv_bytes_per_token": sum(e.kv_bytes_per_token for e in levels),
+            "kv_cache": {str(n): e.kv_cache for n, e in sorted(report.levels.items())},
+        }
+    if method_name == "draft_model":
+        return {
+            "added_weight_bytes": checkpoint_bytes(target_dir, elem_bytes),
+            "cpu_dequantized_copy_bytes": 0,
+            "added_kv_bytes_per_token": kv_bytes_per_token(target_dir, elem_bytes),
+            "kv_cache": {"1": "separate"},
+        }
+    return {"added_weight_bytes": 0, "cpu_dequantized_copy_bytes": 0, "added_kv_bytes_per_token": 0, "kv_cache": {}}
 
 
 def kv_report(

@@ -1,6 +1,6 @@
 """The speculative methods the benchmark compares, as vLLM ``speculative_config`` dicts.
 
-Level numbering follows the per-level report (``adapter/level_stats.py``):
+Level numbering follows the per-level report (``vllm_specqd/level_report.py``):
 level 1 proposes to the target, level L >= 2 proposes to level L-1.
 """
 
@@ -26,10 +26,6 @@ class Method:
     @property
     def num_levels(self) -> int:
         return len(self.level_models)
-
-    @property
-    def multilevel(self) -> bool:
-        return self.num_levels > 1
 
 
 METHODS: dict[str, Method] = {

@@ -16,10 +16,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vllm_specqd.bench.datasets import Prompt
-from vllm_specqd.bench.memory import added_kv_bytes_per_token, added_weight_bytes, kv_bytes_per_token, kv_report
+from vllm_specqd.bench.memory import added_memory, kv_bytes_per_token, kv_report
 from vllm_specqd.bench.methods import Method, speculative_config
 from vllm_specqd.bench.preload import apply_preload
-from vllm_specqd.bench.spec_stats import counters_from_metrics, level_report_delta, summarize
+from vllm_specqd.bench.spec_stats import counters_from_metrics, summarize
+from vllm_specqd.level_report import LevelReport
 
 WARMUP_TOKENS = 8
 
@@ -69,24 +70,20 @@ def _start_engine(settings: RunSettings, spec_config: dict | None):
     )
 
 
-def _memory(llm, method: Method, settings: RunSettings) -> dict:
-    from vllm.platforms import current_platform
-
+def _memory(llm, method: Method, settings: RunSettings, report: LevelReport | None) -> dict:
     vllm_config = llm.llm_engine.vllm_config
     elem_bytes = vllm_config.model_config.dtype.itemsize
     cache = vllm_config.cache_config
     capacity = cache.kv_cache_size_tokens or (cache.num_gpu_blocks or 0) * cache.block_size or None
-    weights = added_weight_bytes(
-        method.name, settings.model_dir, settings.small_dir, elem_bytes, cpu_copy=not current_platform.is_cuda()
-    )
+    added = added_memory(method.name, report, settings.model_dir, elem_bytes)
     kv = kv_report(
         cache.kv_cache_memory_bytes,
         capacity,
         cache.block_size,
         kv_bytes_per_token(settings.model_dir, elem_bytes),
-        added_kv_bytes_per_token(method.name, settings.model_dir, settings.small_dir, elem_bytes),
+        added["added_kv_bytes_per_token"],
     )
-    return {**weights, **kv}
+    return {**added, **kv}
 
 
 def _timed_generate(llm, prompts: list[Prompt], settings: RunSettings, label: str):
@@ -143,7 +140,8 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
         counters_before, levels_before = counters_from_metrics(llm.get_metrics()), read_level_stats(llm)
         outputs, wall = _timed_generate(llm, prompts, settings, method.name)
         counters = counters_from_metrics(llm.get_metrics()) - counters_before
-        level_delta = level_report_delta(read_level_stats(llm), levels_before)
+        levels_after = read_level_stats(llm)
+        level_delta = levels_after.minus(levels_before) if levels_after is not None else None
 
         token_ids = [list(o.outputs[0].token_ids) for o in outputs]
         generated = sum(len(t) for t in token_ids)
@@ -153,7 +151,7 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
             generated_tokens=generated,
             tokens_per_s=generated / wall if wall else None,
             **summarize(method.level_models, settings.k, counters, level_delta, generated, len(prompts)),
-            memory=_memory(llm, method, settings),
+            memory=_memory(llm, method, settings, levels_after),
             outputs=[
                 {"source": p.source, "token_ids": t, "text": o.outputs[0].text}
                 for p, t, o in zip(prompts, token_ids, outputs)

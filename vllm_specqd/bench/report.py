@@ -25,12 +25,15 @@ OFFLINE_COLUMNS = {
     "L1 passes/tok": "forward passes of the level-1 draft model per generated token, per request",
     "L1 passes/draft tok": "forward passes of the level-1 draft model per level-1 draft token, per request: "
     "1.00 for one level (K passes for K tokens); below 1 when inner levels let one pass check several tokens",
-    "+weights MiB": "weight bytes speculation adds over the target: MXFP4 codes + scales for specqd levels, a full "
-    "copy for draft_model, a small model's own embeddings (run dtype) + MXFP4 linears (computed from checkpoints)",
-    "+CPU copy MiB": "off CUDA only: the once-dequantized copy of every MXFP4 linear the CPU GEMM runs on "
-    "(draft.cpu_dequantize_once); 0 on CUDA",
-    "+KV B/tok": "KV-cache bytes per token the drafts' own KV layers add: 2 * layers * kv_heads * head_dim * "
-    "element size of each draft model (n-gram: 0)",
+    "+weights MiB": "weight bytes speculation adds over the target: for specqd what each level's model really "
+    "added in the engine (level report: MXFP4 codes + scales, a small model's own embeddings and norms), a full "
+    "copy of the checkpoint for draft_model",
+    "+CPU copy MiB": "the once-dequantized copy of every MXFP4 linear that vLLM's CPU GEMM runs on "
+    "(draft.cpu_kernel 'dequantized' only; 0 for the native kernel and on CUDA)",
+    "KV": "each model level's KV cache, level 1 first: shared (reads and writes the target's own KV, "
+    "no KV bytes of its own) or separate (its own KV layers)",
+    "+KV B/tok": "KV-cache bytes per token the drafts add: from the specqd level report (0 for a shared-KV "
+    "level 1), 2 * layers * kv_heads * head_dim * element size for draft_model, 0 for n-gram and suffix",
     "KV cap. tok": "KV-cache capacity of the engine in tokens: the drafts share the target's KV budget, so it "
     "shrinks by target / (target + added) bytes per token; results.json checks it against the layer count",
 }
@@ -101,27 +104,43 @@ def _identical_cell(record: dict) -> str:
     return "yes" if record["identical_to_none"] else f"no ({record['num_different']}/{record['num_requests']} differ)"
 
 
-def offline_row(record: dict) -> list[str]:
+def table_row(columns, cells: dict[str, str]) -> list[str]:
+    """One row in column order; a column without a cell (e.g. in a failed run's row) stays empty."""
+    unknown = set(cells) - set(columns)
+    assert not unknown, f"cells for no column: {unknown}"
+    return [cells.get(name, "") for name in columns]
+
+
+def offline_cells(record: dict) -> dict[str, str]:
     if "error" in record:
-        return [record["method"], str(record["num_levels"]), f"FAILED: {record['error'][:80]}"] + [""] * 11
+        return {
+            "method": record["method"],
+            "levels": str(record["num_levels"]),
+            "tok/s": f"FAILED: {record['error'][:80]}",
+        }
     level1 = record["levels"].get("1", {})
     memory = record["memory"]
-    return [
-        record["method"],
-        str(record["num_levels"]),
-        fmt(record["tokens_per_s"], ".1f"),
-        fmt(record.get("speedup_vs_none"), ".2f") + ("x" if record.get("speedup_vs_none") else ""),
-        _identical_cell(record),
-        fmt(level1.get("mean_accepted_length")),
-        fmt(level1.get("acceptance_rate")),
-        fmt(record["target_passes_per_generated_token"]),
-        fmt(level1.get("passes_per_generated_token"), none="-"),
-        fmt(level1.get("passes_per_level1_draft_token"), none="-"),
-        fmt(memory["added_weight_bytes"] / MiB, ".1f"),
-        fmt(memory["cpu_dequantized_copy_bytes"] / MiB, ".1f"),
-        fmt(memory["added_kv_bytes_per_token"], "d"),
-        fmt(memory["kv_capacity_tokens"], "d"),
-    ]
+    return {
+        "method": record["method"],
+        "levels": str(record["num_levels"]),
+        "tok/s": fmt(record["tokens_per_s"], ".1f"),
+        "speedup": fmt(record.get("speedup_vs_none"), ".2f") + ("x" if record.get("speedup_vs_none") else ""),
+        "identical": _identical_cell(record),
+        "L1 acc. len": fmt(level1.get("mean_accepted_length")),
+        "L1 acc. rate": fmt(level1.get("acceptance_rate")),
+        "target passes/tok": fmt(record["target_passes_per_generated_token"]),
+        "L1 passes/tok": fmt(level1.get("passes_per_generated_token"), none="-"),
+        "L1 passes/draft tok": fmt(level1.get("passes_per_level1_draft_token"), none="-"),
+        "+weights MiB": fmt(memory["added_weight_bytes"] / MiB, ".1f"),
+        "+CPU copy MiB": fmt(memory["cpu_dequantized_copy_bytes"] / MiB, ".1f"),
+        "KV": ", ".join(mode for mode in memory.get("kv_cache", {}).values() if mode != "none") or "-",
+        "+KV B/tok": fmt(memory["added_kv_bytes_per_token"], "d"),
+        "KV cap. tok": fmt(memory["kv_capacity_tokens"], "d"),
+    }
+
+
+def offline_row(record: dict) -> list[str]:
+    return table_row(OFFLINE_COLUMNS, offline_cells(record))
 
 
 def level_rows(record: dict) -> list[list[str]]:

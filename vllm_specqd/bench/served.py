@@ -2,9 +2,10 @@
 
 Per concurrency level c: max(num_prompts, c) greedy completions requests
 (prompts reused in order), at most c in flight; output tokens/s = completion
-tokens / wall time of the level; latency per request end to end. The
-server's /metrics is scraped before and after each level, so spec-decode
-counters are deltas of that level alone.
+tokens / wall time of the level; latency per request end to end. vLLM's
+level-1 counters come from /metrics and the levels below from the server's
+specqd level report, both read before and after each level: deltas of that
+level alone.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from vllm_specqd.bench.spec_stats import (
     NUM_DRAFT_TOKENS,
     NUM_DRAFTS,
     SpecCounters,
+    inner_acceptance,
     level1_acceptance,
     target_passes,
 )
+from vllm_specqd.level_report import STATS_DIR_ENV, LevelReport, read_settled_report
 
 REQUEST_TIMEOUT_S = 3600.0
-LEVEL_COUNTER_PREFIX = "specqd:level_"
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,11 @@ class ServeSettings:
         ]
 
 
-def parse_prometheus(text: str) -> tuple[SpecCounters, dict[str, dict[str, float]]]:
-    """vLLM's level-1 counters and the specqd per-level counters from a /metrics page."""
+def parse_prometheus(text: str) -> SpecCounters:
+    """vLLM's level-1 spec-decode counters from a /metrics page, summed over engines."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    counters, levels = SpecCounters(), {}
+    counters = SpecCounters()
     per_pos: dict[int, float] = {}
     totals = {NUM_DRAFTS: 0.0, NUM_DRAFT_TOKENS: 0.0, NUM_ACCEPTED: 0.0}
     for family in text_string_to_metric_families(text):
@@ -76,34 +78,29 @@ def parse_prometheus(text: str) -> tuple[SpecCounters, dict[str, dict[str, float
             elif name == ACCEPTED_PER_POS:
                 position = int(sample.labels["position"])
                 per_pos[position] = per_pos.get(position, 0.0) + sample.value
-            elif name.startswith(LEVEL_COUNTER_PREFIX) and "level" in sample.labels:
-                entry = levels.setdefault(sample.labels["level"], {})
-                key = name.removeprefix(LEVEL_COUNTER_PREFIX)
-                entry[key] = entry.get(key, 0.0) + sample.value
     counters.num_drafts, counters.num_draft_tokens, counters.accepted_tokens = (
         int(totals[NUM_DRAFTS]),
         int(totals[NUM_DRAFT_TOKENS]),
         int(totals[NUM_ACCEPTED]),
     )
     counters.accepted_per_pos = [int(per_pos[i]) for i in sorted(per_pos)]
-    return counters, levels
+    return counters
 
 
-def _inner_levels(after: dict, before: dict) -> dict[str, dict]:
-    """Acceptance of levels >= 2 over one concurrency level (the mean length is the server-lifetime gauge)."""
-    out = {}
-    for level, entry in after.items():
-        if level == "1":
-            continue
-        proposed = entry.get("proposed_tokens", 0) - before.get(level, {}).get("proposed_tokens", 0)
-        accepted = entry.get("accepted_tokens", 0) - before.get(level, {}).get("accepted_tokens", 0)
-        out[level] = {
-            "proposed_tokens": int(proposed),
-            "accepted_tokens": int(accepted),
-            "acceptance_rate": accepted / proposed if proposed else None,
-            "mean_accepted_length_since_start": entry.get("mean_accepted_length"),
-        }
-    return out
+def server_report(stats_dir: Path) -> LevelReport | None:
+    """The level report of the one engine a `vllm serve` started with this stats dir (None: not specqd)."""
+    paths = sorted(stats_dir.glob("*.json"))
+    if len(paths) > 1:
+        raise RuntimeError(f"{stats_dir} holds {len(paths)} engine reports; the served benchmark runs one engine")
+    return read_settled_report(paths[0]) if paths else None
+
+
+def inner_levels(after: LevelReport | None, before: LevelReport | None) -> dict[str, dict]:
+    """Acceptance of levels >= 2 over one concurrency level."""
+    if after is None:
+        return {}
+    delta = after.minus(before)
+    return {str(n): inner_acceptance(entry) for n, entry in sorted(delta.levels.items()) if n >= 2}
 
 
 async def _send_all(base_url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> list[dict]:
@@ -140,13 +137,14 @@ def _latency_summary(latencies: list[float]) -> dict:
     }
 
 
-def run_level(server, prompts: list[Prompt], settings: ServeSettings, concurrency: int) -> dict:
+def run_level(server, stats_dir: Path, prompts: list[Prompt], settings: ServeSettings, concurrency: int) -> dict:
     texts = [prompts[i % len(prompts)].text for i in range(max(len(prompts), concurrency))]
-    before, levels_before = parse_prometheus(scrape_metrics(server))
+    before, levels_before = parse_prometheus(scrape_metrics(server)), server_report(stats_dir)
     start = time.perf_counter()
     results = asyncio.run(_send_all(server.base_url, server.model, texts, settings.max_tokens, concurrency))
     wall = time.perf_counter() - start
-    after, levels_after = parse_prometheus(scrape_metrics(server))
+    levels_after = server_report(stats_dir)  # settled: the engine has dropped every finished request
+    after = parse_prometheus(scrape_metrics(server))
     counters = after - before
     generated = sum(r["completion_tokens"] for r in results)
     return {
@@ -157,7 +155,7 @@ def run_level(server, prompts: list[Prompt], settings: ServeSettings, concurrenc
         "output_tokens_per_s": generated / wall,
         "latency_s": _latency_summary([r["latency_s"] for r in results]),
         "level1": level1_acceptance(counters),
-        "inner_levels": _inner_levels(levels_after, levels_before),
+        "inner_levels": inner_levels(levels_after, levels_before),
         "target_passes_per_generated_token": target_passes(counters, generated, len(texts)) / generated,
         "counters": counters.to_dict(),
         "texts": [r["text"] for r in results],
@@ -176,6 +174,10 @@ def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings)
     }
     log_path = settings.out_dir / f"server-{method.name}.log"
     record["server_log"] = log_path.name
+    stats_dir = settings.out_dir / f"level-report-{method.name}"
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    for stale in stats_dir.glob("*.json"):  # an earlier run's engine
+        stale.unlink()
     server = None
     try:
         server = start_server(
@@ -184,12 +186,13 @@ def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings)
             settings.serve_flags(),
             log_path,
             settings.out_dir / f"speculative-config-{method.name}.json",
+            extra_env={STATS_DIR_ENV: str(stats_dir)},
         )
         record["server_start_s"] = wait_healthy(server)
         asyncio.run(_send_all(server.base_url, server.model, [prompts[0].text], 8, 1))  # warm-up
         for concurrency in tqdm(settings.concurrency, desc=f"{method.name} concurrency", leave=False, position=1):
             try:
-                level = run_level(server, prompts, settings, concurrency)
+                level = run_level(server, stats_dir, prompts, settings, concurrency)
             except Exception as error:  # a failed level must not cost the others
                 level = {"concurrency": concurrency, "error": f"{type(error).__name__}: {error}"}
             record["concurrency_levels"].append(level)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vllm_specqd.bench.report import definitions, document, fmt, markdown_table, notes
+from vllm_specqd.bench.report import definitions, document, fmt, markdown_table, notes, table_row
 
 SERVED_COLUMNS = {
     "method": "speculative method",
@@ -13,37 +13,38 @@ SERVED_COLUMNS = {
     "p50 / p90 latency s": "end-to-end request latency percentiles",
     "L1 acc. len": "level-1 mean accepted length over the level (from /metrics deltas)",
     "L1 acc. rate": "level-1 accepted / proposed (from /metrics deltas)",
-    "inner acc. rate": "levels >= 2: accepted / proposed over the level (specqd:level_* deltas)",
+    "inner acc. rate": "levels >= 2: accepted / proposed over the level (specqd level report deltas)",
     "target passes/tok": "target forward passes per generated token, per request",
 }
 
 
 def served_rows(record: dict) -> list[list[str]]:
     if "error" in record:
-        return [[record["method"], "-", f"FAILED: {record['error'][:80]}"] + [""] * 7]
+        failed = {"method": record["method"], "conc.": "-", "out tok/s": f"FAILED: {record['error'][:80]}"}
+        return [table_row(SERVED_COLUMNS, failed)]
     rows = []
     for lv in record["concurrency_levels"]:
+        cells = {"method": record["method"], "conc.": str(lv["concurrency"])}
         if "error" in lv:
-            rows.append([record["method"], str(lv["concurrency"]), f"FAILED: {lv['error'][:80]}"] + [""] * 7)
+            rows.append(table_row(SERVED_COLUMNS, {**cells, "out tok/s": f"FAILED: {lv['error'][:80]}"}))
             continue
         inner = "; ".join(f"L{k}: {fmt(v['acceptance_rate'])}" for k, v in lv["inner_levels"].items()) or "-"
         identical = lv.get("identical_to_none")
-        rows.append(
-            [
-                record["method"],
-                str(lv["concurrency"]),
-                fmt(lv["output_tokens_per_s"], ".1f"),
-                fmt(lv.get("speedup_vs_none")),
-                "n/a"
+        cells.update(
+            {
+                "out tok/s": fmt(lv["output_tokens_per_s"], ".1f"),
+                "speedup": fmt(lv.get("speedup_vs_none")),
+                "identical": "n/a"
                 if identical is None
                 else ("yes" if identical else f"no ({lv['num_different']}/{lv['num_requests']} differ)"),
-                f"{lv['latency_s']['p50']:.2f} / {lv['latency_s']['p90']:.2f}",
-                fmt(lv["level1"]["mean_accepted_length"], none="-"),
-                fmt(lv["level1"]["acceptance_rate"], none="-"),
-                inner,
-                fmt(lv["target_passes_per_generated_token"]),
-            ]
+                "p50 / p90 latency s": f"{lv['latency_s']['p50']:.2f} / {lv['latency_s']['p90']:.2f}",
+                "L1 acc. len": fmt(lv["level1"]["mean_accepted_length"], none="-"),
+                "L1 acc. rate": fmt(lv["level1"]["acceptance_rate"], none="-"),
+                "inner acc. rate": inner,
+                "target passes/tok": fmt(lv["target_passes_per_generated_token"]),
+            }
         )
+        rows.append(table_row(SERVED_COLUMNS, cells))
     return rows
 
 
@@ -65,7 +66,6 @@ def levels_of(record: dict) -> list[dict]:
 
 
 def served_notes(meta: dict, records: list[dict]) -> list[str]:
-    levels = [lv for r in records for lv in levels_of(r)]
     flat = [
         {
             "method": r["method"],
@@ -77,9 +77,4 @@ def served_notes(meta: dict, records: list[dict]) -> list[str]:
     ]
     out = notes(meta, flat)
     out.append("Server logs: " + ", ".join(f"`{r['server_log']}`" for r in records if "server_log" in r) + ".")
-    if levels:
-        out.append(
-            "Inner levels' mean accepted length is only exported as a server-lifetime gauge "
-            "(`specqd:level_mean_accepted_length`); results.json keeps it as `mean_accepted_length_since_start`."
-        )
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vllm_specqd.bench.preload import engine_env
 
-HEALTH_TIMEOUT_S = 900.0  # an engine with a multi-level draft starts in minutes on a busy 2-core machine
+HEALTH_TIMEOUT_S = 900.0  # an engine with a multi-level draft can take minutes to start on a small CPU
 STOP_GRACE_S = 60.0
 
 
@@ -50,7 +50,12 @@ class Server:
 
 
 def start_server(
-    model: str, spec_config: dict | None, serve_flags: list[str], log_path: Path, config_path: Path
+    model: str,
+    spec_config: dict | None,
+    serve_flags: list[str],
+    log_path: Path,
+    config_path: Path,
+    extra_env: dict[str, str] | None = None,
 ) -> Server:
     """Launch `vllm serve`; the speculative config goes through a JSON file (the plugin reads paths)."""
     from vllm_specqd.vllm_compat import ensure_vllm_metadata_alias
@@ -68,7 +73,11 @@ def start_server(
         # Own session: if it will not stop, its engine processes can be killed with it, and only them.
         # tcmalloc + libiomp5 preloaded, as vLLM's CPU docs ask (bench/preload.py).
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=engine_env()
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**engine_env(), **(extra_env or {})},
         )
     return Server(process, port, log_path, model)
 

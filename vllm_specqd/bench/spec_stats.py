@@ -32,22 +32,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from vllm_specqd.level_report import LevelEntry, LevelReport
+
 # Counter names in `LLM.get_metrics()`; Prometheus appends `_total` to counters.
 NUM_DRAFTS = "vllm:spec_decode_num_drafts"
 NUM_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
 NUM_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
 ACCEPTED_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
-GENERATION_TOKENS = "vllm:generation_tokens"
 # Level proposers that run no model forward pass (besides an n-gram lookup, written None).
 SUFFIX_TREE = "suffix tree"
 MODEL_FREE = (SUFFIX_TREE,)
-LEVEL_COUNTERS = (
-    "forward_passes",
-    "proposed_tokens",
-    "accepted_tokens",
-    "verify_windows",
-    "verify_windows_without_proposal",
-)
 
 
 @dataclass
@@ -89,17 +83,6 @@ def counters_from_metrics(metrics) -> SpecCounters:
     return out
 
 
-def level_report_delta(after: dict | None, before: dict | None) -> dict[str, dict[str, int]]:
-    """Counter deltas per level of two `read_level_stats` reports (ratios are recomputed, not subtracted)."""
-    if not after:
-        return {}
-    old = (before or {}).get("levels", {})
-    delta = {}
-    for level, entry in after.get("levels", {}).items():
-        delta[level] = {key: entry[key] - old.get(level, {}).get(key, 0) for key in LEVEL_COUNTERS if key in entry}
-    return delta
-
-
 def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
@@ -115,15 +98,17 @@ def level1_acceptance(c: SpecCounters) -> dict:
     }
 
 
-def inner_acceptance(entry: dict[str, int]) -> dict:
-    windows = entry.get("verify_windows", 0)
+def inner_acceptance(entry: LevelEntry | None) -> dict:
+    """Acceptance of a level >= 2 from its level-report counter deltas."""
+    if entry is None:
+        entry = LevelEntry(0, "", proposed_tokens=0, accepted_tokens=0, verify_windows=0)
     return {
-        "proposed_tokens": entry.get("proposed_tokens", 0),
-        "accepted_tokens": entry.get("accepted_tokens", 0),
-        "acceptance_rate": _ratio(entry.get("accepted_tokens", 0), entry.get("proposed_tokens", 0)),
-        "mean_accepted_length": _ratio(entry.get("accepted_tokens", 0) + windows, windows),
-        "verify_windows": windows,
-        "verify_windows_without_proposal": entry.get("verify_windows_without_proposal", 0),
+        "proposed_tokens": entry.proposed_tokens or 0,
+        "accepted_tokens": entry.accepted_tokens or 0,
+        "acceptance_rate": entry.acceptance_rate,
+        "mean_accepted_length": entry.mean_accepted_length,
+        "verify_windows": entry.verify_windows or 0,
+        "verify_windows_without_proposal": entry.verify_windows_without_proposal or 0,
     }
 
 
@@ -131,11 +116,12 @@ def drafting_rounds(c: SpecCounters, num_requests: int) -> int:
     return c.num_drafts + num_requests if c.num_drafts else 0
 
 
-def model_passes(level: int, num_levels: int, k: int, rounds: int, level_delta: dict) -> int:
+def model_passes(level: int, num_levels: int, k: int, rounds: int, level_delta: LevelReport | None) -> int:
     """Per-request forward passes of the model at ``level`` (see the module docstring)."""
     if num_levels == 1:
         return k * rounds
-    return rounds + level_delta.get(str(level + 1), {}).get("verify_windows", 0)
+    below = level_delta.levels.get(level + 1) if level_delta is not None else None
+    return rounds + ((below.verify_windows or 0) if below is not None else 0)
 
 
 def target_passes(c: SpecCounters, generated_tokens: int, num_requests: int) -> int:
@@ -147,15 +133,21 @@ def summarize(
     level_models: tuple[str | None, ...],
     k: int,
     counters: SpecCounters,
-    level_delta: dict,
+    level_delta: LevelReport | None,
     generated_tokens: int,
     num_requests: int,
 ) -> dict:
-    """Per-level acceptance and pass counts of one method's timed run (JSON-ready)."""
+    """Per-level acceptance and pass counts of one method's timed run (JSON-ready: level keys are strings).
+
+    ``level_delta``: the specqd level report's counter deltas over the run (None for other methods).
+    """
     levels = {}
     rounds = drafting_rounds(counters, num_requests)
     for level, model in enumerate(level_models, start=1):
-        entry = level1_acceptance(counters) if level == 1 else inner_acceptance(level_delta.get(str(level), {}))
+        if level == 1:
+            entry = level1_acceptance(counters)
+        else:
+            entry = inner_acceptance(level_delta.levels.get(level) if level_delta is not None else None)
         entry["proposer"] = model or "n-gram lookup"
         if model is not None and model not in MODEL_FREE:
             passes = model_passes(level, len(level_models), k, rounds, level_delta)

@@ -1,0 +1,203 @@
+"""The per-level speculation report: written by a specqd worker, read by everyone else.
+
+vLLM's own spec-decode metrics cover level 1's acceptance. What only the drafter knows (the levels
+below it, the bytes each level adds, its KV mode) is published by the worker as one JSON file per
+engine, ``$VLLM_SPECQD_STATS_DIR/<instance_id>.json``, replaced atomically: on an interval, and at
+once when its batch starts or empties. The API server's Prometheus collector, offline callers and
+the benchmark read it back as a :class:`LevelReport`. Engine-free: no vLLM here.
+
+Level 1 (the MXFP4 draft) proposes to the target; level L >= 2 proposes to level L-1. A level's
+proposal counters describe its proposals to the level above and the windows the level above ran to
+check them. ``forward_passes`` of a model level counts batched passes, whatever the batch size.
+Example: levels 1 (MXFP4, K=6) and 2 (n-gram, k=3); a window [d1 g1 g2 g3] in which level 1 keeps
+g1, g2 and adds its own bonus token counts 3 proposed, 2 accepted, 1 verify window for level 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+STATS_DIR_ENV = "VLLM_SPECQD_STATS_DIR"
+PUBLISH_INTERVAL_S = 0.5
+SETTLE_TIMEOUT_S = 30.0
+COUNTERS = ("forward_passes", "proposed_tokens", "accepted_tokens", "verify_windows", "verify_windows_without_proposal")
+KV_MODES = ("shared", "separate", "none")  # "none": an n-gram level holds no KV
+
+
+@dataclass
+class LevelEntry:
+    """One level: what it is and adds (set at load), and its counters since the engine started."""
+
+    level: int
+    proposer: str  # "MXFP4 self-draft", "model <dir>" or "n-gram lookup"
+    weight_bytes: int = 0  # weights the level adds to the target's, CPU copies included
+    cpu_copy_bytes: int = 0  # of which: dequantized copies for vLLM's CPU GEMM (cpu_kernel "dequantized")
+    kv_cache: str = "none"  # one of KV_MODES
+    kv_bytes_per_token: int = 0  # KV bytes per token the level adds (0 when shared or "none")
+    forward_passes: int | None = None  # model levels
+    proposed_tokens: int | None = None  # levels >= 2
+    accepted_tokens: int | None = None
+    verify_windows: int | None = None
+    verify_windows_without_proposal: int | None = None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens the level above gained per verification window, its bonus token included."""
+        if not self.verify_windows:
+            return None
+        return (self.accepted_tokens + self.verify_windows) / self.verify_windows
+
+    def minus(self, before: LevelEntry | None) -> LevelEntry:
+        """Counter deltas since ``before`` (facts such as bytes are kept as they are)."""
+        if before is None:
+            return replace(self)
+        deltas = {}
+        for name in COUNTERS:
+            now, then = getattr(self, name), getattr(before, name)
+            deltas[name] = None if now is None else now - (then or 0)
+        return replace(self, **deltas)
+
+
+@dataclass
+class LevelReport:
+    levels: dict[int, LevelEntry] = field(default_factory=dict)
+    generated_tokens: int | None = None  # tokens the target committed in drafted requests (multi-level only)
+    rounds: int | None = None  # (request, drafting round) pairs (multi-level only)
+    tracked_requests: int = 0  # requests whose per-level state the drafter still holds
+    busy: bool = False  # the worker held requests when it wrote this: a final write follows when it empties
+
+    def passes_per_generated_token(self, level: int) -> float | None:
+        passes = self.levels[level].forward_passes
+        return passes / self.generated_tokens if passes is not None and self.generated_tokens else None
+
+    def minus(self, before: LevelReport | None) -> LevelReport:
+        """Counter deltas since ``before`` (an earlier report of the same engine), per level."""
+        if before is None:
+            return replace(self, levels={n: replace(e) for n, e in self.levels.items()})
+
+        def delta(now: int | None, then: int | None) -> int | None:
+            return None if now is None else now - (then or 0)
+
+        return replace(
+            self,
+            levels={n: entry.minus(before.levels.get(n)) for n, entry in self.levels.items()},
+            generated_tokens=delta(self.generated_tokens, before.generated_tokens),
+            rounds=delta(self.rounds, before.rounds),
+        )
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["levels"] = [asdict(entry) for _, entry in sorted(self.levels.items())]
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> LevelReport:
+        data = json.loads(text)
+        known = {f.name for f in fields(LevelEntry)}
+        levels = {e["level"]: LevelEntry(**{k: v for k, v in e.items() if k in known}) for e in data.pop("levels")}
+        return cls(levels=levels, **{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
+
+    def summary(self) -> str:
+        """One log line, e.g. ``generated=96 level1[kv=shared +0 B/tok, passes/token=0.62] level2[...]``."""
+        parts = []
+        for number, entry in sorted(self.levels.items()):
+            bits = [f"kv={entry.kv_cache} +{entry.kv_bytes_per_token} B/tok"] if entry.kv_cache != "none" else []
+            per_token = self.passes_per_generated_token(number)
+            if per_token is not None:
+                bits.append(f"passes/token={per_token:.2f}")
+            elif entry.forward_passes is not None:
+                bits.append(f"passes={entry.forward_passes}")
+            if entry.proposed_tokens is not None:
+                mean = entry.mean_accepted_length
+                bits.append(
+                    f"proposed={entry.proposed_tokens} accepted={entry.accepted_tokens} mean_accepted_len={mean:.2f}"
+                    if mean is not None
+                    else f"proposed={entry.proposed_tokens}"
+                )
+            parts.append(f"level{number}[{', '.join(bits)}]")
+        prefix = f"generated={self.generated_tokens} " if self.generated_tokens is not None else ""
+        return prefix + " ".join(parts)
+
+
+# ---------------------------------------------------------------- files
+
+
+def stats_dir() -> Path | None:
+    directory = os.environ.get(STATS_DIR_ENV)
+    return Path(directory) if directory else None
+
+
+def report_path(instance_id: str, directory: str | Path | None = None) -> Path | None:
+    directory = directory or stats_dir()
+    return Path(directory) / f"{instance_id}.json" if directory else None
+
+
+def read_report(path: Path) -> LevelReport | None:
+    """The report at ``path``, or None when there is none (yet)."""
+    try:
+        return LevelReport.from_json(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def read_settled_report(path: Path, timeout_s: float = SETTLE_TIMEOUT_S) -> LevelReport | None:
+    """The report once the worker has written it with an empty batch: right after a generate()
+    returns, the worker may not have dropped its finished requests yet, nor written their last
+    counts. A report written while busy always has a final, idle write after it."""
+    deadline = time.monotonic() + timeout_s
+    report = read_report(path)
+    while report is not None and report.busy and time.monotonic() < deadline:
+        time.sleep(0.02)
+        report = read_report(path)
+    if report is not None and report.busy:
+        raise TimeoutError(f"specqd: {path} still reports a busy batch after {timeout_s:.0f} s")
+    return report
+
+
+def read_reports(directory: Path) -> dict[str, LevelReport]:
+    """Every engine's report in ``directory``, by engine (instance id)."""
+    reports = {}
+    for path in directory.glob("*.json"):
+        try:
+            reports[path.stem] = LevelReport.from_json(path.read_text())
+        except (OSError, ValueError):
+            continue  # removed meanwhile; files are replaced atomically, never half-written
+    return reports
+
+
+class ReportWriter:
+    """Writes a worker's report: at most every ``interval_s``, and at once when ``busy`` flips.
+
+    ``write(build, busy)`` calls ``build()`` only when it writes, so a drafting step that is not
+    due costs one clock read.
+    """
+
+    def __init__(self, path: Path | None, interval_s: float = PUBLISH_INTERVAL_S, clock=time.monotonic):
+        self.path = path
+        self.interval_s = interval_s
+        self.clock = clock
+        self.last_write = float("-inf")
+        self.last_busy: bool | None = None
+
+    def write(self, build: Callable[[], LevelReport], busy: bool, force: bool = False) -> LevelReport | None:
+        """The report written, or None when this call was not due."""
+        if self.path is None:
+            return None
+        now = self.clock()
+        if not (force or busy != self.last_busy or now - self.last_write >= self.interval_s):
+            return None
+        report = replace(build(), busy=busy)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(report.to_json())
+        os.replace(tmp, self.path)
+        self.last_write, self.last_busy = now, busy
+        return report
