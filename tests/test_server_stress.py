@@ -34,10 +34,13 @@ SERVE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(M
 # block) hold one max_model_len request but not the pressure set below.
 PRESSURE_FLAGS = ["--block-size", "32", "--num-gpu-blocks-override", "10"]
 
-SPECQD_ONE = {"method": "specqd", "num_speculative_tokens": 4}
+# The draft writes into the target's own KV cache (spelled out: the storm must keep covering it).
+SHARED_KV = {"kv_cache": "shared"}
+SPECQD_ONE = {"method": "specqd", "num_speculative_tokens": 4, "draft": SHARED_KV}
 SPECQD_NGRAM = {
     "method": "specqd",
     "num_speculative_tokens": 4,
+    "draft": SHARED_KV,
     "inner": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
 }
 CONFIGS = {"specqd-1": (SPECQD_ONE, []), "specqd-ngram": (SPECQD_NGRAM, PRESSURE_FLAGS)}
@@ -168,6 +171,18 @@ def malformed_requests(model: str) -> list[tuple[str, str, str]]:
         ),
     ]
     return bodies
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_kernel_built():
+    """Build the native CPU kernel once, here, before any server does: a server killed while it
+    compiles (a fault test's timeout) leaves torch's build lock behind, and every later build of
+    the same sources waits on that lock forever."""
+    try:
+        from vllm_specqd.kernels.cpu_ops import native_available
+    except ImportError:  # no native kernel in this tree: nothing to build
+        return
+    native_available()
 
 
 # ---------------------------------------------------------------- client side
@@ -584,15 +599,14 @@ class FaultRun:
 
 def serve_until_exit(model_dir: Path, spec: dict, root: Path) -> FaultRun:
     """Start a server that must fail; wait (bounded) for it and every process it started to exit."""
-    from vllm_specqd.bench.server_process import start_server
+    from vllm_specqd.bench.server_process import start_server, stop_server
 
     server = start_server(str(model_dir), spec, SERVE_FLAGS, root / "server.log", root / "spec.json")
     started = time.monotonic()
     try:
         code = server.process.wait(timeout=FAULT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(server.process.pid, signal.SIGKILL)
-        server.process.wait()
+        stop_server(server)  # SIGINT, SIGTERM, then SIGKILL to its session
         pytest.fail(f"the server hung for {FAULT_TIMEOUT_S:.0f} s instead of failing:\n{server.log_tail()}")
     seconds = time.monotonic() - started
     print(f"\n[stress] fault {root.name}: exit code {code} after {seconds:.1f} s")
