@@ -16,15 +16,15 @@ from engine_harness import K, Workload, mean_acceptance_length, run_engine
 pytestmark = pytest.mark.engine
 
 POISON = {"VLLM_SPECQD_POISON_DRAFT_KV": "1"}
-# 18 blocks of 32 tokens (CPU attention wants multiples of 32): 8 requests of up to ~230 tokens
-# (+ K lookahead) cannot all stay resident.
+# 12 blocks of 32 tokens (CPU attention wants multiples of 32): 8 requests of up to ~210 tokens
+# (+ K lookahead), ~5 blocks each beyond the shared prefix, cannot all stay resident.
 ENGINE = dict(
     enable_prefix_caching=True,
     max_num_batched_tokens=64,  # prompts of ~200 tokens prefill in chunks
     max_num_seqs=8,
     block_size=32,
-    num_gpu_blocks_override=18,
-    max_model_len=512,
+    num_gpu_blocks_override=12,
+    max_model_len=384,
 )
 SHARED_PREFIX = (
     "You are a careful assistant. Answer briefly and precisely. The following rules apply to every "
