@@ -58,7 +58,7 @@ lint: install
 
 test: install lint
 	$(PY) -m vllm_specqd prepare-model
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=30 tests
 
 test-fast: install lint
 	$(PY) -m pytest -q -rs tests -m "not engine and not server"

@@ -24,7 +24,7 @@ ENGINE = dict(
     max_num_seqs=8,
     block_size=32,
     num_gpu_blocks_override=12,
-    max_model_len=384,
+    max_model_len=320,  # vLLM keeps one of the 12 blocks back (the null block)
 )
 SHARED_PREFIX = (
     "You are a careful assistant. Answer briefly and precisely. The following rules apply to every "
