@@ -35,6 +35,8 @@ class RunSettings:
     batch_size: int
     max_model_len: int
     ignore_eos: bool = False
+    inner_k: int | None = None
+    specqd_draft: dict | None = None
 
 
 def set_engine_env_defaults(verbose: bool) -> None:
@@ -119,7 +121,9 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
     """
     from vllm_specqd.adapter.metrics import read_level_stats
 
-    spec = speculative_config(method, settings.k, settings.model_dir, settings.small_dir)
+    spec = speculative_config(
+        method, settings.k, settings.model_dir, settings.small_dir, settings.inner_k, settings.specqd_draft
+    )
     record = {
         "method": method.name,
         "description": method.description,
