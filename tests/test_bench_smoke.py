@@ -238,6 +238,7 @@ def test_markdown_table_and_cells():
             }
         },
         "target_passes_per_generated_token": 0.22,
+        "cost_ratio_c": 0.31,
         "memory": {
             "added_weight_bytes": 2 * report.MiB,
             "cpu_dequantized_copy_bytes": 0,
@@ -258,6 +259,7 @@ def test_markdown_table_and_cells():
         "0.22",
         "1.30",
         "1.00",
+        "0.31",
         "2.0",
         "0.0",
         "shared",
@@ -367,3 +369,22 @@ def test_projection_from_a_real_run(quick_run):
     assert main(["--project-from", str(out / "results.json"), "--c", "0.3"]) == 0
     text = (out / "projection.md").read_text()
     assert "PROJECTION" in text and "| specqd-1 |" in text and "| specqd-ngram |" in text
+
+
+def test_cost_ratio_from_the_level_report():
+    from vllm_specqd.level_report import LevelEntry, LevelReport
+
+    before = LevelReport(
+        levels={1: LevelEntry(1, "MXFP4 self-draft", timed_passes=10, pass_seconds=1.0)},
+        target_passes=2,
+        target_pass_seconds=1.0,
+    )
+    after = LevelReport(
+        levels={1: LevelEntry(1, "MXFP4 self-draft", timed_passes=40, pass_seconds=4.0)},
+        target_passes=7,
+        target_pass_seconds=6.0,
+    )
+    # Over the run: 30 draft passes in 3.0 s (0.1 s each), 5 target passes in 5.0 s (1.0 s each).
+    assert abs(after.minus(before).cost_ratio(1) - 0.1) < 1e-12
+    assert LevelReport(levels={1: LevelEntry(1, "x")}).cost_ratio(1) is None
+    assert LevelReport.from_json(after.to_json()).cost_ratio(1) == after.cost_ratio(1)

@@ -25,7 +25,15 @@ from pathlib import Path
 STATS_DIR_ENV = "VLLM_SPECQD_STATS_DIR"
 PUBLISH_INTERVAL_S = 0.5
 SETTLE_TIMEOUT_S = 30.0
-COUNTERS = ("forward_passes", "proposed_tokens", "accepted_tokens", "verify_windows", "verify_windows_without_proposal")
+COUNTERS = (
+    "forward_passes",
+    "proposed_tokens",
+    "accepted_tokens",
+    "verify_windows",
+    "verify_windows_without_proposal",
+    "timed_passes",
+    "pass_seconds",
+)
 KV_MODES = ("shared", "separate", "none")  # "none": an n-gram level holds no KV
 
 
@@ -44,6 +52,12 @@ class LevelEntry:
     accepted_tokens: int | None = None
     verify_windows: int | None = None
     verify_windows_without_proposal: int | None = None
+    timed_passes: int | None = None  # model levels: forward passes timed (wall clock, in the worker)
+    pass_seconds: float | None = None  # their total time
+
+    @property
+    def mean_pass_seconds(self) -> float | None:
+        return self.pass_seconds / self.timed_passes if self.timed_passes else None
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -74,6 +88,19 @@ class LevelReport:
     rounds: int | None = None  # (request, drafting round) pairs (multi-level only)
     tracked_requests: int = 0  # requests whose per-level state the drafter still holds
     busy: bool = False  # the worker held requests when it wrote this: a final write follows when it empties
+    target_passes: int | None = None  # the target's forward passes, timed like the levels'
+    target_pass_seconds: float | None = None
+
+    def cost_ratio(self, level: int = 1) -> float | None:
+        """c: the level's mean forward pass over the target's mean forward pass, measured in the run.
+
+        At batch 1 a level-1 pass drafts one token per request and a target pass verifies K + 1,
+        which is the ratio the speculative-decoding speedup formula takes."""
+        entry = self.levels.get(level)
+        mean = entry.mean_pass_seconds if entry is not None else None
+        if mean is None or not self.target_passes:
+            return None
+        return mean / (self.target_pass_seconds / self.target_passes)
 
     def passes_per_generated_token(self, level: int) -> float | None:
         passes = self.levels[level].forward_passes
@@ -92,6 +119,8 @@ class LevelReport:
             levels={n: entry.minus(before.levels.get(n)) for n, entry in self.levels.items()},
             generated_tokens=delta(self.generated_tokens, before.generated_tokens),
             rounds=delta(self.rounds, before.rounds),
+            target_passes=delta(self.target_passes, before.target_passes),
+            target_pass_seconds=delta(self.target_pass_seconds, before.target_pass_seconds),
         )
 
     def to_json(self) -> str:
@@ -125,7 +154,9 @@ class LevelReport:
                 )
             parts.append(f"level{number}[{', '.join(bits)}]")
         prefix = f"generated={self.generated_tokens} " if self.generated_tokens is not None else ""
-        return prefix + " ".join(parts)
+        cost = self.cost_ratio(1)
+        suffix = f" c(level1/target)={cost:.2f}" if cost is not None else ""
+        return prefix + " ".join(parts) + suffix
 
 
 # ---------------------------------------------------------------- files

@@ -14,8 +14,10 @@ import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import replace
 
+import torch.nn as nn
 from vllm.logger import init_logger
 
+from vllm_specqd.adapter.pass_timer import PassTimer
 from vllm_specqd.level_report import LevelEntry, LevelReport, ReportWriter, report_path
 
 # Under "vllm." so vLLM's logging config (handlers, level, process prefix) applies.
@@ -38,7 +40,22 @@ class LevelStatsPublisher:
         self.chain = None  # the SpeculativeLevel chain, once built
         self._last_len: dict[Hashable, int] = {}
         self._last_log = float("-inf")  # the first report is logged at once
+        self.target_timer: PassTimer | None = None  # forward-pass timers (CPU engines), see time_passes()
+        self.level_timers: dict[int, PassTimer] = {}
         atexit.register(_publish_at_exit, weakref.ref(self))
+
+    def time_passes(self, target: nn.Module, levels: dict[int, nn.Module]) -> None:
+        """Time the target's and each model level's forward passes (for c); CPU only."""
+        if next(target.parameters()).device.type != "cpu":
+            return
+        self.target_timer = PassTimer(target)
+        self.level_timers = {level: PassTimer(model) for level, model in levels.items()}
+
+    def start_timing(self) -> None:
+        """From the first drafting step on: warm-up and profiling passes are not counted."""
+        for timer in [self.target_timer, *self.level_timers.values()]:
+            if timer is not None:
+                timer.enabled = True
 
     def set_level(self, level: int, **facts) -> None:
         """Record what ``level`` is and adds (LevelEntry fields: proposer, weight_bytes, kv_cache, ...)."""
@@ -86,7 +103,11 @@ class LevelStatsPublisher:
                 verify_windows=s.windows,
                 verify_windows_without_proposal=s.windows_without_proposal,
             )
+        for number, timer in self.level_timers.items():
+            levels[number].timed_passes, levels[number].pass_seconds = timer.passes, timer.seconds
         report = LevelReport(levels=levels, tracked_requests=self.tracked_requests())
+        if self.target_timer is not None:
+            report.target_passes, report.target_pass_seconds = self.target_timer.passes, self.target_timer.seconds
         if self.chain is not None:
             report.generated_tokens, report.rounds = self.generated_tokens, self.rounds
         return report

@@ -74,6 +74,8 @@ class SpecQDProposer(DraftModelProposer):
         )
         if self.specqd.inner is not None:
             self.chain = self.stats.chain = self._build_chain()
+        model_levels = [self.model, *(w.model for w in self.inner_window_models)]
+        self.stats.time_passes(target_model, dict(enumerate(model_levels, start=1)))
         logger.info(
             "specqd: level 1 = MXFP4 self-draft (scale rule %s, %s KV, lm_head %s), K=%d, draft sampling %s; "
             "levels below: %s",
@@ -168,6 +170,7 @@ class SpecQDProposer(DraftModelProposer):
         num_rejected_tokens_gpu: torch.Tensor | None = None,  # [batch_size]
         slot_mappings=None,
     ) -> torch.Tensor:  # [batch_size, num_speculative_tokens]
+        self.stats.start_timing()
         trace_path = os.environ.get(TRACE_ENV)
         if trace_path:
             next_positions = self._next_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)

@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--k", type=int, default=6, help="level-1 draft tokens per round (num_speculative_tokens)")
     p.add_argument(
+        "--inner-k", type=int, default=None, help="tokens the level below the MXFP4 draft proposes (default K // 2)"
+    )
+    p.add_argument(
+        "--specqd-draft",
+        type=json.loads,
+        default=None,
+        help='JSON of extra `draft` keys for every specqd method, e.g. \'{"lm_head": "shared"}\'',
+    )
+    p.add_argument(
         "--dtype",
         default="float32",
         choices=("float32", "bfloat16", "float16"),
@@ -135,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "num_prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "k": args.k,
+        "inner_k": args.inner_k,
+        "specqd_draft": args.specqd_draft,
         "dtype": args.dtype,
         "max_model_len": args.max_model_len,
         "ignore_eos": args.ignore_eos,
@@ -164,7 +175,16 @@ def _offline(args, methods, prompts, target, small, out_dir, meta, methods_doc):
 
     meta["batch_size"] = args.batch_size
     settings = RunSettings(
-        target, small, args.dtype, args.k, args.max_tokens, args.batch_size, args.max_model_len, args.ignore_eos
+        target,
+        small,
+        args.dtype,
+        args.k,
+        args.max_tokens,
+        args.batch_size,
+        args.max_model_len,
+        args.ignore_eos,
+        args.inner_k,
+        args.specqd_draft,
     )
     records = run_methods(methods, prompts, settings)
     return _finish(
@@ -185,7 +205,16 @@ def _served(args, methods, prompts, target, small, out_dir, meta, methods_doc):
     concurrency = tuple(int(c) for c in args.concurrency.split(","))
     meta["concurrency"] = list(concurrency)
     settings = ServeSettings(
-        target, small, args.dtype, args.k, args.max_tokens, args.max_model_len, concurrency, out_dir.resolve()
+        target,
+        small,
+        args.dtype,
+        args.k,
+        args.max_tokens,
+        args.max_model_len,
+        concurrency,
+        out_dir.resolve(),
+        args.inner_k,
+        args.specqd_draft,
     )
     records = serve_methods(methods, prompts, settings)
     return _finish(

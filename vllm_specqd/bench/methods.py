@@ -61,8 +61,19 @@ def _ngram(k: int) -> dict:
     return {"method": "ngram", "num_speculative_tokens": k, **NGRAM_LOOKUP}
 
 
-def speculative_config(method: Method, k: int, target_dir: str | Path, small_dir: str | Path | None) -> dict | None:
-    """The ``speculative_config`` for ``method`` with K level-1 draft tokens."""
+def speculative_config(
+    method: Method,
+    k: int,
+    target_dir: str | Path,
+    small_dir: str | Path | None,
+    inner_k: int | None = None,
+    specqd_draft: dict | None = None,
+) -> dict | None:
+    """The ``speculative_config`` for ``method`` with K level-1 draft tokens.
+
+    ``inner_k``: tokens the level below the MXFP4 draft proposes per window (default K // 2);
+    ``specqd_draft``: extra ``draft`` keys for every specqd method (e.g. ``{"lm_head": "shared"}``).
+    """
     if method.name == "none":
         return None
     if method.name == "ngram":
@@ -73,8 +84,11 @@ def speculative_config(method: Method, k: int, target_dir: str | Path, small_dir
     if method.name == "draft_model":
         return {"method": "draft_model", "model": str(target_dir), "num_speculative_tokens": k}
     config: dict = {"method": "specqd", "num_speculative_tokens": k}
+    if specqd_draft:
+        config["draft"] = dict(specqd_draft)
+    inner = inner_k if inner_k is not None else max(1, k // 2)
     if method.name == "specqd-ngram":
-        config["inner"] = _ngram(max(1, k // 2))
+        config["inner"] = _ngram(inner)
     elif method.name == "specqd-small":
         if small_dir is None:
             raise ValueError("specqd-small needs a small same-tokenizer model (--small-model)")
@@ -82,7 +96,7 @@ def speculative_config(method: Method, k: int, target_dir: str | Path, small_dir
             "method": "draft_model",
             "model": str(small_dir),
             "quantization": "mxfp4",
-            "num_speculative_tokens": max(1, k // 2),
-            "inner": _ngram(max(1, k // 4)),
+            "num_speculative_tokens": inner,
+            "inner": _ngram(max(1, inner // 2)),
         }
     return config

@@ -35,6 +35,8 @@ class RunSettings:
     batch_size: int
     max_model_len: int
     ignore_eos: bool = False
+    inner_k: int | None = None
+    specqd_draft: dict | None = None
 
 
 def set_engine_env_defaults(verbose: bool) -> None:
@@ -119,7 +121,9 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
     """
     from vllm_specqd.adapter.metrics import read_level_stats
 
-    spec = speculative_config(method, settings.k, settings.model_dir, settings.small_dir)
+    spec = speculative_config(
+        method, settings.k, settings.model_dir, settings.small_dir, settings.inner_k, settings.specqd_draft
+    )
     record = {
         "method": method.name,
         "description": method.description,
@@ -152,6 +156,7 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
             tokens_per_s=generated / wall if wall else None,
             **summarize(method.level_models, settings.k, counters, level_delta, generated, len(prompts)),
             memory=_memory(llm, method, settings, levels_after),
+            cost_ratio_c=level_delta.cost_ratio(1) if level_delta is not None else None,
             outputs=[
                 {"source": p.source, "token_ids": t, "text": o.outputs[0].text}
                 for p, t, o in zip(prompts, token_ids, outputs)

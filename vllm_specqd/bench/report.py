@@ -25,6 +25,8 @@ OFFLINE_COLUMNS = {
     "L1 passes/tok": "forward passes of the level-1 draft model per generated token, per request",
     "L1 passes/draft tok": "forward passes of the level-1 draft model per level-1 draft token, per request: "
     "1.00 for one level (K passes for K tokens); below 1 when inner levels let one pass check several tokens",
+    "c": "measured in the engine (specqd level report, CPU): the level-1 draft's mean forward pass over the "
+    "target's mean forward pass during the timed run (at batch 1: one drafted token vs one K+1-token verification)",
     "+weights MiB": "weight bytes speculation adds over the target: for specqd what each level's model really "
     "added in the engine (level report: MXFP4 codes + scales, a small model's own embeddings and norms), a full "
     "copy of the checkpoint for draft_model",
@@ -131,6 +133,7 @@ def offline_cells(record: dict) -> dict[str, str]:
         "target passes/tok": fmt(record["target_passes_per_generated_token"]),
         "L1 passes/tok": fmt(level1.get("passes_per_generated_token"), none="-"),
         "L1 passes/draft tok": fmt(level1.get("passes_per_level1_draft_token"), none="-"),
+        "c": fmt(record.get("cost_ratio_c"), none="-"),
         "+weights MiB": fmt(memory["added_weight_bytes"] / MiB, ".1f"),
         "+CPU copy MiB": fmt(memory["cpu_dequantized_copy_bytes"] / MiB, ".1f"),
         "KV": ", ".join(mode for mode in memory.get("kv_cache", {}).values() if mode != "none") or "-",

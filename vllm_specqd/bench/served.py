@@ -48,6 +48,8 @@ class ServeSettings:
     max_model_len: int
     concurrency: tuple[int, ...]
     out_dir: Path
+    inner_k: int | None = None
+    specqd_draft: dict | None = None
 
     def serve_flags(self) -> list[str]:
         return [
@@ -163,7 +165,9 @@ def run_level(server, stats_dir: Path, prompts: list[Prompt], settings: ServeSet
 
 
 def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings) -> dict:
-    spec = speculative_config(method, settings.k, settings.model_dir, settings.small_dir)
+    spec = speculative_config(
+        method, settings.k, settings.model_dir, settings.small_dir, settings.inner_k, settings.specqd_draft
+    )
     record = {
         "method": method.name,
         "description": method.description,
