@@ -96,7 +96,8 @@ def test_poisoned_ngram_levels_are_token_identical(reference, poisoned_ngram, wo
 
 def test_the_cases_really_happened(poisoned_one_level, poisoned_ngram):
     for run in (poisoned_one_level, poisoned_ngram):
-        assert run.level_stats["levels"]["1"]["kv_bytes_per_token"] == 0  # no draft KV layers
+        level1 = run.level_stats.levels[1]
+        assert (level1.kv_cache, level1.kv_bytes_per_token) == ("shared", 0)  # no draft KV layers
         preemptions = sum(run.spec_metrics[w].get("vllm:num_preemptions", 0) for w in run.spec_metrics)
         assert preemptions > 0, "the small KV cache forced no preemption"
         assert min(run.prompt_lens["prefix"]) > ENGINE["max_num_batched_tokens"], "prompts must prefill in chunks"
