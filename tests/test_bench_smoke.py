@@ -388,3 +388,16 @@ def test_cost_ratio_from_the_level_report():
     assert abs(after.minus(before).cost_ratio(1) - 0.1) < 1e-12
     assert LevelReport(levels={1: LevelEntry(1, "x")}).cost_ratio(1) is None
     assert LevelReport.from_json(after.to_json()).cost_ratio(1) == after.cost_ratio(1)
+
+
+def test_identity_reports_where_outputs_diverge_and_the_logit_gap_there():
+    from vllm_specqd.bench.offline import identity_vs
+
+    same = identity_vs([[5, 6, 7]], [[5, 6, 7]], [[1.0, 2.0, 3.0]])
+    assert same["identical_to_none"] and same["divergences"] == []
+    got = identity_vs([[5, 6, 7], [1, 2]], [[5, 9, 7], [1, 2, 3]], [[3.1, 0.02, 1.0], [0.5, 0.7]])
+    assert got["num_different"] == 2
+    assert got["divergences"] == [
+        {"prompt": 0, "position": 1, "top2_logit_gap": 0.02},
+        {"prompt": 1, "position": 2, "top2_logit_gap": None},  # the reference ended first
+    ]

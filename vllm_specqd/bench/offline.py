@@ -102,15 +102,52 @@ def _timed_generate(llm, prompts: list[Prompt], settings: RunSettings, label: st
     return outputs, wall
 
 
-def identity_vs(reference: list[list[int]] | None, token_ids: list[list[int]]) -> dict:
-    """Whether greedy outputs equal the no-speculation run's, prompt by prompt."""
+def _top2_logprob_gaps(llm, prompts: list[Prompt], settings: RunSettings) -> list[list[float | None]]:
+    """Per prompt and position: the target's top-1 minus top-2 logprob (= logit gap), greedy.
+
+    An untimed second pass of the no-speculation engine, so a bf16 divergence can be shown to sit at a
+    near-tie rather than asserted to."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=settings.max_tokens, ignore_eos=settings.ignore_eos, logprobs=2)
+    gaps = []
+    for chunk in _chunks(prompts, settings.batch_size):
+        for output in llm.generate([p.text for p in chunk], params, use_tqdm=False):
+            per_position = []
+            for top in output.outputs[0].logprobs or []:
+                best = sorted((lp.logprob for lp in top.values()), reverse=True)
+                per_position.append(round(best[0] - best[1], 4) if len(best) > 1 else None)
+            gaps.append(per_position)
+    return gaps
+
+
+def identity_vs(
+    reference: list[list[int]] | None,
+    token_ids: list[list[int]],
+    reference_gaps: list[list[float | None]] | None = None,  # [prompt][position]
+) -> dict:
+    """Whether greedy outputs equal the no-speculation run's, prompt by prompt; where one differs, the
+    first differing position and the target's top-2 logit gap there (when ``reference_gaps`` is known).
+
+    Example: reference ``[[5, 6, 7]]``, tokens ``[[5, 9, 7]]``, gaps ``[[3.1, 0.02, 1.0]]`` gives
+    ``divergences == [{"prompt": 0, "position": 1, "top2_logit_gap": 0.02}]``.
+    """
     if reference is None:
         return {"identical_to_none": None, "num_different": None, "first_different_prompt": None}
     different = [i for i, (a, b) in enumerate(zip(reference, token_ids)) if a != b]
+    divergences = []
+    for i in different:
+        a, b = reference[i], token_ids[i]
+        position = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        gaps = reference_gaps[i] if reference_gaps else []
+        divergences.append(
+            {"prompt": i, "position": position, "top2_logit_gap": gaps[position] if position < len(gaps) else None}
+        )
     return {
         "identical_to_none": not different,
         "num_different": len(different),
         "first_different_prompt": different[0] if different else None,
+        "divergences": divergences,
     }
 
 
@@ -149,6 +186,8 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
 
         token_ids = [list(o.outputs[0].token_ids) for o in outputs]
         generated = sum(len(t) for t in token_ids)
+        if method.name == "none" and settings.dtype != "float32":
+            record["top2_logprob_gaps"] = _top2_logprob_gaps(llm, prompts, settings)
         record.update(
             wall_s=wall,
             num_requests=len(prompts),
@@ -174,15 +213,16 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
 def run_methods(methods: list[Method], prompts: list[Prompt], settings: RunSettings) -> list[dict]:
     """Every method in turn (``none`` first), each compared with ``none``'s outputs and speed."""
     records = []
-    reference = baseline_tps = None
+    reference = baseline_tps = reference_gaps = None
     for method in tqdm(methods, desc="methods", unit="method", position=0):
         record = run_method(method, prompts, settings)
         ok = "error" not in record
         if method.name == "none" and ok:
             reference = [o["token_ids"] for o in record["outputs"]]
             baseline_tps = record["tokens_per_s"]
+            reference_gaps = record.get("top2_logprob_gaps")
         if ok:
-            record.update(identity_vs(reference, [o["token_ids"] for o in record["outputs"]]))
+            record.update(identity_vs(reference, [o["token_ids"] for o in record["outputs"]], reference_gaps))
             record["speedup_vs_none"] = record["tokens_per_s"] / baseline_tps if baseline_tps else None
         else:
             tqdm.write(f"[bench] {method.name} failed: {record['error']}")

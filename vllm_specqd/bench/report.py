@@ -183,6 +183,14 @@ def notes(meta: dict, records: list[dict]) -> list[str]:
     elif differing:
         out.append(f"**{', '.join(differing)} differ from `none` in {meta.get('dtype')}: that is a bug.**")
     for r in records:
+        if r.get("divergences"):
+            where = "; ".join(
+                f"prompt {d['prompt']} at token {d['position']}"
+                + (f" (top-2 logit gap {d['top2_logit_gap']:.3f})" if d.get("top2_logit_gap") is not None else "")
+                for d in r["divergences"]
+            )
+            out.append(f"{r['method']} diverges from `none`: {where}.")
+    for r in records:
         check = r.get("memory", {}).get("kv_capacity_check", "")
         if check.startswith("MISMATCH"):
             out.append(f"{r['method']}: KV capacity {check}; the +KV column may be wrong for this model.")
