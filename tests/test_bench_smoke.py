@@ -401,3 +401,16 @@ def test_identity_reports_where_outputs_diverge_and_the_logit_gap_there():
         {"prompt": 0, "position": 1, "top2_logit_gap": 0.02},
         {"prompt": 1, "position": 2, "top2_logit_gap": None},  # the reference ended first
     ]
+
+
+def test_implied_verify_cost_inverts_the_time_per_token():
+    from vllm_specqd.bench.report import implied_verify_cost
+
+    record = {
+        "speedup_vs_none": 0.8,
+        "cost_ratio_c": 0.07,
+        "target_passes_per_generated_token": 0.23,
+        "levels": {"1": {"passes_per_generated_token": 1.38}},
+    }
+    assert abs(implied_verify_cost(record) - 1.25 / (0.23 + 1.38 * 0.07)) < 1e-12
+    assert implied_verify_cost({"speedup_vs_none": 1.0}) is None  # no specqd level report
