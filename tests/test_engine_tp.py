@@ -289,12 +289,18 @@ def _ray_unsupported_reason() -> str | None:
             f"vLLM's {current_platform.device_name} platform does not support Ray "
             "(vllm/v1/executor/ray_utils.py:572: 'current platform cpu does not support ray.')"
         )
+    if not current_platform.is_cpu() and current_platform.device_count() < TP:
+        return f"TP={TP} over Ray needs {TP} {current_platform.device_name} devices"
     return None
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A one-node Ray cluster on loopback for this module only; engines reach it through RAY_ADDRESS."""
+    """A one-node Ray cluster for this module only, stopped at its end; engines reach it through RAY_ADDRESS.
+
+    Asked for loopback, but Ray 2.60 still advertises the machine's address and its GCS listens on
+    every interface (measured 2026-12-02 with `ss -ltnp`); its token authentication, on by default,
+    is what keeps other hosts out."""
     reason = _ray_unsupported_reason()
     if reason is not None:
         print(f"[tp] Ray test skipped: {reason}")
