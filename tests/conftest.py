@@ -34,6 +34,14 @@ def small_model_dir() -> Path:
     return prepare_small_model(8, quiet=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """A random-weight 2-layer Llama with 4 heads and 2 KV heads (TP=2 splits them), bundled tokenizer."""
+    from vllm_specqd.model_prep import prepare_tiny_model
+
+    return prepare_tiny_model(quiet=True)
+
+
 def chat_prompts(model_dir: Path, n: int) -> list[str]:
     """The first ``n`` bundled chat questions in the model's chat template (as the benchmark sends them)."""
     return render_chat(chat_questions(n), model_dir)

@@ -44,7 +44,8 @@ class EngineRun:
     spec_metrics: dict[str, dict] = field(default_factory=dict)  # workload -> counter deltas
     level_stats: LevelReport | None = None  # cumulative report after the last workload
     level_stats_after: dict[str, LevelReport | None] = field(default_factory=dict)  # report after each workload
-    draft: dict | None = None
+    draft: dict | None = None  # describe_draft of rank 0
+    drafts: list[dict] = field(default_factory=list)  # describe_draft of every worker (tensor-parallel ranks)
     trace: list[dict] = field(default_factory=list)
 
 
@@ -73,6 +74,7 @@ def run_engine(
     speculative_config: dict | None,
     workloads: dict[str, Workload],
     inspect_layer: str | None = None,
+    inspect_layers: tuple[str, ...] = (),
     **llm_kwargs,
 ) -> EngineRun:
     from vllm import LLM
@@ -110,7 +112,8 @@ def run_engine(
             from vllm_specqd.adapter.inspection import describe_draft
 
             run.level_stats = run.level_stats_after[name]
-            run.draft = llm.collective_rpc(describe_draft, kwargs={"layer": inspect_layer})[0]
+            run.drafts = llm.collective_rpc(describe_draft, kwargs={"layer": inspect_layer, "layers": inspect_layers})
+            run.draft = run.drafts[0]
         with open(trace_file.name) as f:
             run.trace = [json.loads(line) for line in f]
     finally:

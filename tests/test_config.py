@@ -215,6 +215,14 @@ def test_async_scheduling_with_inner_levels_is_refused(model_dir):
         engine_config(model_dir, specqd(inner=NGRAM), async_scheduling=True)
 
 
+def test_pipeline_parallelism_is_refused(model_dir):
+    """Under PP the drafter lives on the last stage, which lacks the other stages' layers to cast."""
+    with pytest.raises(SpecQDConfigError, match="'pipeline_parallel_size' = 2 is not supported.*last stage"):
+        engine_config(model_dir, specqd(), pipeline_parallel_size=2)
+    # Without specqd, vLLM accepts the same arguments: the refusal is ours alone.
+    assert engine_config(model_dir, None, pipeline_parallel_size=2).parallel_config.pipeline_parallel_size == 2
+
+
 def test_different_vocabulary_is_refused(model_dir, small_model_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()

@@ -343,3 +343,27 @@ def test_qwen_checkpoint(tmp_path):
     assert "<|im_start|>" in tokenizer.chat_template
     ids = tokenizer("def fibonacci(n):")["input_ids"]
     assert tokenizer.decode(ids) == "def fibonacci(n):" and len(ids) < 8
+
+
+def test_tiny_random_model_splits_over_two_ranks(model_dir, tmp_path):
+    """The TP tests' target: heads divisible by 2, the bundled tokenizer, seeded and cached."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vllm_specqd.model_prep import TinyModelShape, prepare_tiny_model
+
+    tiny = prepare_tiny_model(output_dir=tmp_path / "tiny", quiet=True)
+    config = json.loads((tiny / "config.json").read_text())
+    assert config["num_attention_heads"] % 2 == 0 and config["num_key_value_heads"] % 2 == 0
+    assert config["vocab_size"] == json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    assert (tiny / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+    weights = load_file(tiny / "model.safetensors")
+    assert weights["model.layers.0.self_attn.k_proj.weight"].shape == (2 * 64, 256)
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    marker_time = (tiny / ".specqd-prepared.json").stat().st_mtime_ns
+    assert prepare_tiny_model(output_dir=tmp_path / "tiny", quiet=True) == tiny  # cached
+    assert (tiny / ".specqd-prepared.json").stat().st_mtime_ns == marker_time
+    again = load_file(prepare_tiny_model(output_dir=tmp_path / "again", quiet=True) / "model.safetensors")
+    assert all(torch.equal(weights[name], again[name]) for name in weights)  # seeded
+    other = load_file(prepare_tiny_model(TinyModelShape(seed=1), tmp_path / "other", quiet=True) / "model.safetensors")
+    assert not torch.equal(weights["model.embed_tokens.weight"], other["model.embed_tokens.weight"])

@@ -33,7 +33,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, log_path: Path, spec_file: Path | None = None):
+    def __init__(
+        self,
+        model_dir: Path,
+        log_path: Path,
+        spec_file: Path | None = None,
+        extra_args: tuple[str, ...] = (),  # appended: a repeated flag overrides the one above
+        env: dict[str, str] | None = None,  # added to this process's environment
+    ):
         from vllm_specqd.vllm_compat import ensure_vllm_metadata_alias
 
         ensure_vllm_metadata_alias()
@@ -58,8 +65,9 @@ class Server:
         ]
         if spec_file is not None:
             cmd += ["--speculative-config", str(spec_file)]
+        cmd += list(extra_args)
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_healthy(self, timeout: float = 600) -> None:

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # Bump whenever the output changes, so existing caches are rebuilt.
@@ -434,6 +434,94 @@ def prepare_small_model(
     os.replace(staging_dir, model_dir)
     if not quiet:
         print(f"[prepare-model] small draft with layers {layers} -> {model_dir}", file=sys.stderr)
+    return model_dir
+
+
+@dataclass(frozen=True)
+class TinyModelShape:
+    """A random-weight Llama small enough to start in seconds, with heads that divide by 2 and 4."""
+
+    hidden_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    # Weight std: at 0.02 the tied embeddings dominate and the model repeats its input token (the
+    # MXFP4 draft agrees ~95%); at 0.06 outputs wander (~30%). 0.045 mixes runs and switches (~50%).
+    std: float = 0.045
+    seed: int = 0
+
+
+TINY_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+def prepare_tiny_model(
+    shape: TinyModelShape = TinyModelShape(), output_dir: str | Path | None = None, quiet: bool = False
+) -> Path:
+    """A tiny LlamaForCausalLM with seeded random BF16 weights and the bundled model's tokenizer.
+
+    For tensor/pipeline-parallel tests: the bundled model's 9 heads do not divide by 2. Random
+    weights are enough for losslessness (the draft is a direct cast of whatever the target is).
+    """
+    source = prepare_model(quiet=quiet)
+    name = f"tiny-llama-h{shape.hidden_size}-l{shape.num_layers}-random{shape.seed}"
+    model_dir = (Path(output_dir).expanduser() if output_dir else source.parent / name).absolute()
+    fingerprint = {"source": json.loads((source / MARKER_NAME).read_text())["source"], "shape": asdict(shape)}
+    marker_path = model_dir / MARKER_NAME
+    if marker_path.is_file() and json.loads(marker_path.read_text()).get("source") == fingerprint:
+        return model_dir
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((source / "config.json").read_text())
+    head_dim = shape.hidden_size // shape.num_heads
+    config.update(
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=shape.intermediate_size,
+        initializer_range=shape.std,
+        tie_word_embeddings=True,
+    )
+    h, i, q, kv = shape.hidden_size, shape.intermediate_size, shape.num_heads * head_dim, shape.num_kv_heads * head_dim
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
+    for layer in range(shape.num_layers):
+        prefix = f"model.layers.{layer}."
+        shapes.update(
+            {
+                prefix + "input_layernorm.weight": (h,),
+                prefix + "post_attention_layernorm.weight": (h,),
+                prefix + "self_attn.q_proj.weight": (q, h),
+                prefix + "self_attn.k_proj.weight": (kv, h),
+                prefix + "self_attn.v_proj.weight": (kv, h),
+                prefix + "self_attn.o_proj.weight": (h, q),
+                prefix + "mlp.gate_proj.weight": (i, h),
+                prefix + "mlp.up_proj.weight": (i, h),
+                prefix + "mlp.down_proj.weight": (h, i),
+            }
+        )
+    generator = torch.Generator().manual_seed(shape.seed)
+    tensors = {
+        name: (torch.ones(dims) if len(dims) == 1 else torch.randn(dims, generator=generator) * shape.std)
+        .to(torch.bfloat16)
+        .contiguous()
+        for name, dims in shapes.items()
+    }
+    staging_dir = model_dir.parent / f".{model_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging_dir, ignore_errors=True)
+    staging_dir.mkdir(parents=True)
+    for file in TINY_FILES:
+        if (source / file).is_file():
+            shutil.copy2(source / file, staging_dir / file)
+    save_file(tensors, staging_dir / "model.safetensors", metadata={"format": "pt"})
+    (staging_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (staging_dir / MARKER_NAME).write_text(json.dumps({"source": fingerprint}, indent=2) + "\n")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(staging_dir, model_dir)
+    if not quiet:
+        print(f"[prepare-model] tiny random model {asdict(shape)} -> {model_dir}", file=sys.stderr)
     return model_dir
 
 

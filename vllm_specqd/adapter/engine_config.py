@@ -68,6 +68,15 @@ def translate_engine_args(engine_args: Any, target_model_config: Any, target_par
             "The MXFP4 draft is direct-cast from BF16/FP16 weights; quantized targets are not "
             "supported yet. Serve the unquantized checkpoint."
         )
+    if target_parallel_config.pipeline_parallel_size > 1:
+        # vllm/v1/worker/gpu_model_runner.py:590 builds the drafter on the last stage only, and
+        # that stage holds only its own layers: the MXFP4 copies of the others never exist there.
+        raise SpecQDConfigError(
+            f"specqd: 'pipeline_parallel_size' = {target_parallel_config.pipeline_parallel_size} is not "
+            "supported: the MXFP4 draft is cast from the target's loaded layers, and under pipeline "
+            "parallelism vLLM runs the drafter on the last stage, which holds only its own layers. "
+            "Use tensor parallelism ('tensor_parallel_size') instead; each rank drafts with its own shards."
+        )
     if envs.VLLM_USE_V2_MODEL_RUNNER:
         raise SpecQDConfigError("specqd runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER=1 to use it.")
     _check_inner_vocabularies(cfg, target_model_config)

@@ -5,10 +5,11 @@
 
 (the engine must be started with VLLM_ALLOW_INSECURE_SERIALIZATION=1, which
 vLLM requires to ship a function to its workers) runs in each worker and
-returns plain data: which proposer drafts, whether the
+returns plain data: the worker's tensor-parallel rank, which proposer drafts, whether the
 draft shares the target's embeddings/lm_head/norms, every MXFP4 layer's
 shapes, the draft's extra weight bytes, and optionally one layer's MXFP4
-bytes (to compare with a quantization of the checkpoint).
+bytes (``layers``: several; to compare with a quantization of the checkpoint, or under tensor
+parallelism of the rank's shard), and the rank's level-report counters.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from vllm_specqd.adapter.draft_builder import MXFP4LMHead
 from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod
 
 
-def describe_draft(worker, layer: str | None = None) -> dict:
+def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = ()) -> dict:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
     runner = worker.model_runner
     drafter = getattr(runner, "drafter", None)
-    info: dict = {"proposer": type(drafter).__name__ if drafter is not None else None}
+    info: dict = {
+        "proposer": type(drafter).__name__ if drafter is not None else None,
+        "tp_rank": get_tensor_model_parallel_rank(),
+    }
     draft = getattr(drafter, "model", None)
     if draft is None:
         return info
@@ -70,7 +76,16 @@ def describe_draft(worker, layer: str | None = None) -> dict:
             "packed": draft.lm_head.weight_packed.detach().cpu(),
             "scales": draft.lm_head.weight_scale.detach().cpu(),
         }
+    stats = getattr(drafter, "stats", None)
+    if stats is not None:
+        # This rank's own counters, and whether it is the one rank that publishes them.
+        info["level_report"] = stats.snapshot().to_json()
+        info["publishes_report"] = stats.writer.path is not None
+    named = {name: draft.get_submodule(name) for name in (*([layer] if layer else []), *layers)}
+    info["layers"] = {
+        name: {"packed": m.weight_packed.detach().cpu(), "scales": m.weight_scale.detach().cpu()}
+        for name, m in named.items()
+    }
     if layer is not None:
-        module = draft.get_submodule(layer)
-        info["layer"] = {"packed": module.weight_packed.detach().cpu(), "scales": module.weight_scale.detach().cpu()}
+        info["layer"] = info["layers"][layer]
     return info
