@@ -21,6 +21,7 @@ def policy_with(
     draft_d: float = 0.0,
     acceptance: dict | None = None,
     rows=(1, 4, 16),
+    acceptance_override: float | None = None,
     **settings,
 ) -> AdaptivePolicy:
     """A policy whose cost model has seen exact synthetic timings over a spread of batch sizes,
@@ -33,6 +34,9 @@ def policy_with(
             policy.observe_draft(r, 3, 3 * (draft_c + draft_d * r))
     for req_id, rate in (acceptance or {}).items():
         pin_acceptance(policy, req_id, rate)
+    if acceptance_override is not None:
+        for req_id in acceptance or {}:
+            policy.acceptance.per_request[req_id] = np.full(policy.settings.max_k, acceptance_override)
     return policy
 
 
@@ -202,10 +206,16 @@ def test_random_policy_flips_k_within_caps():
     assert {(0, 0), (0, K), (1, 0), (1, 2)} <= seen
 
 
-def test_min_passes_is_paid_whenever_anything_drafts():
-    policy = policy_with(target_a=0.020, target_b=0.0, draft_c=0.0001, acceptance={"a": 0.9}, min_passes=1)
-    decision = policy.decide(slots("a"))
+def test_min_passes_are_run_and_priced_even_with_speculation_off():
+    common = dict(target_a=0.010, target_b=0.001, draft_c=0.002, acceptance={"a": 0.9})
+    decision = policy_with(**common, min_passes=1).decide(slots("a"))
     assert decision.passes == max(decision.k) >= 1
+    # A catch-up pass that runs anyway makes the first draft token cheaper to add: it is the same pass.
+    off = policy_with(**common, acceptance_override=0.12)
+    on = policy_with(**common, acceptance_override=0.12, min_passes=1)
+    assert off.decide(slots("a")).k == [0] and on.decide(slots("a")).k == [1]
+    plain = on.decide(slots("b"))  # a new request: no acceptance yet, the prior 0.6
+    assert plain.plain_seconds == pytest.approx(0.011 + 0.002, rel=0.05)
 
 
 def test_decision_is_cheap():

@@ -79,7 +79,7 @@ class Outcome:
 @dataclass(frozen=True)
 class Decision:
     k: list[int]  # per request, in the order of the slots
-    passes: int  # level-1 draft passes the round runs
+    passes: int  # level-1 draft passes the round runs: max(k), at least min_passes
     probes: int  # requests drafting only to re-measure their acceptance
     expected_tokens: float  # committed next step under the cost model
     expected_seconds: float
@@ -224,9 +224,7 @@ class AdaptivePolicy:
         else:
             k, expected = self._best_k(slots, caps)
         k, probes = self._reprobe(slots, caps, k)
-        passes = int(k.max()) if rows else 0
-        if passes:
-            passes = max(passes, self.settings.min_passes)
+        passes = max(int(k.max()), self.settings.min_passes) if rows else 0
         decision = Decision(
             k=k.tolist(),
             passes=passes,
@@ -295,7 +293,7 @@ class AdaptivePolicy:
     def _count(self, decision: Decision, caps: np.ndarray) -> None:
         s = self.stats
         s.steps += 1
-        s.steps_off += decision.passes == 0
+        s.steps_off += not any(decision.k)
         s.probes += decision.probes
         s.decision_seconds += decision.decision_seconds
         for cap, k in zip(caps.tolist(), decision.k):

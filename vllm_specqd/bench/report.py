@@ -183,6 +183,9 @@ def notes(meta: dict, records: list[dict]) -> list[str]:
     elif differing:
         out.append(f"**{', '.join(differing)} differ from `none` in {meta.get('dtype')}: that is a bug.**")
     for r in records:
+        if r.get("adaptive"):
+            out.append(f"{r['method']}, the adaptive policy's decisions over the timed run: {r['adaptive']['summary']}")
+    for r in records:
         check = r.get("memory", {}).get("kv_capacity_check", "")
         if check.startswith("MISMATCH"):
             out.append(f"{r['method']}: KV capacity {check}; the +KV column may be wrong for this model.")
