@@ -306,13 +306,16 @@ class AdaptivePolicy:
 
     def estimates(self) -> dict[str, float]:
         """The cost model's current numbers (seconds), for metrics and the log line."""
-        a, b = self.target.coefficients()
-        c, d = self.draft.coefficients()
-        out = {"target_step_s": a, "target_per_token_s": b, "draft_pass_s": c, "draft_per_row_s": d}
+        out = {}
+        if self.target.ready:
+            out["target_step_s"], out["target_per_token_s"] = self.target.coefficients()
+        if self.draft.ready:
+            out["draft_pass_s"], out["draft_per_row_s"] = self.draft.coefficients()
         last = self.last
         if last is not None and last.expected_seconds > 0:
             out["expected_tokens_per_s"] = last.expected_tokens / last.expected_seconds
         if last is not None and last.plain_seconds > 0:
             out["plain_tokens_per_s"] = len(last.k) / last.plain_seconds
-        out["acceptance_pos1"] = float(self.acceptance.batch_wide[0])
+        for j, rate in enumerate(self.acceptance.batch_wide.tolist(), start=1):
+            out[f"acceptance_pos{j}"] = rate  # batch-wide P(draft j accepted | 1..j-1 were)
         return {key: value for key, value in out.items() if math.isfinite(value)}

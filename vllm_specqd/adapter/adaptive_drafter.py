@@ -28,8 +28,8 @@ from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, Decision, Out
 from vllm_specqd.config import AdaptiveSpec
 from vllm_specqd.level_report import AdaptiveReport
 
-# A gap between two rounds longer than this many target forward passes is idle time, not a step.
-IDLE_GAP_FACTOR = 4.0
+# A gap between two rounds longer than this many expected steps (+ slack) is idle time, not a step.
+IDLE_GAP_FACTOR, IDLE_GAP_SLACK_S = 4.0, 0.02
 
 
 class AdaptiveDrafter:
@@ -65,14 +65,17 @@ class AdaptiveDrafter:
         started = time.perf_counter()
         qsl = cad.query_start_loc_cpu.tolist()
         rows = len(qsl) - 1
-        self._observe_step(started, qsl[-1])
+        query_lens = [qsl[i + 1] - qsl[i] for i in range(rows)]
+        # The line prices verification steps: one with a prefill chunk (a longer query) is not one.
+        if query_lens and max(query_lens) <= self.policy.settings.max_k + 1:
+            self._observe_step(started, qsl[-1])
         req_ids = internals.batch_req_ids(runner, rows)
         discarded = internals.discarded_rows(runner, rows).tolist()
         rejected = num_rejected_tokens_gpu.tolist() if num_rejected_tokens_gpu is not None else [0] * rows
         outcomes = []
         for i, req_id in enumerate(req_ids):
             proposed = self._proposed.get(req_id, 0)
-            verified = qsl[i + 1] - qsl[i] - 1  # a decode row feeds the sampled token + its drafts
+            verified = query_lens[i] - 1  # a decode row feeds the sampled token + its drafts
             if proposed and not discarded[i] and 0 < verified <= proposed:
                 outcomes.append(Outcome(req_id, verified, verified - rejected[i]))
         self.policy.observe(outcomes)
@@ -101,11 +104,14 @@ class AdaptiveDrafter:
         if self._last_end is None:
             return
         gap = now - self._last_end
-        forward = self.target_timer.last_seconds if self.target_timer is not None else None
-        reference = forward if forward is not None else None
-        if reference is None and self.policy.target.ready:
+        # What a step over this many tokens should take: the fitted line once it has data (it
+        # includes the per-step overhead), before that the target's forward pass (CPU timers).
+        reference = None
+        if self.policy.target.ready:
             reference = float(self.policy.target.predict(tokens))
-        if reference is not None and gap > IDLE_GAP_FACTOR * reference:
+        elif self.target_timer is not None and self.target_timer.last_seconds is not None:
+            reference = self.target_timer.last_seconds
+        if reference is not None and gap > IDLE_GAP_FACTOR * reference + IDLE_GAP_SLACK_S:
             return  # the engine idled (no requests) between the two rounds
         self.policy.observe_target(tokens, gap)
 
