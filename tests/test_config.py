@@ -5,6 +5,7 @@ import json
 import pytest
 
 from vllm_specqd.config import (
+    AdaptiveSpec,
     ModelLevel,
     NgramLevel,
     SpecQDConfigError,
@@ -36,9 +37,29 @@ def test_round_trip_is_json():
     assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_adaptive_forms():
+    assert parse_config(specqd()).adaptive == AdaptiveSpec(enabled=False)
+    assert parse_config(specqd(adaptive=True)).adaptive == AdaptiveSpec(enabled=True)
+    assert parse_config(specqd(adaptive=False)).adaptive.enabled is False
+    cfg = parse_config(specqd(adaptive={"min_gain": 0.05}))
+    assert cfg.adaptive == AdaptiveSpec(enabled=True, min_gain=0.05)  # an object means on unless enabled: false
+    assert parse_config(specqd(adaptive={"enabled": False, "min_gain": 1})).adaptive.enabled is False
+    cfg = parse_config(specqd(adaptive={"policy": "random", "seed": 3, "reprobe_after": 32}))
+    assert (cfg.adaptive.policy, cfg.adaptive.seed, cfg.adaptive.reprobe_after) == ("random", 3, 32)
+    assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [
+        (specqd(adaptive="yes"), "'adaptive' must be true, false or an object"),
+        (specqd(adaptive=1), "'adaptive' must be true, false or an object"),
+        (specqd(adaptive={"k_max": 3}), "'adaptive.k_max' is not a known key"),
+        (specqd(adaptive={"enabled": "on"}), "'adaptive.enabled' must be true or false"),
+        (specqd(adaptive={"min_gain": -0.1}), "'adaptive.min_gain' must be a number in 0..10"),
+        (specqd(adaptive={"min_gain": "5%"}), "'adaptive.min_gain' must be a number in 0..10"),
+        (specqd(adaptive={"policy": "oracle"}), "'adaptive.policy' must be one of ['cost', 'random']"),
+        (specqd(adaptive={"reprobe_after": 0}), "'adaptive.reprobe_after' must be in 1..4096"),
         (specqd(drafts={}), "'drafts' is not a known key"),
         (specqd(draft={"bits": 4}), "'draft.bits' is not a known key"),
         ({"method": "specqd"}, "'num_speculative_tokens' is required"),
@@ -221,6 +242,12 @@ def test_pipeline_parallelism_is_refused(model_dir):
         engine_config(model_dir, specqd(), pipeline_parallel_size=2)
     # Without specqd, vLLM accepts the same arguments: the refusal is ours alone.
     assert engine_config(model_dir, None, pipeline_parallel_size=2).parallel_config.pipeline_parallel_size == 2
+
+
+def test_async_scheduling_with_adaptive_is_refused(model_dir):
+    with pytest.raises(SpecQDConfigError, match="'adaptive' needs async_scheduling off"):
+        engine_config(model_dir, specqd(adaptive=True), async_scheduling=True)
+    assert engine_config(model_dir, specqd(adaptive=True)).scheduler_config.async_scheduling is False
 
 
 def test_different_vocabulary_is_refused(model_dir, small_model_dir, tmp_path):

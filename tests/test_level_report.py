@@ -5,7 +5,14 @@ import time
 
 import pytest
 
-from vllm_specqd.level_report import LevelEntry, LevelReport, ReportWriter, read_report, read_settled_report
+from vllm_specqd.level_report import (
+    AdaptiveReport,
+    LevelEntry,
+    LevelReport,
+    ReportWriter,
+    read_report,
+    read_settled_report,
+)
 
 
 def _report(proposed: int = 4, busy: bool = False) -> LevelReport:
@@ -35,6 +42,38 @@ def test_summary_names_each_levels_kv_mode_and_bytes():
     assert line.startswith("generated=10 ")
     assert "level1[kv=shared +0 B/tok, passes/token=0.70]" in line
     assert "level2[proposed=4 accepted=3 mean_accepted_len=2.50]" in line
+
+
+def _adaptive(steps: int, off: int, histogram: list[int]) -> AdaptiveReport:
+    return AdaptiveReport(
+        policy="cost",
+        min_gain=0.05,
+        steps=steps,
+        steps_off=off,
+        requests=sum(histogram),
+        requests_off=histogram[0],
+        k_histogram=histogram,
+        decision_seconds=0.001 * steps,
+        step_seconds=0.05 * steps,
+        estimates={"target_step_s": 0.012, "target_per_token_s": 0.0003, "draft_pass_s": 0.004, "draft_per_row_s": 0},
+    )
+
+
+def test_adaptive_report_round_trips_subtracts_and_summarises():
+    report = _report()
+    report.adaptive = _adaptive(10, 4, [6, 1, 0, 3])
+    back = LevelReport.from_json(report.to_json())
+    assert back == report
+    assert back.adaptive.steps_off_share == 0.4 and back.adaptive.requests_off_share == 0.6
+    assert back.adaptive.mean_k == (1 + 3 * 3) / 10
+    assert back.adaptive.decision_share == pytest.approx(0.02)
+    earlier = _report()
+    earlier.adaptive = _adaptive(4, 1, [2, 1, 0, 1])
+    delta = back.minus(earlier).adaptive
+    assert (delta.steps, delta.steps_off, delta.k_histogram) == (6, 3, [4, 0, 0, 2])
+    line = back.summary()
+    assert "adaptive[k 0:6 1:1 3:3, off steps=40% requests=60%, target=12.0ms+0.30ms/tok" in line, line
+    assert LevelReport.from_json(_report().to_json()).adaptive is None
 
 
 def test_writer_writes_on_an_interval_and_when_busy_flips(tmp_path):
@@ -82,3 +121,29 @@ def test_minus_gives_counter_deltas_and_keeps_facts():
     assert delta.levels[1].weight_bytes == 100 and delta.levels[1].forward_passes == 0
     assert delta.generated_tokens == 0 and delta.rounds == 0
     assert _report().minus(None) == _report()
+
+
+def test_adaptive_metrics_on_the_prometheus_collector(tmp_path, monkeypatch):
+    from vllm_specqd.adapter.metrics import LevelStatsCollector
+    from vllm_specqd.level_report import STATS_DIR_ENV
+
+    monkeypatch.setenv(STATS_DIR_ENV, str(tmp_path))
+    report = _report()
+    report.adaptive = _adaptive(10, 4, [6, 1, 0, 3])
+    (tmp_path / "engine0.json").write_text(report.to_json())
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in LevelStatsCollector().collect()
+        for s in family.samples
+    }
+    row = (("engine", "engine0"), ("level", "1"))
+
+    def value(metric, **labels):
+        return samples[(metric, tuple(sorted(row + tuple(labels.items()))))]
+
+    assert [value("specqd:adaptive_chosen_k_total", k=str(k)) for k in range(4)] == [6, 1, 0, 3]
+    assert value("specqd:adaptive_steps_off_total") == 4 and value("specqd:adaptive_steps_total") == 10
+    assert value("specqd:adaptive_speculation_off_share", of="steps") == 0.4
+    assert value("specqd:adaptive_speculation_off_share", of="requests") == 0.6
+    assert value("specqd:adaptive_estimate", name="target_per_token_s") == 0.0003
+    assert value("specqd:adaptive_decision_share") == pytest.approx(0.02)

@@ -7,6 +7,10 @@ Users write one JSON/YAML object (``specqd.json``)::
      "inner": {"method": "ngram", "num_speculative_tokens": 4,
                "prompt_lookup_min": 2, "prompt_lookup_max": 5}}
 
+``"adaptive": true`` (or ``{"enabled": true, "min_gain": 0.05}``) lets the drafter pick each
+request's number of level-1 draft tokens per step, up to ``num_speculative_tokens``
+(:class:`AdaptiveSpec`, vllm_specqd/adaptive.py).
+
 Level 1 is always the MXFP4 self-draft of the target (:class:`DraftSpec`). ``inner`` is optional
 and recursive: an :class:`NgramLevel`, or a :class:`ModelLevel` (a small same-tokenizer model,
 optionally MXFP4) that may have its own ``inner``. Every problem raises :class:`SpecQDConfigError`
@@ -52,6 +56,11 @@ DEFAULT_CPU_KERNEL = "w4a8"
 DEFAULT_LM_HEAD = "mxfp4"
 DEFAULT_KV_CACHE = "shared"
 DEFAULT_LM_HEAD_RESCORE_TOP_K = 8
+ADAPTIVE_POLICIES = ("cost", "random")  # "random": the adversarial test policy (k uniform per request and step)
+# Off by default until a measurement says otherwise (README, "Adaptive speculation").
+DEFAULT_ADAPTIVE = False
+DEFAULT_MIN_GAIN = 0.0
+DEFAULT_REPROBE_AFTER = 8
 
 
 class SpecQDConfigError(ValueError):
@@ -97,11 +106,24 @@ InnerLevel = NgramLevel | ModelLevel
 
 
 @dataclass(frozen=True)
+class AdaptiveSpec:
+    """Per-step, per-request level-1 draft lengths 0..num_speculative_tokens (vllm_specqd/adaptive.py)."""
+
+    enabled: bool = DEFAULT_ADAPTIVE
+    # Draft only when the cost model expects at least this much more tokens/s than plain decoding.
+    min_gain: float = DEFAULT_MIN_GAIN
+    policy: str = "cost"
+    seed: int = 0  # the "random" policy's
+    reprobe_after: int = DEFAULT_REPROBE_AFTER  # k = 0 steps before a request drafts one token to re-measure
+
+
+@dataclass(frozen=True)
 class SpecQDConfig:
     num_speculative_tokens: int
     draft: DraftSpec = DraftSpec()
     inner: InnerLevel | None = None
     draft_sample_method: str = DEFAULT_DRAFT_SAMPLE_METHOD
+    adaptive: AdaptiveSpec = AdaptiveSpec()
 
     def levels(self) -> list[InnerLevel]:
         """The inner levels, outermost first (level 2, level 3, ...)."""
@@ -118,6 +140,7 @@ class SpecQDConfig:
             "num_speculative_tokens": self.num_speculative_tokens,
             "draft": asdict(self.draft),
             "draft_sample_method": self.draft_sample_method,
+            "adaptive": asdict(self.adaptive),
         }
         if self.inner is not None:
             out["inner"] = _inner_to_dict(self.inner)
@@ -135,7 +158,8 @@ def _inner_to_dict(level: InnerLevel) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- validation
 
-_TOP_KEYS = {"method", "num_speculative_tokens", "draft", "inner", "draft_sample_method"}
+_TOP_KEYS = {"method", "num_speculative_tokens", "draft", "inner", "draft_sample_method", "adaptive"}
+_ADAPTIVE_KEYS = {"enabled", "min_gain", "policy", "seed", "reprobe_after"}
 _DRAFT_KEYS = {"quantization", "scale_rule", "cpu_kernel", "lm_head", "kv_cache", "lm_head_rescore_top_k"}
 _NGRAM_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"}
 _MODEL_KEYS = {"method", "num_speculative_tokens", "model", "quantization", "scale_rule", "cpu_kernel", "inner"}
@@ -186,6 +210,27 @@ def _choice(raw: Mapping, key: str, path: str, allowed: tuple[str, ...], default
     if not isinstance(value, str) or value not in allowed:
         raise _fail(path, f"must be one of {list(allowed)}, got {value!r}")
     return value
+
+
+def _parse_adaptive(raw: Any) -> AdaptiveSpec:
+    if raw is None or isinstance(raw, bool):
+        return AdaptiveSpec(enabled=bool(raw))
+    if not isinstance(raw, Mapping):
+        raise _fail("adaptive", f"must be true, false or an object with keys {sorted(_ADAPTIVE_KEYS)}, got {raw!r}")
+    _check_keys(raw, _ADAPTIVE_KEYS, "adaptive")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise _fail("adaptive.enabled", f"must be true or false, got {enabled!r}")
+    min_gain = raw.get("min_gain", DEFAULT_MIN_GAIN)
+    if isinstance(min_gain, bool) or not isinstance(min_gain, int | float) or not 0 <= min_gain <= 10:
+        raise _fail("adaptive.min_gain", f"must be a number in 0..10 (a relative gain: 0.05 = 5%), got {min_gain!r}")
+    return AdaptiveSpec(
+        enabled=enabled,
+        min_gain=float(min_gain),
+        policy=_choice(raw, "policy", "adaptive.policy", ADAPTIVE_POLICIES, "cost"),
+        seed=_int_or(raw, "seed", "adaptive.seed", 0, 2**31 - 1, 0),
+        reprobe_after=_int_or(raw, "reprobe_after", "adaptive.reprobe_after", 1, 4096, DEFAULT_REPROBE_AFTER),
+    )
 
 
 def _parse_inner(
@@ -271,7 +316,13 @@ def parse_config(raw: Mapping[str, Any], target_model: str | None = None, check_
             "must be 'greedy' when 'inner' levels are configured: the inner levels verify the "
             "MXFP4 draft's greedy choices",
         )
-    return SpecQDConfig(num_speculative_tokens=k, draft=draft, inner=inner, draft_sample_method=sample)
+    return SpecQDConfig(
+        num_speculative_tokens=k,
+        draft=draft,
+        inner=inner,
+        draft_sample_method=sample,
+        adaptive=_parse_adaptive(raw.get("adaptive")),
+    )
 
 
 def from_dict(data: Mapping[str, Any]) -> SpecQDConfig:

@@ -81,6 +81,68 @@ class LevelEntry:
         return replace(self, **deltas)
 
 
+ADAPTIVE_COUNTERS = ("steps", "steps_off", "requests", "requests_off", "probes", "decision_seconds", "step_seconds")
+
+
+@dataclass
+class AdaptiveReport:
+    """Adaptive speculation's level-1 decisions (vllm_specqd/adaptive.py), counted since start."""
+
+    policy: str  # "cost", or "random" (the adversarial test policy)
+    min_gain: float
+    steps: int = 0  # drafting rounds decided
+    steps_off: int = 0  # of which no request drafted
+    requests: int = 0  # (request, round) pairs that could draft
+    requests_off: int = 0  # of which drafted nothing
+    probes: int = 0  # one-token drafts that re-measure a request's acceptance
+    k_histogram: list[int] = field(default_factory=list)  # [K + 1] (request, round) pairs by chosen k
+    decision_seconds: float = 0.0  # spent deciding
+    step_seconds: float = 0.0  # measured steps (target + drafting) while deciding
+    estimates: dict[str, float] = field(default_factory=dict)  # the cost model's latest numbers (seconds)
+
+    @property
+    def steps_off_share(self) -> float | None:
+        return self.steps_off / self.steps if self.steps else None
+
+    @property
+    def requests_off_share(self) -> float | None:
+        return self.requests_off / self.requests if self.requests else None
+
+    @property
+    def decision_share(self) -> float | None:
+        """The decision's cost as a share of the measured step time."""
+        return self.decision_seconds / self.step_seconds if self.step_seconds else None
+
+    @property
+    def mean_k(self) -> float | None:
+        total = sum(self.k_histogram)
+        return sum(k * n for k, n in enumerate(self.k_histogram)) / total if total else None
+
+    def minus(self, before: AdaptiveReport | None) -> AdaptiveReport:
+        if before is None:
+            return replace(self, k_histogram=list(self.k_histogram), estimates=dict(self.estimates))
+        deltas = {name: getattr(self, name) - getattr(before, name) for name in ADAPTIVE_COUNTERS}
+        histogram = [a - b for a, b in zip(self.k_histogram, before.k_histogram)]
+        return replace(self, **deltas, k_histogram=histogram, estimates=dict(self.estimates))
+
+    def summary(self) -> str:
+        """e.g. ``adaptive[k 0:40 1:3 6:57, off steps=12% requests=40%, target=12.1ms+0.31ms/tok, ...]``"""
+        ks = " ".join(f"{k}:{n}" for k, n in enumerate(self.k_histogram) if n)
+        bits = [f"k {ks or '-'}"]
+        if self.steps:
+            bits.append(f"off steps={self.steps_off_share:.0%} requests={self.requests_off_share or 0:.0%}")
+        e = self.estimates
+        if "target_step_s" in e:
+            bits.append(f"target={1e3 * e['target_step_s']:.1f}ms+{1e3 * e['target_per_token_s']:.2f}ms/tok")
+        if "draft_pass_s" in e:
+            bits.append(f"draft={1e3 * e['draft_pass_s']:.1f}ms+{1e3 * e['draft_per_row_s']:.2f}ms/row")
+        if "expected_tokens_per_s" in e and "plain_tokens_per_s" in e:
+            bits.append(f"tok/s est={e['expected_tokens_per_s']:.1f} plain={e['plain_tokens_per_s']:.1f}")
+        if self.decision_share is not None:
+            bits.append(f"decision={self.decision_share:.2%} of step")
+        return f"adaptive[{', '.join(bits)}]"
+
+
 @dataclass
 class LevelReport:
     levels: dict[int, LevelEntry] = field(default_factory=dict)
@@ -90,6 +152,7 @@ class LevelReport:
     busy: bool = False  # the worker held requests when it wrote this: a final write follows when it empties
     target_passes: int | None = None  # the target's forward passes, timed like the levels'
     target_pass_seconds: float | None = None
+    adaptive: AdaptiveReport | None = None  # level 1's per-step draft lengths, when adaptive is on
 
     def cost_ratio(self, level: int = 1) -> float | None:
         """c: the level's mean forward pass over the target's mean forward pass, measured in the run.
@@ -109,7 +172,8 @@ class LevelReport:
     def minus(self, before: LevelReport | None) -> LevelReport:
         """Counter deltas since ``before`` (an earlier report of the same engine), per level."""
         if before is None:
-            return replace(self, levels={n: replace(e) for n, e in self.levels.items()})
+            adaptive = self.adaptive.minus(None) if self.adaptive is not None else None
+            return replace(self, levels={n: replace(e) for n, e in self.levels.items()}, adaptive=adaptive)
 
         def delta(now: int | None, then: int | None) -> int | None:
             return None if now is None else now - (then or 0)
@@ -121,6 +185,7 @@ class LevelReport:
             rounds=delta(self.rounds, before.rounds),
             target_passes=delta(self.target_passes, before.target_passes),
             target_pass_seconds=delta(self.target_pass_seconds, before.target_pass_seconds),
+            adaptive=self.adaptive.minus(before.adaptive) if self.adaptive is not None else None,
         )
 
     def to_json(self) -> str:
@@ -133,7 +198,14 @@ class LevelReport:
         data = json.loads(text)
         known = {f.name for f in fields(LevelEntry)}
         levels = {e["level"]: LevelEntry(**{k: v for k, v in e.items() if k in known}) for e in data.pop("levels")}
-        return cls(levels=levels, **{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
+        adaptive = data.pop("adaptive", None)
+        if adaptive is not None:
+            adaptive = AdaptiveReport(
+                **{k: v for k, v in adaptive.items() if k in {f.name for f in fields(AdaptiveReport)}}
+            )
+        return cls(
+            levels=levels, adaptive=adaptive, **{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
+        )
 
     def summary(self) -> str:
         """One log line, e.g. ``generated=96 level1[kv=shared +0 B/tok, passes/token=0.62] level2[...]``."""
@@ -156,6 +228,8 @@ class LevelReport:
         prefix = f"generated={self.generated_tokens} " if self.generated_tokens is not None else ""
         cost = self.cost_ratio(1)
         suffix = f" c(level1/target)={cost:.2f}" if cost is not None else ""
+        if self.adaptive is not None:
+            suffix += " " + self.adaptive.summary()
         return prefix + " ".join(parts) + suffix
 
 

@@ -86,6 +86,12 @@ def translate_engine_args(engine_args: Any, target_model_config: Any, target_par
         if engine_args.async_scheduling:
             raise SpecQDConfigError("specqd: 'inner' levels need async_scheduling off; drop --async-scheduling.")
         engine_args.async_scheduling = False
+    if cfg.adaptive.enabled:
+        # Per-request draft lengths go to the scheduler as lists; async scheduling schedules K
+        # placeholder drafts per request before they exist (gpu_model_runner.py:1854-1872).
+        if engine_args.async_scheduling:
+            raise SpecQDConfigError("specqd: 'adaptive' needs async_scheduling off; drop --async-scheduling.")
+        engine_args.async_scheduling = False
     engine_args.speculative_config = {
         "method": "draft_model",
         "model": target_model_config.model,

@@ -42,6 +42,7 @@ class LevelStatsPublisher:
         self._last_log = float("-inf")  # the first report is logged at once
         self.target_timer: PassTimer | None = None  # forward-pass timers (CPU engines), see time_passes()
         self.level_timers: dict[int, PassTimer] = {}
+        self.adaptive = None  # the AdaptiveDrafter, when adaptive speculation is on
         atexit.register(_publish_at_exit, weakref.ref(self))
 
     def time_passes(self, target: nn.Module, levels: dict[int, nn.Module]) -> None:
@@ -110,6 +111,8 @@ class LevelStatsPublisher:
             report.target_passes, report.target_pass_seconds = self.target_timer.passes, self.target_timer.seconds
         if self.chain is not None:
             report.generated_tokens, report.rounds = self.generated_tokens, self.rounds
+        if self.adaptive is not None:
+            report.adaptive = self.adaptive.report()
         return report
 
     def publish(self, busy: bool = True, force: bool = False) -> None:

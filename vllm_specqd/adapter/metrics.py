@@ -10,6 +10,16 @@ level-1 metrics (labels: engine, level)::
     specqd:level_verify_windows_total             specqd:generated_tokens_total{engine}
     specqd:level_mean_accepted_length             specqd:rounds_total{engine}
     specqd:level_forward_passes_per_generated_token   specqd:tracked_requests{engine}
+
+With ``adaptive`` on, for level 1 (labels: engine, level)::
+
+    specqd:adaptive_chosen_k_total{k}        (request, round) pairs by the number of drafts chosen
+    specqd:adaptive_steps_total              specqd:adaptive_steps_off_total (no request drafted)
+    specqd:adaptive_requests_total           specqd:adaptive_requests_off_total (k = 0)
+    specqd:adaptive_speculation_off_share{of=steps|requests}
+    specqd:adaptive_probes_total             specqd:adaptive_decision_share (decision time / step time)
+    specqd:adaptive_estimate{name}           the cost model's numbers: target_step_s, target_per_token_s,
+                                             draft_pass_s, draft_per_row_s, expected/plain_tokens_per_s, ...
 """
 
 from __future__ import annotations
@@ -88,6 +98,55 @@ def _families():
     }
 
 
+def _adaptive_families(engine_reports: dict[str, LevelReport]):
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["engine", "level"]
+    chosen = CounterMetricFamily(
+        "specqd:adaptive_chosen_k", "(request, round) pairs by level-1 drafts chosen", labels=[*labels, "k"]
+    )
+    counters = {
+        name: CounterMetricFamily(f"specqd:adaptive_{name}", help_text, labels=labels)
+        for name, help_text in (
+            ("steps", "Drafting rounds the adaptive policy decided"),
+            ("steps_off", "Rounds in which no request drafted"),
+            ("requests", "(request, round) pairs that could draft"),
+            ("requests_off", "(request, round) pairs that drafted nothing"),
+            ("probes", "One-token drafts that re-measure a request's acceptance"),
+        )
+    }
+    off_share = GaugeMetricFamily(
+        "specqd:adaptive_speculation_off_share",
+        "Share of rounds / requests with speculation off",
+        labels=[*labels, "of"],
+    )
+    decision = GaugeMetricFamily(
+        "specqd:adaptive_decision_share", "Time spent deciding over measured step time", labels=labels
+    )
+    estimate = GaugeMetricFamily(
+        "specqd:adaptive_estimate",
+        "The adaptive cost model's latest estimates (seconds, tokens/s)",
+        labels=[*labels, "name"],
+    )
+    for engine, report in engine_reports.items():
+        a = report.adaptive
+        if a is None:
+            continue
+        row = [engine, "1"]
+        for k, n in enumerate(a.k_histogram):
+            chosen.add_metric([*row, str(k)], n)
+        for name, family in counters.items():
+            family.add_metric(row, getattr(a, name))
+        for of, share in (("steps", a.steps_off_share), ("requests", a.requests_off_share)):
+            if share is not None:
+                off_share.add_metric([*row, of], share)
+        if a.decision_share is not None:
+            decision.add_metric(row, a.decision_share)
+        for name, value in sorted(a.estimates.items()):
+            estimate.add_metric([*row, name], value)
+    return [chosen, *counters.values(), off_share, decision, estimate]
+
+
 class LevelStatsCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -126,6 +185,7 @@ class LevelStatsCollector:
                         families[key].add_metric(labels, value)
                 families["kv_cache"].add_metric([*labels, entry.kv_cache], 1)
         yield from families.values()
+        yield from _adaptive_families(reports)
         yield generated
         yield rounds
         yield tracked

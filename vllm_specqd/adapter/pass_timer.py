@@ -18,6 +18,7 @@ class PassTimer:
         self.enabled = False
         self.passes = 0
         self.seconds = 0.0
+        self.last_seconds: float | None = None  # the latest timed pass
         self._started: float | None = None
         module.register_forward_pre_hook(self._before)
         module.register_forward_hook(self._after)
@@ -27,6 +28,7 @@ class PassTimer:
 
     def _after(self, module, args, output) -> None:
         if self._started is not None:
-            self.seconds += time.perf_counter() - self._started
+            self.last_seconds = time.perf_counter() - self._started
+            self.seconds += self.last_seconds
             self.passes += 1
             self._started = None

@@ -10,6 +10,10 @@ A round for K level-1 tokens takes one of three paths:
 * inner levels: a first pass gives d1 (``_first_pass``), then the speculative chain gives
   d2..dK (``_draft_rest``). Greedy drafting makes d1..dK exactly what the MXFP4 draft alone gives.
 
+With ``adaptive`` on, each round first asks :class:`AdaptiveDrafter` for every request's k
+(0..K); the round runs max(k) passes (none when every k is 0 and nothing must catch up) and
+returns per-request lists cut to each k.
+
 Every vLLM internal it needs goes through ``vllm_internals``; docs/design.md draws the rounds.
 """
 
@@ -28,6 +32,7 @@ from vllm.logger import init_logger
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_specqd.adapter import vllm_internals as internals
+from vllm_specqd.adapter.adaptive_drafter import AdaptiveDrafter
 from vllm_specqd.adapter.draft_builder import DRAFT_PREFIX, build_mxfp4_draft
 from vllm_specqd.adapter.inner_models import load_inner_model
 from vllm_specqd.adapter.level_stats import LevelStatsPublisher
@@ -52,11 +57,24 @@ class SpecQDProposer(DraftModelProposer):
         self.chain: SpeculativeLevel | None = None
         self.inner_window_models: list[VllmWindowModel] = []  # level 2, 3, ... (model levels only)
         self.stats = LevelStatsPublisher(vllm_config)
+        self._trace_rounds = 0
+        self.adaptive: AdaptiveDrafter | None = None
+        if self.specqd.adaptive.enabled:
+            # Separate KV and inner models catch their KV up in a round's first pass: it always runs.
+            catch_up = not self.shared_kv or self.specqd.inner is not None
+            self.adaptive = self.stats.adaptive = AdaptiveDrafter(
+                self.specqd.adaptive,
+                self.specqd.num_speculative_tokens,
+                min_passes=int(catch_up),
+                max_model_len=vllm_config.model_config.max_model_len,
+            )
         if runner is not None:
             internals.on_request_removed(runner, self._forget_request)
 
     def _forget_request(self, req_id: str) -> None:
         """vLLM dropped a request (finished or aborted): free its per-level state at once."""
+        if self.adaptive is not None:
+            self.adaptive.forget(req_id)
         self.stats.forget(req_id, batch_empty=not internals.runner_holds_requests(self.runner))
 
     # ------------------------------------------------------------------ loading
@@ -76,13 +94,16 @@ class SpecQDProposer(DraftModelProposer):
             self.chain = self.stats.chain = self._build_chain()
         model_levels = [self.model, *(w.model for w in self.inner_window_models)]
         self.stats.time_passes(target_model, dict(enumerate(model_levels, start=1)))
+        if self.adaptive is not None:
+            self.adaptive.target_timer = self.stats.target_timer
         logger.info(
-            "specqd: level 1 = MXFP4 self-draft (scale rule %s, %s KV, lm_head %s), K=%d, draft sampling %s; "
+            "specqd: level 1 = MXFP4 self-draft (scale rule %s, %s KV, lm_head %s), K=%d%s, draft sampling %s; "
             "levels below: %s",
             draft.scale_rule,
             draft.kv_cache,
             draft.lm_head,
             self.specqd.num_speculative_tokens,
+            f" (adaptive, {self.specqd.adaptive.policy} policy: K is the maximum)" if self.adaptive else "",
             self.specqd.draft_sample_method,
             [_describe(level) for level in self.specqd.levels()] or "none",
         )
@@ -169,12 +190,34 @@ class SpecQDProposer(DraftModelProposer):
         mm_embed_inputs=None,
         num_rejected_tokens_gpu: torch.Tensor | None = None,  # [batch_size]
         slot_mappings=None,
-    ) -> torch.Tensor:  # [batch_size, num_speculative_tokens]
+    ) -> torch.Tensor | list[list[int]]:  # [batch_size, num_speculative_tokens], or per-row lists (adaptive)
         self.stats.start_timing()
         trace_path = os.environ.get(TRACE_ENV)
         if trace_path:
             next_positions = self._next_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
-        if self.shared_kv and (self.chain is None or num_speculative_tokens <= 1):
+        decision = None
+        if self.adaptive is not None:
+            sampled = self._sampled_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
+            decision = self.adaptive.decide(self.runner, sampled, common_attn_metadata, num_rejected_tokens_gpu)
+            num_speculative_tokens = decision.passes
+        if decision is not None and decision.passes == 0:
+            internals.begin_round(self, self.specqd.num_speculative_tokens)  # clears last round's draft probs
+            drafts = [[] for _ in decision.k]
+            self.stats.publish()
+        elif self.chain is not None and (decision is not None or num_speculative_tokens > 1):
+            drafts = self._propose_multilevel(
+                num_speculative_tokens,
+                target_token_ids,
+                target_positions,
+                target_hidden_states,
+                next_token_ids,
+                token_indices_to_sample,
+                common_attn_metadata,
+                num_rejected_tokens_gpu,
+                mm_embed_inputs,
+                limits=decision.k if decision is not None else None,
+            )
+        elif self.shared_kv:
             self.stats.first_passes += max(1, num_speculative_tokens)
             self.stats.publish()
             drafts = self._propose_shared_kv(
@@ -185,7 +228,7 @@ class SpecQDProposer(DraftModelProposer):
                 sampling_metadata,
                 num_rejected_tokens_gpu,
             )
-        elif self.chain is None or num_speculative_tokens <= 1:
+        else:
             self.stats.first_passes += max(1, num_speculative_tokens)  # vLLM's loop: K passes
             self.stats.publish()
             drafts = super().propose(
@@ -201,18 +244,8 @@ class SpecQDProposer(DraftModelProposer):
                 num_rejected_tokens_gpu,
                 slot_mappings,
             )
-        else:
-            drafts = self._propose_multilevel(
-                num_speculative_tokens,
-                target_token_ids,
-                target_positions,
-                target_hidden_states,
-                next_token_ids,
-                token_indices_to_sample,
-                common_attn_metadata,
-                num_rejected_tokens_gpu,
-                mm_embed_inputs,
-            )
+        if decision is not None:
+            drafts = self.adaptive.finish(drafts, decision)
         if trace_path:
             self._trace(trace_path, next_positions, drafts)
         return drafts
@@ -266,13 +299,16 @@ class SpecQDProposer(DraftModelProposer):
         positions = target_positions.tolist()
         return [positions[hi - 1] + 1 for _, hi in self._accepted_rows(cad, num_rejected_tokens_gpu)]
 
-    def _trace(self, path: str, next_positions: list[int], drafts: torch.Tensor) -> None:
+    def _trace(self, path: str, next_positions: list[int], drafts: torch.Tensor | list[list[int]]) -> None:
         req_ids = internals.batch_req_ids(self.runner, len(next_positions))
         discarded = internals.discarded_rows(self.runner, len(next_positions))
+        rows = drafts.tolist() if isinstance(drafts, torch.Tensor) else drafts
+        self._trace_rounds += 1
         with open(path, "a") as f:
-            for i, (pos, row) in enumerate(zip(next_positions, drafts.tolist())):
+            for i, (pos, row) in enumerate(zip(next_positions, rows)):
                 if not discarded[i]:
-                    f.write(json.dumps({"req": req_ids[i], "pos": pos, "drafts": row}) + "\n")
+                    entry = {"req": req_ids[i], "pos": pos, "drafts": row, "round": self._trace_rounds}
+                    f.write(json.dumps(entry) + "\n")
 
     def _propose_multilevel(
         self,
@@ -285,7 +321,8 @@ class SpecQDProposer(DraftModelProposer):
         common_attn_metadata,
         num_rejected_tokens_gpu,
         mm_embed_inputs,
-    ) -> torch.Tensor:
+        limits: list[int] | None = None,
+    ) -> torch.Tensor | list[list[int]]:
         internals.begin_round(self, num_speculative_tokens)
         contexts = self._committed_contexts(
             target_token_ids, target_positions, next_token_ids, common_attn_metadata, num_rejected_tokens_gpu
@@ -300,7 +337,7 @@ class SpecQDProposer(DraftModelProposer):
             mm_embed_inputs,
             num_rejected_tokens_gpu,
         )
-        return self._draft_rest(contexts, first_tokens, num_speculative_tokens, common_attn_metadata)
+        return self._draft_rest(contexts, first_tokens, num_speculative_tokens, common_attn_metadata, limits)
 
     def _committed_contexts(
         self, target_token_ids, target_positions, next_token_ids, cad, num_rejected_tokens_gpu
@@ -383,8 +420,13 @@ class SpecQDProposer(DraftModelProposer):
             useful = min(useful, max_tokens - (context_len - num_prompt_tokens) - 2)
         return max(0, useful)
 
-    def _draft_rest(self, contexts: list[np.ndarray], first_tokens: torch.Tensor, k: int, cad) -> torch.Tensor:
-        """d2..dK: the speculative chain continues every request's context + d1."""
+    def _draft_rest(
+        self, contexts: list[np.ndarray], first_tokens: torch.Tensor, k: int, cad, limits: list[int] | None = None
+    ) -> torch.Tensor | list[list[int]]:
+        """d2..dK: the speculative chain continues every request's context + d1.
+
+        ``limits`` (adaptive): request i's drafts, d1 included; the rows come back as lists cut to them.
+        """
         req_ids: list[Hashable] = internals.batch_req_ids(self.runner, len(contexts))
         row_of = {req_id: i for i, req_id in enumerate(req_ids)}
         for window_model in [self.chain.model, *self.inner_window_models]:
@@ -395,11 +437,15 @@ class SpecQDProposer(DraftModelProposer):
         for i, (req_id, context) in enumerate(zip(req_ids, contexts)):
             for level in self.chain.chain():
                 level.mark_kv_valid(req_id, context)
-            wanted.append(0 if discarded[i] else self._useful_draft_tokens(req_id, len(context), k))
+            useful = 0 if discarded[i] else self._useful_draft_tokens(req_id, len(context), k)
+            wanted.append(useful if limits is None else max(0, min(useful, limits[i] - 1)))
             requests.append(RequestContext(req_id, np.append(context, first[i])))
             self.stats.count_round(req_id, len(context), discarded[i])
         self.stats.forget_missing(req_ids)
         rest = self.chain.propose(requests, wanted)
+        if limits is not None:
+            self.stats.publish()
+            return [[first[i], *rest[i]][: limits[i]] for i in range(len(contexts))]
         drafts = [[first[i], *rest[i]] + [first[i]] * (k - 1 - len(rest[i])) for i in range(len(contexts))]
         self.stats.publish()
         return torch.tensor(drafts, dtype=first_tokens.dtype, device=first_tokens.device)

@@ -67,6 +67,12 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.worker.gpu_input_batch:CachedRequestState", "sampling_params", "v1/worker/gpu_input_batch.py:39"),
     Internal(RUNNER, "discard_request_mask", "v1/worker/gpu_model_runner.py:815"),
     Internal(RUNNER, "_on_request_state_removed", "v1/worker/gpu_model_runner.py:1156"),
+    # Adaptive speculation hands vLLM per-request draft lists of any length (adaptive_drafter.py):
+    # the runner passes a list on as it is, cuts the draft probabilities to each request's count,
+    # and the scheduler schedules each request's list, empty included.
+    Internal(RUNNER, "_get_draft_token_ids_cpu", "v1/worker/gpu_model_runner.py:4670"),
+    Internal(RUNNER, "_get_spec_decode_draft_probs", "v1/worker/gpu_model_runner.py:4719"),
+    Internal("vllm.v1.core.sched.scheduler:Scheduler", "update_draft_token_ids", "v1/core/sched/scheduler.py:2550"),
     # KV cache specs.
     Internal("vllm.v1.kv_cache_interface:KVCacheSpec", "page_size_bytes", "v1/kv_cache_interface.py:218"),
     Internal("vllm.v1.kv_cache_interface:KVCacheSpec", "block_size", "v1/kv_cache_interface.py:169"),

@@ -19,7 +19,7 @@ from vllm_specqd.bench.datasets import Prompt
 from vllm_specqd.bench.memory import added_memory, kv_bytes_per_token, kv_report
 from vllm_specqd.bench.methods import Method, speculative_config
 from vllm_specqd.bench.preload import apply_preload
-from vllm_specqd.bench.spec_stats import counters_from_metrics, summarize
+from vllm_specqd.bench.spec_stats import adaptive_record, counters_from_metrics, summarize
 from vllm_specqd.level_report import LevelReport
 
 WARMUP_TOKENS = 8
@@ -184,6 +184,8 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
         levels_after = read_level_stats(llm)
         level_delta = levels_after.minus(levels_before) if levels_after is not None else None
 
+        if level_delta is not None and level_delta.adaptive is not None:
+            record["adaptive"] = adaptive_record(level_delta.adaptive, level_delta.levels[1].forward_passes)
         token_ids = [list(o.outputs[0].token_ids) for o in outputs]
         generated = sum(len(t) for t in token_ids)
         if method.name == "none" and settings.dtype != "float32":
@@ -201,6 +203,10 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
                 for p, t, o in zip(prompts, token_ids, outputs)
             ],
         )
+        if "adaptive" in record:  # rounds draft 0..K tokens: K passes per round does not hold
+            for key in ("forward_passes", "passes_per_generated_token", "passes_per_level1_draft_token"):
+                record["levels"]["1"].pop(key, None)
+            record["levels"]["1"]["passes_per_round"] = None
     except Exception as error:  # one failing method must not cost the others' numbers
         record["error"] = f"{type(error).__name__}: {error}"
         record["traceback"] = traceback.format_exc()

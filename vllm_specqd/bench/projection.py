@@ -71,12 +71,13 @@ def measured_c(path: str | Path, batch: int = 1) -> float:
 
 
 def _projectable(results: dict) -> list[dict]:
-    # specqd only: its level 1 drafts K tokens every round, so E = 1 + sum(a_i) holds per target step.
+    # specqd only (not adaptive): its level 1 drafts K tokens every round, so E = 1 + sum(a_i) holds per step.
     # (vLLM's n-gram skips rounds it has no match for; draft_model's full copy is priced at c = 1 anyway.)
     return [
         r
         for r in results["methods"]
         if r["method"].startswith("specqd")
+        and not r.get("adaptive")  # its rounds draft 0..K tokens
         and "error" not in r
         and r.get("levels", {}).get("1", {}).get("per_position")
     ]

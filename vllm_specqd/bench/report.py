@@ -207,6 +207,8 @@ def notes(meta: dict, records: list[dict]) -> list[str]:
                 for d in r["divergences"]
             )
             out.append(f"{r['method']} diverges from `none`: {where}.")
+        if r.get("adaptive"):
+            out.append(f"{r['method']}, the adaptive policy's decisions over the timed run: {r['adaptive']['summary']}")
     for r in records:
         check = r.get("memory", {}).get("kv_capacity_check", "")
         if check.startswith("MISMATCH"):

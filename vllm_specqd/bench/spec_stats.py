@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from vllm_specqd.level_report import LevelEntry, LevelReport
+from vllm_specqd.level_report import AdaptiveReport, LevelEntry, LevelReport
 
 # Counter names in `LLM.get_metrics()`; Prometheus appends `_total` to counters.
 NUM_DRAFTS = "vllm:spec_decode_num_drafts"
@@ -163,4 +163,20 @@ def summarize(
         "target_passes": target,
         "target_passes_per_generated_token": _ratio(target, generated_tokens),
         "counters": counters.to_dict(),
+    }
+
+
+def adaptive_record(report: AdaptiveReport, level1_batched_passes: int | None) -> dict:
+    """The adaptive policy's decisions over a timed run (counter deltas), JSON-ready."""
+    return {
+        "k_histogram": report.k_histogram,
+        "mean_k": report.mean_k,
+        "steps": report.steps,
+        "steps_off_share": report.steps_off_share,
+        "requests_off_share": report.requests_off_share,
+        "probes": report.probes,
+        "decision_share": report.decision_share,
+        "level1_passes_per_step": _ratio(level1_batched_passes or 0, report.steps),
+        "estimates": report.estimates,
+        "summary": report.summary(),
     }

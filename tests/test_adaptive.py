@@ -1,0 +1,233 @@
+"""The adaptive-speculation policy (vllm_specqd/adaptive.py) with synthetic costs: no engine."""
+
+import itertools
+import statistics
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, LineFit, Outcome, RequestSlot
+
+K = 6
+
+
+def policy_with(
+    *,
+    target_a: float,
+    target_b: float,
+    draft_c: float,
+    draft_d: float = 0.0,
+    acceptance: dict | None = None,
+    rows=(1, 4, 16),
+    acceptance_override: float | None = None,
+    **settings,
+) -> AdaptivePolicy:
+    """A policy whose cost model has seen exact synthetic timings over a spread of batch sizes,
+    and whose requests have seen outcomes that pin their acceptance."""
+    policy = AdaptivePolicy(AdaptiveSettings(max_k=settings.pop("max_k", K), warmup_steps=0, **settings))
+    for _ in range(50):
+        for tokens in (1, 7, 20, 64, 100):
+            policy.observe_target(tokens, target_a + target_b * tokens)
+        for r in rows:
+            policy.observe_draft(r, 3, 3 * (draft_c + draft_d * r))
+    for req_id, rate in (acceptance or {}).items():
+        pin_acceptance(policy, req_id, rate)
+    if acceptance_override is not None:
+        for req_id in acceptance or {}:
+            policy.acceptance.per_request[req_id] = np.full(policy.settings.max_k, acceptance_override)
+    return policy
+
+
+def pin_acceptance(policy: AdaptivePolicy, req_id, rate: float) -> None:
+    """Outcomes whose accepted prefix follows a per-position acceptance of ``rate``."""
+    rng = np.random.default_rng(zlib.crc32(str(req_id).encode()))
+    for _ in range(200):
+        accepted = 0
+        while accepted < K and rng.random() < rate:
+            accepted += 1
+        policy.observe([Outcome(req_id, K, accepted)])
+
+
+def slots(*req_ids, cap=K):
+    return [RequestSlot(r, cap) for r in req_ids]
+
+
+def test_line_fit_recovers_a_line_and_leans_on_its_prior_without_spread():
+    fit = LineFit(decay=0.05)
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        x = float(rng.integers(1, 200))
+        fit.observe(x, 0.010 + 0.0002 * x + rng.normal(0, 1e-4))
+    a, b = fit.coefficients()
+    assert a == pytest.approx(0.010, rel=0.05) and b == pytest.approx(0.0002, rel=0.05)
+
+    flat = LineFit(decay=0.05)
+    for _ in range(100):
+        flat.observe(7.0, 0.014)
+    a, b = flat.coefficients()
+    # One x only: the slope is the prior (half the mean cost per unit), and the fit still hits the point.
+    assert b == pytest.approx(0.5 * 0.014 / 7.0)
+    assert float(flat.predict(7.0)) == pytest.approx(0.014)
+
+
+def test_acceptance_observations_are_conditional_per_position():
+    policy = AdaptivePolicy(AdaptiveSettings(max_k=4, prior_acceptance=0.5, acceptance_decay=0.5))
+    policy.observe([Outcome("a", verified=4, accepted=2)])
+    rates = policy.acceptance.of("a")
+    # Positions 1, 2 accepted (0.5 -> 0.75), 3 rejected (0.5 -> 0.25), 4 never checked (stays 0.5).
+    assert rates.tolist() == [0.75, 0.75, 0.25, 0.5]
+    policy.observe([Outcome("a", verified=1, accepted=1)])
+    assert rates.tolist() == [0.875, 0.75, 0.25, 0.5]
+
+
+def test_cheap_drafts_and_high_acceptance_draft_everything():
+    # Memory-bound target (extra tokens almost free), draft pass 5% of a step, acceptance 0.95.
+    policy = policy_with(target_a=0.020, target_b=0.00002, draft_c=0.001, acceptance={r: 0.95 for r in "abcd"})
+    decision = policy.decide(slots(*"abcd"))
+    assert decision.k == [K] * 4 and decision.passes == K
+    assert decision.expected_tokens / decision.expected_seconds > 2 * 4 / decision.plain_seconds
+
+
+def test_verification_costlier_than_acceptance_gains_degenerates_to_plain_decoding():
+    # Compute-bound target: every verified token costs as much as a step's fixed part; acceptance 0.5.
+    policy = policy_with(target_a=0.001, target_b=0.001, draft_c=0.0005, acceptance={r: 0.5 for r in "abcd"})
+    decision = policy.decide(slots(*"abcd"))
+    assert decision.k == [0, 0, 0, 0] and decision.passes == 0
+    assert policy.stats.steps_off == 1 and policy.stats.requests_off == 4
+
+
+def test_draft_passes_dearer_than_the_target_step_degenerate_to_plain_decoding():
+    policy = policy_with(target_a=0.010, target_b=0.0, draft_c=0.012, acceptance={"a": 0.9})
+    assert policy.decide(slots("a")).k == [0]
+
+
+def test_requests_with_low_acceptance_stop_drafting_while_the_others_draft():
+    # Verified tokens cost 10% of a step each: a request accepting 5% of drafts is not worth one.
+    acceptance = {"code": 0.9, "chat": 0.85, "hot": 0.05}
+    policy = policy_with(target_a=0.010, target_b=0.001, draft_c=0.0005, acceptance=acceptance)
+    decision = policy.decide(slots("code", "chat", "hot"))
+    assert decision.k[2] == 0, decision
+    assert decision.k[0] > 0 and decision.k[1] > 0, decision
+    assert decision.k[0] >= decision.k[1]
+
+
+def test_caps_bound_each_request_and_a_zero_cap_never_drafts():
+    policy = policy_with(target_a=0.020, target_b=0.0, draft_c=0.0001, acceptance={r: 0.99 for r in "abc"})
+    decision = policy.decide([RequestSlot("a", 2), RequestSlot("b", 0), RequestSlot("c", K)])
+    assert decision.k == [2, 0, K]
+    assert policy.stats.requests == 2  # a zero cap (e.g. a prefill chunk) is no decision
+
+
+def test_min_gain_keeps_speculation_off_unless_it_wins_by_that_much():
+    # Acceptance 0.3, a verified token 10% of a step, a draft pass 5%: one token is best,
+    # (1 + 0.3) / (0.010 + 0.001 * 2 + 0.0005) vs 1 / (0.010 + 0.001): 24% more tokens per second.
+    def decide(**settings):
+        policy = policy_with(target_a=0.010, target_b=0.001, draft_c=0.0005, **settings)
+        policy.acceptance.per_request["a"] = np.full(K, 0.3)
+        return policy.decide(slots("a"))
+
+    eager = decide()
+    assert eager.k == [1]
+    gain = eager.expected_tokens / eager.expected_seconds * eager.plain_seconds - 1
+    assert gain == pytest.approx(1.3 / 0.0125 * 0.011 - 1, rel=0.05)  # the fits lean 1% on their prior
+    assert decide(min_gain=gain + 0.02).k == [0]
+    assert decide(min_gain=gain - 0.02).k == [1]
+
+
+def brute_force_rate(policy: AdaptivePolicy, req_ids, caps) -> float:
+    rows = len(req_ids)
+    p = [np.cumprod(policy.acceptance.of(r)) for r in req_ids]
+    best = 0.0
+    for ks in itertools.product(*[range(c + 1) for c in caps]):
+        tokens = rows + sum(float(p[i][:k].sum()) for i, k in enumerate(ks))
+        seconds = float(policy._seconds(rows, sum(ks), max(ks)))
+        best = max(best, tokens / seconds)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decision_matches_the_brute_force_optimum(seed):
+    rng = np.random.default_rng(seed)
+    req_ids = [f"r{i}" for i in range(3)]
+    policy = policy_with(
+        max_k=4,
+        target_a=float(rng.uniform(0.005, 0.02)),
+        target_b=float(rng.uniform(0, 0.004)),
+        draft_c=float(rng.uniform(0.0005, 0.006)),
+        draft_d=float(rng.uniform(0, 0.0005)),
+    )
+    for r in req_ids:
+        policy.acceptance.per_request[r] = rng.uniform(0.05, 1.0, size=4)
+    caps = [int(c) for c in rng.integers(0, 5, size=3)]
+    decision = policy.decide([RequestSlot(r, c) for r, c in zip(req_ids, caps)])
+    got = decision.expected_tokens / decision.expected_seconds
+    assert got == pytest.approx(brute_force_rate(policy, req_ids, caps), rel=1e-9)
+    if decision.passes:
+        assert decision.passes == max(decision.k)
+
+
+def test_collapsed_request_stops_drafting_is_reprobed_and_recovers():
+    settings = dict(target_a=0.010, target_b=0.001, draft_c=0.0005, reprobe_after=4, max_reprobe_after=16)
+    policy = policy_with(**settings, acceptance={"hot": 0.9})
+    assert policy.decide(slots("hot")).k[0] > 0
+    for _ in range(20):  # acceptance collapses: the target rejects the first draft every step
+        policy.observe([Outcome("hot", K, 0)])
+    ks = [policy.decide(slots("hot")).k[0] for _ in range(40)]
+    # Off, then a one-token probe after 4, 8, 16, 16 off-steps (the wait doubles up to its cap).
+    probes = [i for i, k in enumerate(ks) if k]
+    assert all(ks[i] == 1 for i in probes)
+    assert probes == [3, 3 + 8, 3 + 8 + 16, 3 + 8 + 16 + 16][: len(probes)] and len(probes) == 3
+    assert policy.stats.probes == 3
+    for _ in range(10):  # the request recovers: probes come back accepted
+        policy.observe([Outcome("hot", 1, 1)])
+        policy.observe([Outcome("hot", K, K)])
+    assert policy.decide(slots("hot")).k[0] > 1
+
+
+def test_warm_up_drafts_the_maximum_until_costs_are_measured():
+    policy = AdaptivePolicy(AdaptiveSettings(max_k=K, warmup_steps=2))
+    assert policy.decide(slots("a", "b")).k == [K, K]  # no timing yet
+    policy.observe_target(14, 0.02)
+    policy.observe_draft(2, K, 0.01)
+    assert policy.decide(slots("a", "b")).k == [K, K]  # still warming up
+    assert policy.stats.k_histogram[K] == 4
+
+
+def test_random_policy_flips_k_within_caps():
+    policy = AdaptivePolicy(AdaptiveSettings(max_k=K, policy="random", seed=1, reprobe_after=10**6))
+    seen = set()
+    for _ in range(50):
+        decision = policy.decide([RequestSlot("a", K), RequestSlot("b", 2), RequestSlot("c", 0)])
+        assert 0 <= decision.k[0] <= K and 0 <= decision.k[1] <= 2 and decision.k[2] == 0
+        assert decision.passes == max(decision.k)
+        seen.update((i, k) for i, k in enumerate(decision.k))
+    assert {(0, 0), (0, K), (1, 0), (1, 2)} <= seen
+
+
+def test_min_passes_are_run_and_priced_even_with_speculation_off():
+    common = dict(target_a=0.010, target_b=0.001, draft_c=0.002, acceptance={"a": 0.9})
+    decision = policy_with(**common, min_passes=1).decide(slots("a"))
+    assert decision.passes == max(decision.k) >= 1
+    # A catch-up pass that runs anyway makes the first draft token cheaper to add: it is the same pass.
+    off = policy_with(**common, acceptance_override=0.12)
+    on = policy_with(**common, acceptance_override=0.12, min_passes=1)
+    assert off.decide(slots("a")).k == [0] and on.decide(slots("a")).k == [1]
+    plain = on.decide(slots("b"))  # a new request: no acceptance yet, the prior 0.6
+    assert plain.plain_seconds == pytest.approx(0.011 + 0.002, rel=0.05)
+
+
+def test_decision_is_cheap():
+    policy = policy_with(target_a=0.05, target_b=0.0002, draft_c=0.01, draft_d=0.0001, max_k=8)
+    batch = [RequestSlot(f"r{i}", 8) for i in range(64)]
+    for r in batch:
+        pin_acceptance(policy, r.req_id, 0.7)
+    policy.decide(batch)
+    times = []
+    for _ in range(30):
+        started = time.perf_counter()
+        policy.decide(batch)
+        times.append(time.perf_counter() - started)
+    # A 64-request step of the bundled model takes well over 100 ms on the CI machine kind: 1% is 1 ms.
+    assert statistics.median(times) < 1e-3, times

@@ -1,0 +1,140 @@
+"""The vLLM side of adaptive speculation: measurements in, per-request draft lengths out.
+
+Per drafting round (``SpecQDProposer.propose``): :meth:`AdaptiveDrafter.decide` reads what the
+target did with last round's drafts and how long its step took, and asks the policy
+(vllm_specqd/adaptive.py) for each row's k; the proposer runs ``passes`` level-1 passes over the
+batch, and :meth:`AdaptiveDrafter.finish` cuts each row to its k and times the drafting.
+
+vLLM takes variable-length drafts as a ``list[list[int]]`` (what its n-gram drafter returns):
+the runner hands them to the scheduler unchanged (GPUModelRunner._get_draft_token_ids_cpu,
+v1/worker/gpu_model_runner.py:4670-4672), which schedules each request's list, empty included
+(Scheduler.update_draft_token_ids, v1/core/sched/scheduler.py:2550; schedule, :861-876); the
+rejection sampler takes per-request counts, and the draft probabilities of a probabilistic draft
+are cut to each request's count (_get_spec_decode_draft_probs, gpu_model_runner.py:4719-4742).
+Needs synchronous scheduling: async scheduling schedules K placeholder drafts per request
+(engine_config.py refuses it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+
+import torch
+
+from vllm_specqd.adapter import vllm_internals as internals
+from vllm_specqd.adapter.pass_timer import PassTimer
+from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, Decision, Outcome, RequestSlot
+from vllm_specqd.config import AdaptiveSpec
+from vllm_specqd.level_report import AdaptiveReport
+
+# A gap between two rounds longer than this many expected steps (+ slack) is idle time, not a step.
+IDLE_GAP_FACTOR, IDLE_GAP_SLACK_S = 4.0, 0.02
+
+
+class AdaptiveDrafter:
+    def __init__(self, spec: AdaptiveSpec, max_k: int, min_passes: int, max_model_len: int):
+        self.spec = spec
+        self.max_model_len = max_model_len
+        self.policy = AdaptivePolicy(
+            AdaptiveSettings(
+                max_k=max_k,
+                min_gain=spec.min_gain,
+                policy=spec.policy,
+                seed=spec.seed,
+                min_passes=min_passes,
+                reprobe_after=spec.reprobe_after,
+            )
+        )
+        self.target_timer: PassTimer | None = None  # the target's forward passes (CPU engines)
+        self._proposed: dict[Hashable, int] = {}  # drafts each request got last round
+        self._last_end: float | None = None
+        self._draft_started = 0.0
+
+    def forget(self, req_id: Hashable) -> None:
+        self._proposed.pop(req_id, None)
+        self.policy.forget(req_id)
+
+    def decide(
+        self,
+        runner,
+        sampled_positions: torch.Tensor,  # [batch] position of the token the target just sampled
+        cad,
+        num_rejected_tokens_gpu: torch.Tensor | None,  # [batch]
+    ) -> Decision:
+        started = time.perf_counter()
+        qsl = cad.query_start_loc_cpu.tolist()
+        rows = len(qsl) - 1
+        query_lens = [qsl[i + 1] - qsl[i] for i in range(rows)]
+        # The line prices verification steps: one with a prefill chunk (a longer query) is not one.
+        if query_lens and max(query_lens) <= self.policy.settings.max_k + 1:
+            self._observe_step(started, qsl[-1])
+        req_ids = internals.batch_req_ids(runner, rows)
+        discarded = internals.discarded_rows(runner, rows).tolist()
+        rejected = num_rejected_tokens_gpu.tolist() if num_rejected_tokens_gpu is not None else [0] * rows
+        outcomes = []
+        for i, req_id in enumerate(req_ids):
+            proposed = self._proposed.get(req_id, 0)
+            verified = query_lens[i] - 1  # a decode row feeds the sampled token + its drafts
+            if proposed and not discarded[i] and 0 < verified <= proposed:
+                outcomes.append(Outcome(req_id, verified, verified - rejected[i]))
+        self.policy.observe(outcomes)
+        positions = sampled_positions.tolist()
+        slots = [
+            RequestSlot(req_id, 0 if discarded[i] else self._cap(runner, req_id, positions[i] + 1))
+            for i, req_id in enumerate(req_ids)
+        ]
+        decision = self.policy.decide(slots)
+        self._proposed = {req_id: k for req_id, k in zip(req_ids, decision.k)}
+        self._draft_started = time.perf_counter()
+        return decision
+
+    def _cap(self, runner, req_id: Hashable, context_len: int) -> int:
+        """Drafts the next step can use: it feeds positions context_len - 1 .. context_len - 1 + k,
+        which must stay below max_model_len, and commits at most k + 1 of the tokens left."""
+        cap = min(self.policy.settings.max_k, self.max_model_len - context_len)
+        budget = internals.generation_budget(runner, req_id)
+        if budget is not None:
+            num_prompt_tokens, max_tokens = budget
+            cap = min(cap, max_tokens - (context_len - num_prompt_tokens) - 1)
+        return max(0, cap)
+
+    def _observe_step(self, now: float, tokens: int) -> None:
+        """The time since the last round ended: one target step over ``tokens`` scheduled tokens."""
+        if self._last_end is None:
+            return
+        gap = now - self._last_end
+        # What a step over this many tokens should take: the fitted line once it has data (it
+        # includes the per-step overhead), before that the target's forward pass (CPU timers).
+        reference = None
+        if self.policy.target.ready:
+            reference = float(self.policy.target.predict(tokens))
+        elif self.target_timer is not None and self.target_timer.last_seconds is not None:
+            reference = self.target_timer.last_seconds
+        if reference is not None and gap > IDLE_GAP_FACTOR * reference + IDLE_GAP_SLACK_S:
+            return  # the engine idled (no requests) between the two rounds
+        self.policy.observe_target(tokens, gap)
+
+    def finish(self, drafts: torch.Tensor | list[list[int]], decision: Decision) -> list[list[int]]:
+        """Each row's first k drafts (drafts: [batch, passes], or per-row lists); times the round."""
+        rows = drafts.tolist() if isinstance(drafts, torch.Tensor) else drafts
+        cut = [row[:k] for row, k in zip(rows, decision.k)]
+        self._last_end = time.perf_counter()
+        self.policy.observe_draft(len(decision.k), decision.passes, self._last_end - self._draft_started)
+        return cut
+
+    def report(self) -> AdaptiveReport:
+        s = self.policy.stats
+        return AdaptiveReport(
+            policy=self.spec.policy,
+            min_gain=self.spec.min_gain,
+            steps=s.steps,
+            steps_off=s.steps_off,
+            requests=s.requests,
+            requests_off=s.requests_off,
+            probes=s.probes,
+            k_histogram=list(s.k_histogram),
+            decision_seconds=s.decision_seconds,
+            step_seconds=s.step_seconds,
+            estimates=self.policy.estimates(),
+        )

@@ -1,0 +1,321 @@
+"""Adaptive speculation: how many level-1 draft tokens each request gets, decided per step.
+
+Engine-free: the adapter feeds measurements in and applies the :class:`Decision` it gets back.
+
+**Cost model** (measured online, no profile run):
+
+* one target step (everything between two drafting rounds: scheduling, the forward pass, sampling)
+  costs ``a + b * tokens`` seconds, ``tokens`` = the step's scheduled tokens;
+* one level-1 draft position (a forward pass over every row of the batch, plus its sampling) costs
+  ``c + d * rows`` seconds.
+
+Both lines are exponentially weighted least-squares fits (:class:`LineFit`). While the observed
+x barely varies the slope leans on a prior (half the mean cost per unit), so a fit over one
+batch size still prices extra tokens instead of calling them free.
+
+**Acceptance** (:class:`AcceptanceModel`): per request and draft position j, an EMA of
+P(draft j accepted | drafts 1..j-1 accepted). A new request starts from the batch-wide EMA of
+each position, which itself starts at ``prior_acceptance`` and learns from the first steps.
+
+**Decision** (:meth:`AdaptivePolicy.decide`): request i drafting k_i tokens commits in
+expectation ``1 + sum_{j<=k_i} p_ij`` tokens, ``p_ij`` = the product of its first j acceptances.
+A round runs ``m = max_i k_i`` draft passes over the whole batch, so for each m in 0..K the
+best k_i <= m are a prefix of the (i, j) items sorted by p_ij (the target cost is linear in
+tokens), and the (m, prefix) with the most expected tokens per second wins. The batch drafts
+only if that beats k = 0 for everyone by ``min_gain`` (relative); else every k_i is 0.
+
+**Re-probing**: a request that got k = 0 for ``reprobe_after`` steps in a row gets k = 1 once,
+so an acceptance that collapsed (e.g. high-temperature sampling) can be seen to recover. Each
+probe that does not turn drafting back on doubles that request's wait (up to
+``max_reprobe_after``); drafting again resets it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+POLICIES = ("cost", "random")  # "random": adversarial test policy, k uniform in 0..cap per request and step
+
+
+@dataclass(frozen=True)
+class AdaptiveSettings:
+    max_k: int  # num_speculative_tokens: the most level-1 tokens any request drafts
+    min_gain: float = 0.0  # draft only if expected tokens/s beat plain decoding by this fraction
+    policy: str = "cost"
+    seed: int = 0  # the random policy's
+    # Draft passes every round runs anyway (1 when the draft's own KV or inner models must catch up).
+    min_passes: int = 0
+    cost_decay: float = 0.02  # weight of the newest timing in the line fits
+    acceptance_decay: float = 0.2  # per request
+    global_acceptance_decay: float = 0.02  # batch-wide prior of new requests
+    prior_acceptance: float = 0.6
+    reprobe_after: int = 8
+    max_reprobe_after: int = 256
+    warmup_steps: int = 4  # rounds drafting max_k for everyone before the cost model decides
+
+
+@dataclass(frozen=True)
+class RequestSlot:
+    """One row of the batch this step."""
+
+    req_id: Hashable
+    cap: int  # the most drafts the next step can use (0: prefill chunk, or at max_tokens/max_model_len)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the target did with a request's drafts of the previous round."""
+
+    req_id: Hashable
+    verified: int  # drafts the step verified (scheduled)
+    accepted: int  # of which the target kept, a prefix
+
+
+@dataclass(frozen=True)
+class Decision:
+    k: list[int]  # per request, in the order of the slots
+    passes: int  # level-1 draft passes the round runs: max(k), at least min_passes
+    probes: int  # requests drafting only to re-measure their acceptance
+    expected_tokens: float  # committed next step under the cost model
+    expected_seconds: float
+    plain_seconds: float  # with k = 0 for everyone
+    decision_seconds: float
+
+
+@dataclass
+class LineFit:
+    """Exponentially weighted least squares of ``y = a + b * x``."""
+
+    decay: float
+    prior_slope_fraction: float = 0.5  # prior b = this * mean(y) / mean(x)
+    ridge: float = 0.01  # prior weight, in units of mean(x)^2 of x variance
+    weight: float = 0.0
+    sx: float = 0.0
+    sy: float = 0.0
+    sxx: float = 0.0
+    sxy: float = 0.0
+    observations: int = 0
+
+    def observe(self, x: float, y: float) -> None:
+        keep = 1.0 - self.decay
+        self.weight = keep * self.weight + 1.0
+        self.sx = keep * self.sx + x
+        self.sy = keep * self.sy + y
+        self.sxx = keep * self.sxx + x * x
+        self.sxy = keep * self.sxy + x * y
+        self.observations += 1
+
+    @property
+    def ready(self) -> bool:
+        return self.observations > 0
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b); b >= 0: more tokens never cost less."""
+        if not self.ready:
+            return 0.0, 0.0
+        mean_x, mean_y = self.sx / self.weight, self.sy / self.weight
+        var_x = max(0.0, self.sxx / self.weight - mean_x * mean_x)
+        cov = self.sxy / self.weight - mean_x * mean_y
+        prior_b = self.prior_slope_fraction * mean_y / mean_x if mean_x > 0 else 0.0
+        lam = self.ridge * mean_x * mean_x
+        b = (cov + lam * prior_b) / (var_x + lam) if var_x + lam > 0 else prior_b
+        b = max(0.0, b)
+        return mean_y - b * mean_x, b
+
+    def predict(self, x):  # x: a number or an array of them
+        a, b = self.coefficients()
+        return np.maximum(a + b * np.asarray(x, dtype=np.float64), 1e-9)
+
+
+class AcceptanceModel:
+    """Per request and draft position: P(accepted | the positions before it were)."""
+
+    def __init__(self, max_k: int, prior: float, decay: float, global_decay: float):
+        self.decay, self.global_decay = decay, global_decay
+        self.batch_wide = np.full(max_k, prior)  # [K] the prior of a new request
+        self.per_request: dict[Hashable, np.ndarray] = {}
+
+    def of(self, req_id: Hashable) -> np.ndarray:  # [K]
+        rates = self.per_request.get(req_id)
+        if rates is None:
+            rates = self.per_request[req_id] = self.batch_wide.copy()
+        return rates
+
+    def observe(self, outcome: Outcome) -> None:
+        """Positions 1..accepted were accepted; position accepted + 1 (if verified) was not."""
+        if outcome.verified <= 0:
+            return
+        rates = self.of(outcome.req_id)
+        seen = min(outcome.verified, outcome.accepted + 1, len(rates))
+        hits = (np.arange(seen) < outcome.accepted).astype(np.float64)
+        rates[:seen] += self.decay * (hits - rates[:seen])
+        self.batch_wide[:seen] += self.global_decay * (hits - self.batch_wide[:seen])
+
+    def forget(self, req_id: Hashable) -> None:
+        self.per_request.pop(req_id, None)
+
+
+@dataclass
+class AdaptiveStats:
+    """Counters since start, for the level report."""
+
+    steps: int = 0
+    steps_off: int = 0  # no request drafted
+    requests: int = 0  # (request, step) pairs that could draft (cap > 0)
+    requests_off: int = 0  # of which got k = 0
+    probes: int = 0
+    k_histogram: list[int] = field(default_factory=list)  # [K + 1] (request, step) pairs by chosen k
+    decision_seconds: float = 0.0
+    step_seconds: float = 0.0  # measured target steps + drafting, for the decision's share
+
+
+class AdaptivePolicy:
+    def __init__(self, settings: AdaptiveSettings):
+        if settings.policy not in POLICIES:
+            raise ValueError(f"unknown adaptive policy {settings.policy!r}; one of {POLICIES}")
+        self.settings = settings
+        self.target = LineFit(settings.cost_decay)  # seconds per step vs scheduled tokens
+        self.draft = LineFit(settings.cost_decay)  # seconds per draft position vs batch rows
+        self.acceptance = AcceptanceModel(
+            settings.max_k, settings.prior_acceptance, settings.acceptance_decay, settings.global_acceptance_decay
+        )
+        self.stats = AdaptiveStats(k_histogram=[0] * (settings.max_k + 1))
+        self.last: Decision | None = None
+        self._off_steps: dict[Hashable, int] = {}  # consecutive k = 0 steps
+        self._probe_wait: dict[Hashable, int] = {}
+        self._rng = np.random.default_rng(settings.seed)
+
+    # ------------------------------------------------------------------ measurements
+
+    def observe_target(self, tokens: int, seconds: float) -> None:
+        self.target.observe(tokens, seconds)
+        self.stats.step_seconds += seconds
+
+    def observe_draft(self, rows: int, passes: int, seconds: float) -> None:
+        if passes > 0 and rows > 0:
+            self.draft.observe(rows, seconds / passes)
+        self.stats.step_seconds += seconds
+
+    def observe(self, outcomes: Sequence[Outcome]) -> None:
+        for outcome in outcomes:
+            self.acceptance.observe(outcome)
+
+    def forget(self, req_id: Hashable) -> None:
+        self.acceptance.forget(req_id)
+        self._off_steps.pop(req_id, None)
+        self._probe_wait.pop(req_id, None)
+
+    # ------------------------------------------------------------------ the decision
+
+    def decide(self, slots: Sequence[RequestSlot]) -> Decision:
+        started = time.perf_counter()
+        caps = np.fromiter((min(max(s.cap, 0), self.settings.max_k) for s in slots), dtype=np.int64, count=len(slots))
+        rows = len(slots)
+        if self.settings.policy == "random":
+            k = self._rng.integers(0, caps + 1) if rows else caps
+            expected = (rows + 0.0, 0.0)
+        elif self.stats.steps < self.settings.warmup_steps or not (self.target.ready and self.draft.ready):
+            k, expected = caps.copy(), (rows + 0.0, 0.0)  # measure drafting before judging it
+        else:
+            k, expected = self._best_k(slots, caps)
+        k, probes = self._reprobe(slots, caps, k)
+        passes = max(int(k.max()), self.settings.min_passes) if rows else 0
+        decision = Decision(
+            k=k.tolist(),
+            passes=passes,
+            probes=probes,
+            expected_tokens=expected[0],
+            expected_seconds=expected[1],
+            plain_seconds=float(self._seconds(rows, 0, self.settings.min_passes)) if self.target.ready else 0.0,
+            decision_seconds=time.perf_counter() - started,
+        )
+        self._count(decision, caps)
+        self.last = decision
+        return decision
+
+    def _seconds(self, rows: int, tokens: float | np.ndarray, passes: int | np.ndarray):
+        draft = self.draft.predict(rows) if self.draft.ready else 0.0
+        return self.target.predict(rows + tokens) + passes * draft
+
+    def _best_k(self, slots: Sequence[RequestSlot], caps: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+        """Per request k maximising expected committed tokens per second (see the module docstring)."""
+        rows, max_k = len(slots), self.settings.max_k
+        k = np.zeros(rows, dtype=np.int64)
+        plain = (float(rows), float(self._seconds(rows, 0, self.settings.min_passes)))
+        if not rows or not caps.any():
+            return k, plain
+        rates = np.stack([self.acceptance.of(s.req_id) for s in slots])  # [rows, K]
+        p = np.cumprod(rates, axis=1)  # [rows, K] P(drafts 1..j all accepted)
+        depth = np.broadcast_to(np.arange(1, max_k + 1), p.shape)
+        valid = depth <= caps[:, None]
+        p_items, depth_items = p[valid], depth[valid]
+        row_items = np.broadcast_to(np.arange(rows)[:, None], p.shape)[valid]
+        order = np.lexsort((depth_items, -p_items))  # best first; a request's positions stay in order
+        p_items, depth_items, row_items = p_items[order], depth_items[order], row_items[order]
+        # Every m (passes) at once: rows of [m, item] prefixes, items deeper than m skipped.
+        m = np.arange(1, int(caps.max()) + 1)[:, None]  # [M, 1]
+        allowed = depth_items[None, :] <= m  # [M, n]
+        gained = np.cumsum(np.where(allowed, p_items, 0.0), axis=1)
+        count = np.cumsum(allowed, axis=1)
+        (ta, tb), (dc, dd) = self.target.coefficients(), self.draft.coefficients()
+        pass_seconds = max(dc + dd * rows, 0.0)
+        seconds = np.maximum(ta + tb * (rows + count), 1e-9) + np.maximum(m, self.settings.min_passes) * pass_seconds
+        rate = np.where(allowed, (rows + gained) / seconds, -1.0)
+        best_m, at = np.unravel_index(int(rate.argmax()), rate.shape)
+        if rate[best_m, at] < (1.0 + self.settings.min_gain) * plain[0] / plain[1]:
+            return k, plain
+        chosen = depth_items[: at + 1] <= best_m + 1
+        np.add.at(k, row_items[: at + 1][chosen], 1)
+        return k, (float(rows + gained[best_m, at]), float(seconds[best_m, at]))
+
+    def _reprobe(self, slots: Sequence[RequestSlot], caps: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, int]:
+        probes = 0
+        for i, slot in enumerate(slots):
+            if caps[i] == 0:
+                continue
+            if k[i] > 0:
+                self._off_steps[slot.req_id] = 0
+                self._probe_wait.pop(slot.req_id, None)
+                continue
+            off = self._off_steps.get(slot.req_id, 0) + 1
+            wait = self._probe_wait.get(slot.req_id, self.settings.reprobe_after)
+            if off >= wait:
+                k[i], off, probes = 1, 0, probes + 1
+                self._probe_wait[slot.req_id] = min(2 * wait, self.settings.max_reprobe_after)
+            self._off_steps[slot.req_id] = off
+        return k, probes
+
+    def _count(self, decision: Decision, caps: np.ndarray) -> None:
+        s = self.stats
+        s.steps += 1
+        s.steps_off += not any(decision.k)
+        s.probes += decision.probes
+        s.decision_seconds += decision.decision_seconds
+        for cap, k in zip(caps.tolist(), decision.k):
+            if cap > 0:
+                s.requests += 1
+                s.requests_off += k == 0
+                s.k_histogram[k] += 1
+
+    # ------------------------------------------------------------------ for the report
+
+    def estimates(self) -> dict[str, float]:
+        """The cost model's current numbers (seconds), for metrics and the log line."""
+        out = {}
+        if self.target.ready:
+            out["target_step_s"], out["target_per_token_s"] = self.target.coefficients()
+        if self.draft.ready:
+            out["draft_pass_s"], out["draft_per_row_s"] = self.draft.coefficients()
+        last = self.last
+        if last is not None and last.expected_seconds > 0:
+            out["expected_tokens_per_s"] = last.expected_tokens / last.expected_seconds
+        if last is not None and last.plain_seconds > 0:
+            out["plain_tokens_per_s"] = len(last.k) / last.plain_seconds
+        for j, rate in enumerate(self.acceptance.batch_wide.tolist(), start=1):
+            out[f"acceptance_pos{j}"] = rate  # batch-wide P(draft j accepted | 1..j-1 were)
+        return {key: value for key, value in out.items() if math.isfinite(value)}
