@@ -151,6 +151,7 @@ def test_normal_wheel_install_ships_kernels_inside_the_package(tmp_path):
     wheel = next(tmp_path.glob("vllm_specqd-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "vllm_specqd/kernels/__init__.py" in names
+    assert {"vllm_specqd/kernels/cpu/mxfp4_cpu.cpp", "vllm_specqd/kernels/cpu/gemm_body.h"} <= set(names)
     assert not any(name.startswith("kernels/") for name in names)
     target = tmp_path / "site"
     subprocess.run(
