@@ -143,3 +143,10 @@ def test_separate_kv_on_a_hybrid_target_is_a_config_error(hybrid_model_dir):
 def test_separate_kv_on_a_plain_target_is_fine(model_dir):
     spec = {"method": "specqd", "num_speculative_tokens": K, "draft": {"kv_cache": "separate"}}
     assert _engine_config(model_dir, spec).additional_config["specqd"]["draft"]["kv_cache"] == "separate"
+
+
+def test_model_inner_levels_on_a_hybrid_target_are_a_config_error(hybrid_model_dir, small_model_dir):
+    inner = {"method": "draft_model", "model": str(small_model_dir), "num_speculative_tokens": 2}
+    spec = {"method": "specqd", "num_speculative_tokens": K, "inner": inner}
+    with pytest.raises(SpecQDConfigError, match="'inner' levels with method 'draft_model' are not supported"):
+        _engine_config(hybrid_model_dir, spec)
