@@ -9,7 +9,8 @@ greedy successor.
 Example: requests A (row 0) and B (row 1) of the running batch, block size 16,
 windows A: [t5, t6, t7] at position 5 and B: [u9] at position 9 make one
 4-token forward pass with query_start_loc [0, 3, 4], seq_lens [8, 10] and
-slot_mapping [bt[0,0]*16+5, +6, +7, bt[1,0]*16+9].
+slot_mapping [bt[0,0]*16+5, +6, +7, bt[1,0]*16+9], in each KV cache group's block table bt
+(a target with sliding-window and full-attention layers has one group per kind).
 """
 
 from __future__ import annotations
