@@ -5,8 +5,10 @@ The target is a tiny random-weight Gemma-3 (tests/hybrid_model.py: 4 layers alte
 writes its target layer's KV through that layer's group (block table, slot mapping, sliding
 window), which vLLM's own draft_model drafter refuses ("All drafting layers should belong to the
 same kv cache group"). Greedy outputs must be token-identical to no speculation, for one level and
-with an n-gram inner level; the n-gram engine's draft writes random KV
-(VLLM_SPECQD_POISON_DRAFT_KV=1), so a draft write into a committed slot would change them.
+with an n-gram inner level. The one-level engine's draft writes random KV
+(VLLM_SPECQD_POISON_DRAFT_KV=1), so a draft write into a committed slot would change its outputs;
+the n-gram engine drafts cleanly (a poisoned draft's garbage tokens leave the n-gram lookup
+nothing to match), so its guesses run through multi-token window passes.
 Prompts and generations run well past the window, in chunks, with prefix caching on.
 
 A draft that used one group's block table for every group stays token-identical (vLLM backs one
@@ -75,27 +77,27 @@ def reference(hybrid_model_dir):
 
 
 @pytest.fixture(scope="module")
-def one_level(hybrid_model_dir):
-    return _run(hybrid_model_dir, {"method": "specqd", "num_speculative_tokens": K})
+def poisoned_one_level(hybrid_model_dir):
+    return _run(hybrid_model_dir, {"method": "specqd", "num_speculative_tokens": K}, POISON)
 
 
 @pytest.fixture(scope="module")
-def poisoned_ngram(hybrid_model_dir):
+def ngram(hybrid_model_dir):
     spec = {"method": "specqd", "num_speculative_tokens": K, "inner": {"method": "ngram", "num_speculative_tokens": 2}}
-    return _run(hybrid_model_dir, spec, POISON)
+    return _run(hybrid_model_dir, spec)
 
 
-def test_one_level_is_token_identical(reference, one_level):
-    assert one_level.outputs["greedy"] == reference.outputs["greedy"]
+def test_poisoned_one_level_is_token_identical(reference, poisoned_one_level):
+    assert poisoned_one_level.outputs["greedy"] == reference.outputs["greedy"]
 
 
-def test_poisoned_ngram_levels_are_token_identical(reference, poisoned_ngram):
-    assert poisoned_ngram.outputs["greedy"] == reference.outputs["greedy"]
+def test_ngram_levels_are_token_identical(reference, ngram):
+    assert ngram.outputs["greedy"] == reference.outputs["greedy"]
 
 
-def test_the_target_really_is_hybrid(one_level, poisoned_ngram):
+def test_the_target_really_is_hybrid(poisoned_one_level, ngram):
     """Two KV cache groups, one with the sliding window; draft layers in both; the window matters."""
-    for run in (one_level, poisoned_ngram):
+    for run in (poisoned_one_level, ngram):
         groups = run.draft["kv_cache_groups"]
         assert len(groups) == 2, groups
         windows = sorted(str(group["sliding_window"]) for group in groups)
@@ -108,21 +110,21 @@ def test_the_target_really_is_hybrid(one_level, poisoned_ngram):
             assert len(draft_layers) == len(layers), group  # each draft layer in its target layer's group
         assert (run.level_stats.levels[1].kv_cache, run.level_stats.levels[1].kv_bytes_per_token) == ("shared", 0)
     assert max(run.prompt_lens["greedy"]) > ENGINE["max_num_batched_tokens"] > SLIDING_WINDOW
-    assert min(MAX_TOKENS) > 2 * SLIDING_WINDOW
+    assert min(MAX_TOKENS) > SLIDING_WINDOW
 
 
-def test_drafts_are_accepted(one_level, poisoned_ngram):
+def test_drafts_are_accepted(ngram):
     """The spec path really runs: the MXFP4 draft of the random model agrees often enough, and the
-    n-gram level's guesses reach the draft's window passes."""
-    assert mean_acceptance_length(one_level.spec_metrics["greedy"]) > 1.5
-    assert poisoned_ngram.spec_metrics["greedy"]["vllm:spec_decode_num_draft_tokens"] > 0
-    assert poisoned_ngram.level_stats.levels[2].proposer == "n-gram lookup"
-    assert poisoned_ngram.level_stats.levels[2].proposed_tokens > 0
+    n-gram level's guesses reach the draft's multi-token window passes."""
+    assert mean_acceptance_length(ngram.spec_metrics["greedy"]) > 1.5
+    assert ngram.level_stats.levels[2].proposer == "n-gram lookup"
+    assert ngram.level_stats.levels[2].proposed_tokens > 0
+    assert ngram.level_stats.levels[2].accepted_tokens > 0
 
 
-def test_the_poison_reaches_the_draft(poisoned_ngram):
+def test_the_poison_reaches_the_draft(poisoned_one_level):
     """Random KV makes poor drafts (the draft attends to its own garbage); proof the hook is live."""
-    assert mean_acceptance_length(poisoned_ngram.spec_metrics["greedy"]) < 1.5
+    assert mean_acceptance_length(poisoned_one_level.spec_metrics["greedy"]) < 1.5
 
 
 def _engine_config(model_dir, spec):
