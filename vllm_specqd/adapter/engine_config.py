@@ -56,6 +56,40 @@ def _check_inner_vocabularies(cfg: SpecQDConfig, target_model_config: Any) -> No
             )
 
 
+def attention_kinds(target_model_config: Any) -> list[str]:
+    """The distinct ``layer_types`` of the target's text config, e.g. ["full_attention",
+    "sliding_attention"] for Gemma 2/3; [] when the config lists none (one kind)."""
+    layer_types = getattr(target_model_config.hf_text_config, "layer_types", None) or []
+    return sorted(set(layer_types))
+
+
+def separate_kv_on_hybrid_target_error(what: str) -> str:
+    return (
+        f"specqd config: 'draft.kv_cache' = 'separate' does not work on this target: its layers mix "
+        f"attention kinds ({what}), and vLLM's draft_model machinery keeps every draft layer in one "
+        "KV cache group. Use 'draft.kv_cache': 'shared' (the default): each draft layer then uses "
+        "its target layer's KV cache group."
+    )
+
+
+def model_levels_on_hybrid_target_error(what: str) -> str:
+    return (
+        f"specqd config: 'inner' levels with method 'draft_model' are not supported on a target whose "
+        f"layers mix attention kinds ({what}); use 'inner.method': 'ngram', or no inner level."
+    )
+
+
+def _check_hybrid_attention(cfg: SpecQDConfig, target_model_config: Any) -> None:
+    kinds = attention_kinds(target_model_config)
+    if len(kinds) < 2:
+        return
+    what = "layer_types " + ", ".join(kinds)
+    if cfg.draft.kv_cache == "separate":
+        raise SpecQDConfigError(separate_kv_on_hybrid_target_error(what))
+    if any(isinstance(spec, ModelLevel) for spec in cfg.levels()):
+        raise SpecQDConfigError(model_levels_on_hybrid_target_error(what))
+
+
 def translate_engine_args(engine_args: Any, target_model_config: Any, target_parallel_config: Any) -> None:
     """Rewrite ``engine_args.speculative_config`` in place when it asks for specqd."""
     raw = engine_args.speculative_config
@@ -80,6 +114,7 @@ def translate_engine_args(engine_args: Any, target_model_config: Any, target_par
     if envs.VLLM_USE_V2_MODEL_RUNNER:
         raise SpecQDConfigError("specqd runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER=1 to use it.")
     _check_inner_vocabularies(cfg, target_model_config)
+    _check_hybrid_attention(cfg, target_model_config)
     if cfg.inner is not None:
         # Inner levels read each request's committed tokens on the host while
         # drafting; async scheduling would leave the newest ones unbooked.

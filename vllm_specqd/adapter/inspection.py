@@ -5,7 +5,8 @@
 
 (the engine must be started with VLLM_ALLOW_INSECURE_SERIALIZATION=1, which
 vLLM requires to ship a function to its workers) runs in each worker and
-returns plain data: the worker's tensor-parallel rank, which proposer drafts, whether the
+returns plain data: the worker's tensor-parallel rank, which proposer drafts, the engine's KV cache
+groups, whether the
 draft shares the target's embeddings/lm_head/norms, every MXFP4 layer's
 shapes, the draft's extra weight bytes, and optionally one layer's MXFP4
 bytes (``layers``: several; to compare with a quantization of the checkpoint, or under tensor
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_specqd.adapter import vllm_internals as internals
 from vllm_specqd.adapter.draft_builder import MXFP4LMHead
 from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod
 
@@ -28,6 +30,7 @@ def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = (
     info: dict = {
         "proposer": type(drafter).__name__ if drafter is not None else None,
         "tp_rank": get_tensor_model_parallel_rank(),
+        "kv_cache_groups": internals.kv_cache_groups(runner),
     }
     draft = getattr(drafter, "model", None)
     if draft is None:

@@ -34,10 +34,11 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm_specqd.adapter import vllm_internals as internals
 from vllm_specqd.adapter.adaptive_drafter import AdaptiveDrafter
 from vllm_specqd.adapter.draft_builder import DRAFT_PREFIX, build_mxfp4_draft
+from vllm_specqd.adapter.engine_config import model_levels_on_hybrid_target_error, separate_kv_on_hybrid_target_error
 from vllm_specqd.adapter.inner_models import load_inner_model
 from vllm_specqd.adapter.level_stats import LevelStatsPublisher
 from vllm_specqd.adapter.window_model import VllmWindowModel
-from vllm_specqd.config import ModelLevel, NgramLevel, from_dict
+from vllm_specqd.config import ModelLevel, NgramLevel, SpecQDConfigError, from_dict
 from vllm_specqd.multilevel import RequestContext, SpeculativeLevel, build_chain
 from vllm_specqd.ngram import NgramProposer
 
@@ -55,6 +56,7 @@ class SpecQDProposer(DraftModelProposer):
         self.specqd = from_dict(vllm_config.additional_config["specqd"])
         self.shared_kv = self.specqd.draft.kv_cache == "shared"
         self.chain: SpeculativeLevel | None = None
+        self.kv_group_ids: list[int] = []  # the KV cache groups level 1's layers are in
         self.inner_window_models: list[VllmWindowModel] = []  # level 2, 3, ... (model levels only)
         self.stats = LevelStatsPublisher(vllm_config)
         self._trace_rounds = 0
@@ -149,31 +151,53 @@ class SpecQDProposer(DraftModelProposer):
         return build_chain(list(zip(models, asks)), innermost)
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
-        """Attention groups for every level's layers (shared-KV draft layers sit in the target's groups)."""
-        super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+        """Attention groups for every level's layers (shared-KV draft layers sit in the target's groups).
+
+        On a hybrid-attention target (sliding-window and full-attention layers) the shared-KV
+        draft's layers span the target's KV cache groups: one binding per group.
+        """
         draft_layers = internals.draft_layer_names(self)
-        level1 = internals.attention_binding(self)
+        num_groups = len(internals.layers_by_kv_cache_group(kv_cache_config, draft_layers))
+        if num_groups > 1 and not self.shared_kv:
+            raise SpecQDConfigError(separate_kv_on_hybrid_target_error(f"{num_groups} KV cache groups"))
+        if num_groups > 1 and self.inner_window_models:
+            raise SpecQDConfigError(model_levels_on_hybrid_target_error(f"{num_groups} KV cache groups"))
+        if num_groups > 1:
+            level1 = internals.attention_bindings_by_group(self, kv_cache_config, kernel_block_sizes)
+        else:
+            super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+            level1 = [internals.attention_binding(self)]
         self._bind(self.level1_model, sorted(draft_layers), level1)
+        self.kv_group_ids = [binding.kv_cache_gid for binding in level1]
         kv_bytes = 0 if self.shared_kv else internals.kv_bytes_per_token(self.vllm_config, draft_layers)
         self.stats.set_level(1, kv_bytes_per_token=kv_bytes)
         for level, window_model in enumerate(self.inner_window_models, start=2):
             binding = internals.attention_binding_for(
                 self, window_model.layer_names, kv_cache_config, kernel_block_sizes
             )
-            if binding.kv_cache_gid != level1.kv_cache_gid:
+            if binding.kv_cache_gid != level1[0].kv_cache_gid:
                 raise RuntimeError(
                     f"specqd: {window_model.name}'s KV layers landed in a different KV cache group "
                     "than the MXFP4 draft's; inner models need the target's KV block layout."
                 )
-            self._bind(window_model, window_model.layer_names, binding)
+            self._bind(window_model, window_model.layer_names, [binding])
             kv_bytes = internals.kv_bytes_per_token(self.vllm_config, window_model.layer_names)
             self.stats.set_level(level, kv_bytes_per_token=kv_bytes)
         self.stats.publish(busy=False, force=True)  # what each level adds, before any request
 
     @staticmethod
-    def _bind(window_model: VllmWindowModel, layer_names: list[str], binding: internals.AttentionBinding) -> None:
+    def _bind(
+        window_model: VllmWindowModel, layer_names: list[str], bindings: list[internals.AttentionBinding]
+    ) -> None:
         window_model.layer_names = list(layer_names)
-        window_model.attn_groups, window_model.block_size = binding.groups, binding.block_size
+        window_model.kv_groups = bindings
+
+    def _block_tables(self, cad) -> dict[int, torch.Tensor]:  # KV cache group id -> [num_reqs, max_blocks]
+        """Each KV cache group's block table for this step's batch. vLLM hands the drafter one
+        group's (``cad``); with one group that is all there is."""
+        if len(self.kv_group_ids) == 1:
+            return {self.kv_group_ids[0]: cad.block_table_tensor}
+        return internals.group_block_tables(self.runner, self.kv_group_ids, cad.num_reqs)
 
     # ------------------------------------------------------------------ drafting
 
@@ -266,7 +290,7 @@ class SpecQDProposer(DraftModelProposer):
         """
         internals.begin_round(self, num_speculative_tokens)
         positions = self._sampled_positions(target_positions, cad, num_rejected_tokens_gpu)
-        self.level1_model.bind_batch({}, cad.block_table_tensor)
+        self.level1_model.bind_batch({}, self._block_tables(cad))
         tokens, drafts, probs = next_token_ids, [], []
         for step in range(max(1, num_speculative_tokens)):
             hidden = self.level1_model.decode_step(tokens, positions + step, self.max_model_len)
@@ -395,14 +419,14 @@ class SpecQDProposer(DraftModelProposer):
 
         if self.shared_kv:
             positions = self._sampled_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
-            self.level1_model.bind_batch({}, common_attn_metadata.block_table_tensor)
+            self.level1_model.bind_batch({}, self._block_tables(common_attn_metadata))
             hidden = self.level1_model.decode_step(next_token_ids, positions, self.max_model_len)
             inputs = vllm_first_pass_inputs() if self.inner_window_models else None
         else:
             inputs = vllm_first_pass_inputs()
             hidden = internals.run_first_pass(self, inputs, mm_embed_inputs)[inputs.sample_rows]
         for window_model in self.inner_window_models:
-            window_model.forward(inputs.input_ids, inputs.positions, inputs.cad)
+            window_model.forward_in_one_group(inputs.input_ids, inputs.positions, inputs.cad)
         self.stats.first_passes += 1
         return internals.greedy_sample(self, hidden)
 
@@ -429,8 +453,9 @@ class SpecQDProposer(DraftModelProposer):
         """
         req_ids: list[Hashable] = internals.batch_req_ids(self.runner, len(contexts))
         row_of = {req_id: i for i, req_id in enumerate(req_ids)}
+        block_tables = self._block_tables(cad)
         for window_model in [self.chain.model, *self.inner_window_models]:
-            window_model.bind_batch(row_of, cad.block_table_tensor)
+            window_model.bind_batch(row_of, block_tables)
         discarded = internals.discarded_rows(self.runner, len(contexts))
         first = first_tokens.tolist()
         requests, wanted = [], []

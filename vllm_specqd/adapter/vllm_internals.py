@@ -66,6 +66,9 @@ INTERNALS: tuple[Internal, ...] = (
     ),
     Internal("vllm.v1.worker.gpu_input_batch:CachedRequestState", "sampling_params", "v1/worker/gpu_input_batch.py:39"),
     Internal(RUNNER, "discard_request_mask", "v1/worker/gpu_model_runner.py:815"),
+    Internal(RUNNER, "kv_cache_config", "v1/worker/gpu_model_runner.py:7072"),
+    Internal("vllm.v1.worker.gpu_input_batch:InputBatch", "block_table", "v1/worker/gpu_input_batch.py:183"),
+    Internal("vllm.v1.worker.block_table:BlockTable", "get_device_tensor", "v1/worker/block_table.py:188"),
     Internal(RUNNER, "_on_request_state_removed", "v1/worker/gpu_model_runner.py:1156"),
     # Adaptive speculation hands vLLM per-request draft lists of any length (adaptive_drafter.py):
     # the runner passes a list on as it is, cuts the draft probabilities to each request's count,
@@ -73,7 +76,11 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(RUNNER, "_get_draft_token_ids_cpu", "v1/worker/gpu_model_runner.py:4670"),
     Internal(RUNNER, "_get_spec_decode_draft_probs", "v1/worker/gpu_model_runner.py:4719"),
     Internal("vllm.v1.core.sched.scheduler:Scheduler", "update_draft_token_ids", "v1/core/sched/scheduler.py:2550"),
-    # KV cache specs.
+    # KV cache specs and groups.
+    Internal("vllm.v1.kv_cache_interface:KVCacheConfig", "kv_cache_groups", "v1/kv_cache_interface.py:1467"),
+    Internal("vllm.v1.kv_cache_interface:KVCacheGroupSpec", "layer_names", "v1/kv_cache_interface.py:1445"),
+    Internal("vllm.v1.kv_cache_interface:KVCacheGroupSpec", "kv_cache_spec", "v1/kv_cache_interface.py:1447"),
+    Internal("vllm.v1.kv_cache_interface:SlidingWindowSpec", "sliding_window", "v1/kv_cache_interface.py:851"),
     Internal("vllm.v1.kv_cache_interface:KVCacheSpec", "page_size_bytes", "v1/kv_cache_interface.py:218"),
     Internal("vllm.v1.kv_cache_interface:KVCacheSpec", "block_size", "v1/kv_cache_interface.py:169"),
     # Layers.
@@ -203,6 +210,40 @@ def attention_binding_for(
         proposer._draft_attn_layer_names, proposer.draft_attn_groups, proposer.kv_cache_gid, proposer.block_size = saved
 
 
+def layers_by_kv_cache_group(kv_cache_config, layer_names) -> dict[int, list[str]]:
+    """KV cache group id -> the given layers in it, sorted (KVCacheConfig.kv_cache_groups,
+    v1/kv_cache_interface.py:1467; KVCacheGroupSpec.layer_names, :1445). Shared-KV draft layers
+    sit in their target layer's group (vllm/v1/worker/utils.py:775)."""
+    wanted = set(layer_names)
+    groups = {}
+    for gid, group in enumerate(kv_cache_config.kv_cache_groups):
+        names = sorted(wanted.intersection(group.layer_names))
+        if names:
+            groups[gid] = names
+    return groups
+
+
+def attention_bindings_by_group(
+    proposer: DraftModelProposer, kv_cache_config, kernel_block_sizes
+) -> list[AttentionBinding]:
+    """The draft's attention groups, one binding per KV cache group its layers are in.
+
+    vLLM's SpecDecodeBaseProposer.initialize_attn_backend asserts that every draft layer is in one
+    KV cache group (validate_same_kv_cache_group, llm_base_proposer.py:1687, called at :1723): a
+    hybrid target (sliding-window and full attention) has several. It runs here once per group,
+    over that group's layers (:func:`attention_binding_for`), so each gets its own metadata
+    builders, block size and sliding window. vLLM's fields (:1727, :1767-1768) end with every
+    group's attention groups and the first group's id and block size.
+    """
+    by_group = layers_by_kv_cache_group(kv_cache_config, proposer._draft_attn_layer_names)
+    bindings = [
+        attention_binding_for(proposer, names, kv_cache_config, kernel_block_sizes) for names in by_group.values()
+    ]
+    proposer.draft_attn_groups = [group for binding in bindings for group in binding.groups]
+    proposer.kv_cache_gid, proposer.block_size = bindings[0].kv_cache_gid, bindings[0].block_size
+    return bindings
+
+
 def kv_bytes_per_token(vllm_config: VllmConfig, layer_names) -> int:
     """KV-cache bytes one token takes in the given layers' own KV: page_size_bytes / block_size of each
     layer's spec (Attention.get_kv_cache_spec, model_executor/layers/attention/attention.py:606;
@@ -301,6 +342,30 @@ def committed_token_ids(runner, row: int, length: int) -> np.ndarray:  # [length
     """The first ``length`` tokens of batch row ``row`` as the runner booked them
     (InputBatch.token_ids_cpu, gpu_input_batch.py:137; runner.input_batch, gpu_model_runner.py:714)."""
     return runner.input_batch.token_ids_cpu[row, :length].astype(np.int64)
+
+
+def group_block_tables(runner, group_ids, num_reqs: int) -> dict[int, torch.Tensor]:  # gid -> [num_reqs, max_blocks]
+    """The running batch's block table in each KV cache group, as the target's step used them
+    (runner.input_batch.block_table, gpu_input_batch.py:183, a MultiGroupBlockTable indexed by
+    group, v1/worker/block_table.py:300; BlockTable.get_device_tensor, :188; the runner reads them
+    so for its own metadata, gpu_model_runner.py:2300). The drafter's common metadata carries
+    group 0's only (:2517-2545)."""
+    return {gid: runner.input_batch.block_table[gid].get_device_tensor(num_reqs) for gid in group_ids}
+
+
+def kv_cache_groups(runner) -> list[dict]:
+    """The engine's KV cache groups as plain data: spec type, block size, sliding window, layers
+    (runner.kv_cache_config, gpu_model_runner.py:7072; KVCacheGroupSpec, v1/kv_cache_interface.py:1439-1447;
+    SlidingWindowSpec.sliding_window, :851)."""
+    return [
+        {
+            "spec": type(group.kv_cache_spec).__name__,
+            "block_size": group.kv_cache_spec.block_size,
+            "sliding_window": getattr(group.kv_cache_spec, "sliding_window", None),
+            "layer_names": list(group.layer_names),
+        }
+        for group in runner.kv_cache_config.kv_cache_groups
+    ]
 
 
 def batch_req_ids(runner, num_rows: int) -> list[str]:

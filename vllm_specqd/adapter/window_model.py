@@ -9,7 +9,8 @@ greedy successor.
 Example: requests A (row 0) and B (row 1) of the running batch, block size 16,
 windows A: [t5, t6, t7] at position 5 and B: [u9] at position 9 make one
 4-token forward pass with query_start_loc [0, 3, 4], seq_lens [8, 10] and
-slot_mapping [bt[0,0]*16+5, +6, +7, bt[1,0]*16+9].
+slot_mapping [bt[0,0]*16+5, +6, +7, bt[1,0]*16+9], in each KV cache group's block table bt
+(a target with sliding-window and full-attention layers has one group per kind).
 """
 
 from __future__ import annotations
@@ -22,11 +23,17 @@ from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.forward_context import set_forward_context
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.spec_decode.utils import PADDING_SLOT_ID
-from vllm.v1.worker.utils import AttentionGroup
+
+from vllm_specqd.adapter.vllm_internals import AttentionBinding
 
 
 class VllmWindowModel:
-    """A draft-level model plus the attention groups of its KV layers."""
+    """A draft-level model plus, per KV cache group its layers use, their attention groups.
+
+    A target with sliding-window and full-attention layers has several KV cache groups, each with
+    its own block table; a shared-KV draft layer uses its target layer's group. Every pass
+    computes one slot mapping and one attention metadata per group.
+    """
 
     def __init__(self, name: str, model: nn.Module, vllm_config: VllmConfig, device: torch.device):
         self.name = name
@@ -34,38 +41,86 @@ class VllmWindowModel:
         self.vllm_config = vllm_config
         self.device = device
         self.layer_names: list[str] = []
-        self.attn_groups: list[AttentionGroup] = []
-        self.block_size = -1
+        self.kv_groups: list[AttentionBinding] = []
         # Set per drafting round by bind_batch().
         self._row_of: dict[Hashable, int] = {}
-        self._block_table: torch.Tensor | None = None  # [num_reqs, max_blocks]
+        self._block_tables: dict[int, torch.Tensor] = {}  # KV cache group id -> [num_reqs, max_blocks]
 
-    def bind_batch(self, row_of: dict[Hashable, int], block_table: torch.Tensor) -> None:
+    def bind_batch(self, row_of: dict[Hashable, int], block_tables: dict[int, torch.Tensor]) -> None:
         self._row_of = row_of
-        self._block_table = block_table
-
-    def build_attn_metadata(self, cad: CommonAttentionMetadata) -> dict[str, object]:
-        per_layer: dict[str, object] = {}
-        for group in self.attn_groups:
-            metadata = group.build_metadata_for_drafting(common_attn_metadata=cad, draft_index=0)
-            for layer_name in group.layer_names:
-                per_layer[layer_name] = metadata
-        return per_layer
+        self._block_tables = block_tables
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [num_tokens] int32
         positions: torch.Tensor,  # [num_tokens] int64
-        cad: CommonAttentionMetadata,
+        cads: dict[int, CommonAttentionMetadata],  # KV cache group id -> its block table and slots
     ) -> torch.Tensor:  # [num_tokens, hidden]
+        per_layer: dict[str, object] = {}
+        slot_mapping: dict[str, torch.Tensor] = {}
+        for kv_group in self.kv_groups:
+            cad = cads[kv_group.kv_cache_gid]
+            for group in kv_group.groups:
+                metadata = group.build_metadata_for_drafting(common_attn_metadata=cad, draft_index=0)
+                for layer_name in group.layer_names:
+                    per_layer[layer_name] = metadata
+                    slot_mapping[layer_name] = cad.slot_mapping
         with set_forward_context(
-            self.build_attn_metadata(cad),
+            per_layer,
             self.vllm_config,
             num_tokens=input_ids.shape[0],
             cudagraph_runtime_mode=CUDAGraphMode.NONE,
-            slot_mapping={name: cad.slot_mapping for name in self.layer_names},
+            slot_mapping=slot_mapping,
         ):
             return self.model(input_ids=input_ids, positions=positions, inputs_embeds=None)
+
+    def forward_in_one_group(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens] int32
+        positions: torch.Tensor,  # [num_tokens] int64
+        cad: CommonAttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        """A pass with metadata built for one KV cache group (vLLM's first-pass inputs)."""
+        assert len(self.kv_groups) == 1, f"{self.name}'s layers span {len(self.kv_groups)} KV cache groups"
+        return self.forward(input_ids, positions, {self.kv_groups[0].kv_cache_gid: cad})
+
+    def _cads(
+        self,
+        rows: torch.Tensor,  # [num_tokens] batch row of each token
+        positions: torch.Tensor,  # [num_tokens] int64, on the device
+        writes_nowhere: torch.Tensor | None,  # [num_tokens] bool: padding slot
+        num_reqs: int,
+        query_start_loc_cpu: torch.Tensor,  # [num_reqs + 1] int32
+        seq_lens_cpu: torch.Tensor,  # [num_reqs] int32
+        req_rows: torch.Tensor,  # [num_reqs] batch row of each request
+    ) -> dict[int, CommonAttentionMetadata]:
+        """Per KV cache group: the requests' block tables and each token's slot in them."""
+        assert self._block_tables, "bind_batch() first"
+        dev = self.device
+        query_start_loc, seq_lens = query_start_loc_cpu.to(dev), seq_lens_cpu.to(dev)
+        cads = {}
+        for kv_group in self.kv_groups:
+            table = self._block_tables[kv_group.kv_cache_gid]
+            block_table = table[req_rows.to(table.device)]
+            size = kv_group.block_size
+            block_ids = table[rows.to(table.device), (positions // size).to(table.device)]
+            slot_mapping = block_ids.to(dev, torch.int64) * size + positions % size
+            if writes_nowhere is not None:
+                slot_mapping = slot_mapping.masked_fill(writes_nowhere, PADDING_SLOT_ID)
+            cads[kv_group.kv_cache_gid] = CommonAttentionMetadata(
+                query_start_loc=query_start_loc,
+                query_start_loc_cpu=query_start_loc_cpu,
+                seq_lens=seq_lens,
+                num_reqs=num_reqs,
+                num_actual_tokens=positions.shape[0],
+                max_query_len=int((query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).max()),
+                max_seq_len=int(seq_lens_cpu.max()),
+                block_table_tensor=block_table,
+                slot_mapping=slot_mapping,
+                causal=True,
+                seq_lens_cpu_upper_bound=seq_lens_cpu,
+            )
+        return cads
 
     @torch.inference_mode()
     def decode_step(
@@ -79,37 +134,27 @@ class VllmWindowModel:
         A position at or past ``max_model_len`` writes nowhere (padding slot, position 0, one-token
         context), as vLLM's drafter does: the scheduler drops such drafts anyway.
         Example: rows 0, 1 with tokens [7, 9] at positions [12, 40], block size 16: slots
-        [bt[0, 0] * 16 + 12, bt[1, 2] * 16 + 8], seq_lens [13, 41].
+        [bt[0, 0] * 16 + 12, bt[1, 2] * 16 + 8], seq_lens [13, 41] (in each KV cache group's
+        block table bt).
         """
-        assert self._block_table is not None, "bind_batch() first"
         batch = token_ids.shape[0]
         dev = self.device
         positions_cpu = positions.to("cpu", torch.int64)
         past_end = positions_cpu >= max_model_len
         clamped = positions_cpu.masked_fill(past_end, 0)
         seq_lens_cpu = (clamped + 1).to(torch.int32).masked_fill(past_end, 1)
-        query_start_loc_cpu = torch.arange(batch + 1, dtype=torch.int32)
-        block_table = self._block_table[:batch]
+        rows = torch.arange(batch)
         clamped_dev = clamped.to(dev)
-        block_ids = block_table[
-            torch.arange(batch, device=block_table.device), (clamped_dev // self.block_size).to(block_table.device)
-        ]
-        slot_mapping = block_ids.to(torch.int64) * self.block_size + clamped_dev % self.block_size
-        slot_mapping = slot_mapping.masked_fill(past_end.to(dev), PADDING_SLOT_ID)
-        cad = CommonAttentionMetadata(
-            query_start_loc=query_start_loc_cpu.to(dev),
-            query_start_loc_cpu=query_start_loc_cpu,
-            seq_lens=seq_lens_cpu.to(dev),
-            num_reqs=batch,
-            num_actual_tokens=batch,
-            max_query_len=1,
-            max_seq_len=int(seq_lens_cpu.max()),
-            block_table_tensor=block_table,
-            slot_mapping=slot_mapping,
-            causal=True,
-            seq_lens_cpu_upper_bound=seq_lens_cpu,
+        cads = self._cads(
+            rows,
+            clamped_dev,
+            past_end.to(dev),
+            batch,
+            torch.arange(batch + 1, dtype=torch.int32),
+            seq_lens_cpu,
+            rows,
         )
-        return self.forward(token_ids.to(dev, torch.int32), clamped_dev, cad)
+        return self.forward(token_ids.to(dev, torch.int32), clamped_dev, cads)
 
     @torch.inference_mode()
     def greedy_next_tokens(
@@ -118,7 +163,6 @@ class VllmWindowModel:
         windows: Sequence[Sequence[int]],
         start_positions: Sequence[int],
     ) -> list[list[int]]:
-        assert self._block_table is not None, "bind_batch() first"
         assert len(req_ids) == len(windows) == len(start_positions)
         lens = [len(w) for w in windows]
         assert min(lens) >= 1, lens
@@ -133,27 +177,10 @@ class VllmWindowModel:
             torch.arange(int(query_start_loc_cpu[-1])) - query_start_loc_cpu[:-1].long()[token_req]
         )
         input_ids_cpu = torch.tensor([t for w in windows for t in w], dtype=torch.int32)
-
         dev = self.device
-        block_table = self._block_table[rows.to(self._block_table.device)]
         positions = positions_cpu.to(dev)
-        token_rows = token_req.to(dev)
-        block_ids = block_table[token_rows, positions // self.block_size]
-        slot_mapping = block_ids.to(torch.int64) * self.block_size + positions % self.block_size
-        cad = CommonAttentionMetadata(
-            query_start_loc=query_start_loc_cpu.to(dev),
-            query_start_loc_cpu=query_start_loc_cpu,
-            seq_lens=seq_lens_cpu.to(dev),
-            num_reqs=len(lens),
-            num_actual_tokens=len(input_ids_cpu),
-            max_query_len=max(lens),
-            max_seq_len=int(seq_lens_cpu.max()),
-            block_table_tensor=block_table,
-            slot_mapping=slot_mapping,
-            causal=True,
-            seq_lens_cpu_upper_bound=seq_lens_cpu,
-        )
-        hidden = self.forward(input_ids_cpu.to(dev), positions, cad)
+        cads = self._cads(rows[token_req], positions, None, len(lens), query_start_loc_cpu, seq_lens_cpu, rows)
+        hidden = self.forward(input_ids_cpu.to(dev), positions, cads)
         choices = self.model.compute_logits(hidden).argmax(dim=-1).tolist()
         bounds = query_start_loc_cpu.tolist()
         return [choices[bounds[i] : bounds[i + 1]] for i in range(len(lens))]
