@@ -13,6 +13,7 @@ query-length invariant and speculation must be token-identical.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -67,6 +68,21 @@ def _delta(after: dict, before: dict) -> dict:
         else:
             out[name] = value - (old or 0)
     return out
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str] | None):
+    """Set ``env`` for the block (engines read it at start-up), then restore what was there."""
+    saved = {key: os.environ.get(key) for key in (env or {})}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def run_engine(

@@ -18,10 +18,8 @@ another layer, which verification rewrites), but it drafts from the wrong KV: me
 acceptance floor below catches that. "separate" on such a target is a config error.
 """
 
-import os
-
 import pytest
-from engine_harness import Workload, mean_acceptance_length, run_engine
+from engine_harness import Workload, environment, mean_acceptance_length, run_engine
 from hybrid_model import LAYER_TYPES, NUM_LAYERS, SLIDING_WINDOW, build_hybrid_model
 
 from vllm_specqd.config import SpecQDConfigError
@@ -54,16 +52,8 @@ def workloads() -> dict[str, Workload]:
 
 
 def _run(model_dir, spec, env=None):
-    saved = {key: os.environ.get(key) for key in (env or {})}
-    os.environ.update(env or {})
-    try:
+    with environment(env):
         return run_engine(model_dir, spec, workloads(), **ENGINE)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")

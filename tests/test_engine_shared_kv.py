@@ -8,10 +8,8 @@ prefill and a KV cache small enough to force preemption, over requests that shar
 end mid-round (small max_tokens) and use n > 1.
 """
 
-import os
-
 import pytest
-from engine_harness import K, Workload, mean_acceptance_length, run_engine
+from engine_harness import K, Workload, environment, mean_acceptance_length, run_engine
 
 pytestmark = pytest.mark.engine
 
@@ -56,16 +54,8 @@ def workloads() -> dict[str, Workload]:
 
 
 def _run(model_dir, spec, env=None):
-    saved = {key: os.environ.get(key) for key in (env or {})}
-    os.environ.update(env or {})
-    try:
+    with environment(env):
         return run_engine(model_dir, spec, workloads(), **ENGINE)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
