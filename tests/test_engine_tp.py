@@ -29,6 +29,7 @@ import requests
 import torch
 from conftest import chat_prompts
 from engine_harness import Workload, mean_acceptance_length, run_engine
+from engine_harness import environment as harness_environment
 from test_server import Server
 
 from vllm_specqd.bench.datasets import humaneval_prompts
@@ -57,19 +58,12 @@ def cpu_worker_binding() -> str:
 
 @contextlib.contextmanager
 def environment(**values: str):
-    """Set variables for the engines started inside (their processes inherit them), then restore."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
+    """The harness's environment(), and afterwards vllm.envs unfrozen: an in-process engine core
+    freezes it (vllm/v1/engine/core.py:258), and later engines in this process must see the restored one."""
     try:
-        yield
+        with harness_environment(values):
+            yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        # An in-process engine core freezes vllm.envs (vllm/v1/engine/core.py:258); later engines
-        # in this pytest process must see the restored environment.
         import vllm.envs
 
         vllm.envs.disable_envs_cache()
