@@ -1,5 +1,8 @@
 """The native x86 MXFP4 kernels (``kernels/cpu/``), JIT-built into the user cache and bound as torch ops.
 
+``bf16_linear_cpu(x, weight, bias)`` is the library's second GEMM: plain bf16 weights, few rows,
+for the target's verification pass on CPUs where vLLM's oneDNN declines bf16 (``bf16_gemm.h``).
+
 ``mxfp4_linear_cpu(x, packed, scales, bias, act_bits)`` computes ``x @ W.T + bias`` on canonical MXFP4
 bytes with activations quantized per 32-element block to int8 (``act_bits=8``, W4A8) or int16
 (``act_bits=16``, W4A16); its torch twin is ``reference.mxfp4_matmul_int_act_torch``. The ISA
@@ -26,7 +29,7 @@ import torch
 from .reference import check_mxfp4_matmul_inputs
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("mxfp4_cpu.cpp", "gemm_body.h", "vec_avx2.h", "vec_avx512.h", "quantize.h")
+SOURCES = ("mxfp4_cpu.cpp", "gemm_body.h", "vec_avx2.h", "vec_avx512.h", "quantize.h", "bf16_gemm.h")
 ISA_ENV = "VLLM_SPECQD_CPU_ISA"
 CACHE_ENV = "VLLM_SPECQD_CACHE"
 ACT_BITS = (8, 16)
@@ -122,6 +125,10 @@ def _register_fake() -> None:
     def _(x, packed, scales, bias, act_bits, isa):
         return x.new_empty(x.shape[0], packed.shape[0])
 
+    @torch.library.register_fake("specqd::bf16_linear")
+    def _(x, w, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
+
 
 def cpu_isas(emulate_avx512: bool = False) -> list[str]:
     """ISA paths this CPU can run, best first, e.g. ``["avx512vnni", "avx512bw", "avx2"]``."""
@@ -159,6 +166,28 @@ def mxfp4_linear_cpu(
     op = getattr(torch.ops, load_native(emulate_avx512)).mxfp4_linear
     y = op(x2d.contiguous(), packed, scales, bias, act_bits, isa)
     return y.reshape(*x.shape[:-1], n)
+
+
+def bf16_linear_cpu(
+    x: torch.Tensor,  # [..., K] bfloat16
+    weight: torch.Tensor,  # [N, K] bfloat16
+    bias: torch.Tensor | None = None,  # [N] bfloat16 | float32
+) -> torch.Tensor:  # [..., N] bfloat16
+    """``x @ weight.T + bias`` in fp32 with one bf16 rounding (``bf16_gemm.h``), for few rows.
+
+    Example: ``x`` ``[7, 896]`` with ``weight`` ``[4864, 896]`` gives ``[7, 4864]``. Each row's
+    result is bit-identical whatever the other rows are (batch invariance). Its twin is
+    ``reference.bf16_linear_torch`` (same math, another summation order).
+    """
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        raise ValueError(f"bf16_linear_cpu: x and weight must be bfloat16, got {x.dtype} and {weight.dtype}")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"bf16_linear_cpu: x [..., K] and weight [N, K] disagree: {tuple(x.shape)} vs {tuple(weight.shape)}")
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(f"bf16_linear_cpu: tensors must be on the CPU, got {x.device} and {weight.device}")
+    op = getattr(torch.ops, load_native()).bf16_linear
+    y = op(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def quantize_mxfp4_cpu(w: torch.Tensor, scale_rule: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -176,3 +176,15 @@ def mxfp4_int_act_error_bound(abs_terms: torch.Tensor, k: int, out_dtype: torch.
     if out_dtype == torch.bfloat16:
         bound = bound + y.abs() * 2.0**-8  # one bf16 rounding: half an ulp of 8 bits, with slack
     return bound
+
+
+def bf16_linear_torch(
+    x: torch.Tensor,  # [..., K] bfloat16
+    weight: torch.Tensor,  # [N, K] bfloat16
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [..., N] bfloat16
+    """Twin of ``cpu_ops.bf16_linear_cpu``: fp32 products and sums, bias in fp32, one bf16 rounding."""
+    y = x.float() @ weight.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(torch.bfloat16)

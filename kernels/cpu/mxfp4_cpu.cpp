@@ -2,6 +2,7 @@
 //
 // Registered as torch ops in the `specqd` namespace (see kernels/cpu_ops.py for the Python side):
 //   specqd::mxfp4_linear(x[M,K] fp32|bf16, packed[N,Kp/2] u8, scales[N,Kp/32] u8, bias[N]?, act_bits, isa) -> y[M,N]
+//   specqd::bf16_linear(x[M,K] bf16, w[N,K] bf16, bias[N]?) -> y[M,N] bf16   few-row bf16 GEMM (bf16_gemm.h)
 //   specqd::cpu_isas() -> str          ISAs this CPU can run, best first
 //   specqd::resolve_isa(name) -> str   the ISA "auto" (or a name) resolves to, honouring VLLM_SPECQD_CPU_ISA
 //   specqd::stream_read(buf u8) -> int reads every byte once with vector loads (bandwidth ceiling)
@@ -86,6 +87,7 @@ namespace avx2 {
 #include "vec_avx2.h"
 #include "gemm_body.h"
 #include "quantize.h"
+#include "bf16_gemm.h"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -280,6 +282,39 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& packed, const at:
   return y;
 }
 
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "specqd::bf16_linear: all tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
+              "specqd::bf16_linear: x must be a contiguous bfloat16 [M, K] tensor, got ", x.scalar_type(), " ",
+              x.sizes());
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.size(1) == k,
+              "specqd::bf16_linear: w must be a contiguous bfloat16 [N, ", k, "] tensor, got ", w.scalar_type(), " ",
+              w.sizes());
+  const int64_t n = w.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
+                    (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16),
+                "specqd::bf16_linear: bias must be a contiguous float32 or bfloat16 [", n, "] tensor, got ",
+                bias->scalar_type(), " ", bias->sizes());
+  }
+  TORCH_CHECK(cpu_has(Isa::avx2), "specqd::bf16_linear needs an x86-64 CPU with AVX2 and FMA");
+  thread_local std::vector<float> x_buf;
+  float* xf = scratch(x_buf, static_cast<size_t>(m * k));
+  const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < m * k; ++i) xf[i] = static_cast<float>(xb[i]);
+  at::Tensor y = at::empty({m, n}, x.options());
+  const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
+  const OutputRows out{y.data_ptr(), true, n, bias.has_value() ? bias->data_ptr() : nullptr, bias_bf16};
+  const c10::BFloat16* wp = w.data_ptr<c10::BFloat16>();
+  constexpr int64_t kChunk = 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    avx2::bf16::gemm(xf, wp, m, k, c0 * kChunk, std::min(n, c1 * kChunk), out);
+  });
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_mxfp4(const at::Tensor& w, const std::string& rule_name) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
               "specqd::quantize_mxfp4: w must be a contiguous 2-D CPU tensor, got ", w.sizes());
@@ -362,6 +397,7 @@ int64_t stream_read(const at::Tensor& buf) {
 
 SPECQD_DEFINE_OPS {
   m.def("mxfp4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int act_bits, str isa) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("cpu_isas() -> str");
   m.def("resolve_isa(str name) -> str");
   m.def("stream_read(Tensor buf) -> int");
@@ -370,6 +406,7 @@ SPECQD_DEFINE_OPS {
 
 SPECQD_CPU_OPS {
   m.impl("mxfp4_linear", &mxfp4_linear);
+  m.impl("bf16_linear", &bf16_linear);
   m.impl("stream_read", &stream_read);
   m.impl("quantize_mxfp4", &quantize_mxfp4);
 }

