@@ -23,7 +23,7 @@ export TOKENIZERS_PARALLELISM := false
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: install preload-libs lint test test-fast demo bench bench-qwen bench-extras prepare-qwen clean
+.PHONY: install preload-libs lint test test-fast test-stress demo bench bench-qwen bench-extras prepare-qwen clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,9 @@ test: install lint
 
 test-fast: install lint
 	$(PY) -m pytest -q -rs tests -m "not engine and not server"
+
+test-stress: install
+	SPECQD_STRESS_CONFIGS=all $(PY) -m pytest -q -s tests/test_server_stress.py
 
 demo: install
 	$(PY) -m vllm_specqd prepare-model

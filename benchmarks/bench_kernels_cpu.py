@@ -8,6 +8,7 @@ weights from DRAM, as a real forward does. Side by side, in one run:
 
 * the native MXFP4 kernel on each ISA path this CPU has, with int16 (W4A16) and int8 (W4A8) activations;
 * vLLM's CPU GEMM (``dispatch_cpu_unquantized_gemm``: oneDNN, or torch where oneDNN declines) in bf16 and fp32;
+* specqd's few-row bf16 GEMM (``kernels/cpu/bf16_gemm.h``) on the same bf16 weights;
 * vLLM's ``cpu_gemm_wna16`` (int4, group 32), where this vLLM build has it.
 
 GB/s counts the weight bytes a pass must read; the ceiling is ``stream_read`` (vector loads over
@@ -180,6 +181,9 @@ def bench_model(name: str, spec: dict, ms: list[int], threads: int, reps: int, i
             xs = [torch.randn(m, k, dtype=dtype) for _, k in shapes]
             calls = [(lambda x=x, layer=layer: layer.cpu_linear(x, layer.weight, None)) for x, layer in zip(xs, layers)]
             rows.append(Row(name, label, threads, m, time_pass(calls, reps), params * dtype.itemsize))
+            if dtype == torch.bfloat16:  # specqd's bf16 GEMM on the same weights (what target_gemm.py installs)
+                calls = [(lambda x=x, w=layer.weight: cpu_ops.bf16_linear_cpu(x, w)) for x, layer in zip(xs, layers)]
+                rows.append(Row(name, "specqd bf16", threads, m, time_pass(calls, reps), params * 2))
         del layers
     rows += bench_wna16(name, shapes, ms, threads, reps, params)
     bf16 = {r.m: r.ms for r in rows if r.method == "vllm bf16"}

@@ -153,6 +153,7 @@ class LevelReport:
     target_passes: int | None = None  # the target's forward passes, timed like the levels'
     target_pass_seconds: float | None = None
     adaptive: AdaptiveReport | None = None  # level 1's per-step draft lengths, when adaptive is on
+    bf16_gemm_layers: int = 0  # the worker's linears on specqd's bf16 GEMM (adapter/target_gemm.py)
 
     def cost_ratio(self, level: int = 1) -> float | None:
         """c: the level's mean forward pass over the target's mean forward pass, measured in the run.

@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch.nn as nn
 from vllm.logger import init_logger
 
+from vllm_specqd.adapter import target_gemm
 from vllm_specqd.adapter.pass_timer import PassTimer
 from vllm_specqd.level_report import LevelEntry, LevelReport, ReportWriter, report_path
 
@@ -106,7 +107,9 @@ class LevelStatsPublisher:
             )
         for number, timer in self.level_timers.items():
             levels[number].timed_passes, levels[number].pass_seconds = timer.passes, timer.seconds
-        report = LevelReport(levels=levels, tracked_requests=self.tracked_requests())
+        report = LevelReport(
+            levels=levels, tracked_requests=self.tracked_requests(), bf16_gemm_layers=target_gemm.installed_count()
+        )
         if self.target_timer is not None:
             report.target_passes, report.target_pass_seconds = self.target_timer.passes, self.target_timer.seconds
         if self.chain is not None:

@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     served = p.add_argument_group("served mode")
     served.add_argument("--served", action="store_true", help="benchmark `vllm serve` subprocesses instead")
     served.add_argument("--concurrency", default="1,4,16,64", help="comma list of concurrent request counts")
+    served.add_argument(
+        "--chat-temperature",
+        type=float,
+        default=0.0,
+        help="sample chat prompts at this temperature (seeded per request; code prompts stay greedy and are "
+        "the ones compared with none): with --dataset both, the mixed greedy/sampled workload",
+    )
     proj = p.add_argument_group("projection (no engine is started)")
     proj.add_argument(
         "--project-from",
@@ -124,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.num_prompts, args.max_tokens = QUICK["num_prompts"], QUICK["max_tokens"]
+    if not 0.0 <= args.chat_temperature <= 2.0:
+        parser.error(f"--chat-temperature must be in 0..2, got {args.chat_temperature}")
+    if args.chat_temperature and not args.served:
+        parser.error("--chat-temperature applies to --served runs only")
     methods = _select_methods(args, parser)
     from vllm_specqd.bench import datasets
     from vllm_specqd.bench.offline import default_models, set_engine_env_defaults
@@ -215,7 +226,9 @@ def _served(args, methods, prompts, target, small, out_dir, meta, methods_doc):
         out_dir.resolve(),
         args.inner_k,
         args.specqd_draft,
+        args.chat_temperature,
     )
+    meta["chat_temperature"] = args.chat_temperature
     records = serve_methods(methods, prompts, settings)
     return _finish(
         out_dir,

@@ -215,6 +215,7 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
             **summarize(method.level_models, settings.k, counters, level_delta, generated, len(prompts)),
             memory=_memory(llm, method, settings, levels_after),
             cost_ratio_c=level_delta.cost_ratio(1) if level_delta is not None else None,
+            bf16_gemm_layers=levels_after.bf16_gemm_layers if levels_after is not None else None,
             outputs=[
                 {"source": p.source, "token_ids": t, "text": o.outputs[0].text}
                 for p, t, o in zip(prompts, token_ids, outputs)
