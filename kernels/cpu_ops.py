@@ -182,7 +182,9 @@ def bf16_linear_cpu(
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         raise ValueError(f"bf16_linear_cpu: x and weight must be bfloat16, got {x.dtype} and {weight.dtype}")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"bf16_linear_cpu: x [..., K] and weight [N, K] disagree: {tuple(x.shape)} vs {tuple(weight.shape)}")
+        raise ValueError(
+            f"bf16_linear_cpu: x [..., K] and weight [N, K] disagree: {tuple(x.shape)} vs {tuple(weight.shape)}"
+        )
     if x.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError(f"bf16_linear_cpu: tensors must be on the CPU, got {x.device} and {weight.device}")
     op = getattr(torch.ops, load_native()).bf16_linear

@@ -47,7 +47,9 @@ SPECQD_NGRAM = {
 ALL_CONFIGS = {"specqd-1": (SPECQD_ONE, []), "specqd-ngram": (SPECQD_NGRAM, PRESSURE_FLAGS)}
 # `make test` storms the two-level server (its level 1 is the one-level path; it alone gets KV pressure):
 # a second server costs CI about 3 minutes. SPECQD_STRESS_CONFIGS=all (`make test-stress`) storms both.
-CONFIGS = ALL_CONFIGS if os.environ.get("SPECQD_STRESS_CONFIGS") == "all" else {"specqd-ngram": ALL_CONFIGS["specqd-ngram"]}
+CONFIGS = (
+    ALL_CONFIGS if os.environ.get("SPECQD_STRESS_CONFIGS") == "all" else {"specqd-ngram": ALL_CONFIGS["specqd-ngram"]}
+)
 
 STORM_REQUESTS = 24
 ABORT_FRACTION = 0.25

@@ -107,7 +107,12 @@ def inner_levels(after: LevelReport | None, before: LevelReport | None) -> dict[
 
 
 async def _send_all(
-    base_url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int, temperatures: list[float] | None = None
+    base_url: str,
+    model: str,
+    prompts: list[str],
+    max_tokens: int,
+    concurrency: int,
+    temperatures: list[float] | None = None,
 ) -> list[dict]:
     from openai import AsyncOpenAI
 

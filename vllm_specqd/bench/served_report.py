@@ -36,7 +36,11 @@ def served_rows(record: dict) -> list[list[str]]:
                 "speedup": fmt(lv.get("speedup_vs_none")),
                 "identical": "n/a"
                 if identical is None
-                else ("yes" if identical else f"no ({lv['num_different']}/{lv.get('num_compared', lv['num_requests'])} differ)"),
+                else (
+                    "yes"
+                    if identical
+                    else f"no ({lv['num_different']}/{lv.get('num_compared', lv['num_requests'])} differ)"
+                ),
                 "p50 / p90 latency s": f"{lv['latency_s']['p50']:.2f} / {lv['latency_s']['p90']:.2f}",
                 "L1 acc. len": fmt(lv["level1"]["mean_accepted_length"], none="-"),
                 "L1 acc. rate": fmt(lv["level1"]["acceptance_rate"], none="-"),
