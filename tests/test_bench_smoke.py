@@ -414,3 +414,28 @@ def test_implied_verify_cost_inverts_the_time_per_token():
     }
     assert abs(implied_verify_cost(record) - 1.25 / (0.23 + 1.38 * 0.07)) < 1e-12
     assert implied_verify_cost({"speedup_vs_none": 1.0}) is None  # no specqd level report
+
+
+def test_specqd_outputs_are_also_compared_with_no_speculation_on_the_same_gemm():
+    from vllm_specqd.bench.offline import compare_with_same_gemm_baseline
+
+    def record(name, outputs):
+        return {"method": name, "outputs": [{"token_ids": t} for t in outputs], "identical_to_none": False}
+
+    records = [
+        record("none", [[1, 2], [3, 4]]),
+        record("none-specqd-gemm", [[1, 2], [3, 5]]),
+        record("specqd-1", [[1, 2], [3, 5]]),
+        record("specqd-ngram", [[1, 9], [3, 5]]),
+    ]
+    compare_with_same_gemm_baseline(records)
+    by_name = {r["method"]: r for r in records}
+    assert by_name["specqd-1"]["identical_to_same_gemm"] is True
+    assert (
+        by_name["specqd-ngram"]["identical_to_same_gemm"],
+        by_name["specqd-ngram"]["num_different_from_same_gemm"],
+    ) == (False, 1)
+    assert "identical_to_same_gemm" not in by_name["none"]
+    lines = report.notes({"dtype": "bfloat16"}, records)
+    assert any(line.startswith("specqd-1: token-identical to `none-specqd-gemm`") for line in lines)
+    assert any("specqd-ngram (1)" in line for line in lines)

@@ -19,7 +19,8 @@ acceptance floor below catches that. "separate" on such a target is a config err
 """
 
 import pytest
-from engine_harness import Workload, environment, mean_acceptance_length, run_engine
+from conftest import sampled_workload
+from engine_harness import Workload, environment, mean_acceptance_length, run_engine, same_distribution_pvalue
 from hybrid_model import LAYER_TYPES, NUM_LAYERS, SLIDING_WINDOW, build_hybrid_model
 
 from vllm_specqd.config import SpecQDConfigError
@@ -44,16 +45,16 @@ PROMPTS = [
 MAX_TOKENS = [96, 61, 70]  # 61: a request that ends mid-round
 
 
-def workloads() -> dict[str, Workload]:
+def workloads(seed_offset: int) -> dict[str, Workload]:
     from vllm import SamplingParams
 
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
-    return {"greedy": Workload(PROMPTS, params)}
+    return {"greedy": Workload(PROMPTS, params), "sampled": sampled_workload(seed_offset)}
 
 
-def _run(model_dir, spec, env=None):
+def _run(model_dir, spec, env=None, seed_offset=0):
     with environment(env):
-        return run_engine(model_dir, spec, workloads(), **ENGINE)
+        return run_engine(model_dir, spec, workloads(seed_offset), **ENGINE)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def hybrid_model_dir(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(hybrid_model_dir):
-    return _run(hybrid_model_dir, None)
+    return _run(hybrid_model_dir, None, seed_offset=1_000_000)  # samples independent of the spec engines
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,22 @@ def test_poisoned_one_level_is_token_identical(reference, poisoned_one_level):
 
 def test_ngram_levels_are_token_identical(reference, ngram):
     assert ngram.outputs["greedy"] == reference.outputs["greedy"]
+
+
+@pytest.mark.parametrize("engine", ["poisoned_one_level", "ngram"])
+@pytest.mark.parametrize("position", [1, 2])
+def test_sampling_is_exact_in_distribution(request, reference, engine, position):
+    """Shared KV keeps sampling exact: the poisoned draft's proposals are far from the target's
+    distribution, so only a correct rejection step gives the target's token distribution."""
+    run = request.getfixturevalue(engine)
+
+    def token_at(tokens):
+        return tokens[position] if position < len(tokens) else -1
+
+    ref = [token_at(out[0]) for out in reference.outputs["sampled"]]
+    got = [token_at(out[0]) for out in run.outputs["sampled"]]
+    pvalue = same_distribution_pvalue(ref, got)
+    assert pvalue > 1e-3, f"{engine}, token {position + 1}: chi-square p={pvalue:.2e}"
 
 
 def test_the_target_really_is_hybrid(poisoned_one_level, ngram):

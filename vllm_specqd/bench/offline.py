@@ -251,7 +251,25 @@ def run_methods(methods: list[Method], prompts: list[Prompt], settings: RunSetti
         else:
             tqdm.write(f"[bench] {method.name} failed: {record['error']}")
         records.append(record)
+    compare_with_same_gemm_baseline(records)
     return records
+
+
+SAME_GEMM_BASELINE = "none-specqd-gemm"
+
+
+def compare_with_same_gemm_baseline(records: list[dict]) -> None:
+    """specqd engines run their bf16 linears on specqd's GEMM (adapter/target_gemm.py); where the run
+    has no speculation with that same GEMM, compare their outputs with it too (``identical_to_same_gemm``)."""
+    baseline = next((r for r in records if r["method"] == SAME_GEMM_BASELINE and "error" not in r), None)
+    if baseline is None:
+        return
+    reference = [o["token_ids"] for o in baseline["outputs"]]
+    for record in records:
+        if record["method"].startswith("specqd") and "error" not in record:
+            same = identity_vs(reference, [o["token_ids"] for o in record["outputs"]])
+            record["identical_to_same_gemm"] = same["identical_to_none"]
+            record["num_different_from_same_gemm"] = same["num_different"]
 
 
 def default_models(model: str | None, need_small: bool, small_layers: int = 24) -> tuple[str, str | None]:

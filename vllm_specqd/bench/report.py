@@ -189,7 +189,19 @@ def implied_verify_cost(record: dict) -> float | None:
 
 def notes(meta: dict, records: list[dict]) -> list[str]:
     out = []
-    differing = list(dict.fromkeys(r["method"] for r in records if r.get("identical_to_none") is False))
+    gemm_only = [
+        r["method"] for r in records if r["method"] == "none-specqd-gemm" and r.get("identical_to_none") is False
+    ]
+    if gemm_only:
+        out.append(
+            "none-specqd-gemm differs from `none`: no speculation, but specqd's bf16 GEMM instead of torch's; "
+            "another summation order rounds a near-tie the other way (gaps below)."
+        )
+    differing = list(
+        dict.fromkeys(
+            r["method"] for r in records if r.get("identical_to_none") is False and r["method"] not in gemm_only
+        )
+    )
     if differing and meta.get("dtype") != "float32":
         out.append(
             f"{', '.join(differing)} differ from `none` in {meta.get('dtype')}: on CPU, vLLM's {meta.get('dtype')} "
@@ -199,6 +211,20 @@ def notes(meta: dict, records: list[dict]) -> list[str]:
         )
     elif differing:
         out.append(f"**{', '.join(differing)} differ from `none` in {meta.get('dtype')}: that is a bug.**")
+    same_gemm = [r for r in records if r.get("identical_to_same_gemm") is not None]
+    if same_gemm:
+        identical = [r["method"] for r in same_gemm if r["identical_to_same_gemm"]]
+        different = [
+            f"{r['method']} ({r['num_different_from_same_gemm']})" for r in same_gemm if not r["identical_to_same_gemm"]
+        ]
+        if identical:
+            out.append(
+                f"{', '.join(identical)}: token-identical to `none-specqd-gemm` (no speculation with the same "
+                "bf16 GEMM, which is batch invariant), so any difference from `none` is that GEMM's rounding, "
+                "not speculation's."
+            )
+        if different:
+            out.append(f"differ from `none-specqd-gemm` (outputs): {', '.join(different)}.")
     for r in records:
         if r.get("divergences"):
             where = "; ".join(
