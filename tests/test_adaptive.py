@@ -186,6 +186,31 @@ def test_collapsed_request_stops_drafting_is_reprobed_and_recovers():
     assert policy.decide(slots("hot")).k[0] > 1
 
 
+def _probe_rounds(batch_share: float, monkeypatch) -> list:
+    from vllm_specqd import adaptive
+
+    monkeypatch.setattr(adaptive, "PROBE_BATCH_SHARE", batch_share)
+    settings = dict(target_a=0.010, target_b=0.001, draft_c=0.0005, reprobe_after=8, max_reprobe_after=64)
+    req_ids = [f"r{i}" for i in range(16)]
+    policy = policy_with(**settings, acceptance={r: 0.0 for r in req_ids})
+    for i, r in enumerate(req_ids):  # staggered: the requests joined on different steps
+        policy._off_steps[r] = i % 8
+    rounds = [policy.decide(slots(*req_ids)) for _ in range(64)]
+    assert all(max(d.k) <= 1 for d in rounds)
+    assert sum(d.probes for d in rounds) >= 16  # every request got probed
+    return [d for d in rounds if d.probes]
+
+
+def test_probes_of_a_big_batch_share_rounds_instead_of_one_pass_each(monkeypatch):
+    """16 collapsed requests whose probes fall due on different steps: a probe alone costs a draft
+    pass over the whole batch, so due probes wait for a quarter of the batch."""
+    batched = _probe_rounds(0.25, monkeypatch)
+    one_by_one = _probe_rounds(0.0, monkeypatch)  # the unbatched rule: probe as soon as due
+    assert all(d.probes >= 4 for d in batched)
+    assert len(batched) * 2 <= len(one_by_one), (len(batched), len(one_by_one))
+    print(f"probe rounds in 64 steps: batched {len(batched)}, one by one {len(one_by_one)}")
+
+
 def test_warm_up_drafts_the_maximum_until_costs_are_measured():
     policy = AdaptivePolicy(AdaptiveSettings(max_k=K, warmup_steps=2))
     assert policy.decide(slots("a", "b")).k == [K, K]  # no timing yet

@@ -27,7 +27,9 @@ only if that beats k = 0 for everyone by ``min_gain`` (relative); else every k_i
 **Re-probing**: a request that got k = 0 for ``reprobe_after`` steps in a row gets k = 1 once,
 so an acceptance that collapsed (e.g. high-temperature sampling) can be seen to recover. Each
 probe that does not turn drafting back on doubles that request's wait (up to
-``max_reprobe_after``); drafting again resets it.
+``max_reprobe_after``); drafting again resets it. Due probes are batched: they run in a round that
+drafts anyway, or once a quarter of the batch is due (or one is a full wait late), since any probe
+costs a draft pass over the whole batch.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+PROBE_BATCH_SHARE = 0.25  # share of the batch that must be due before a round runs a pass for probes alone
 POLICIES = ("cost", "random")  # "random": adversarial test policy, k uniform in 0..cap per request and step
 
 
@@ -274,7 +277,11 @@ class AdaptivePolicy:
         return k, (float(rows + gained[best_m, at]), float(seconds[best_m, at]))
 
     def _reprobe(self, slots: Sequence[RequestSlot], caps: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, int]:
-        probes = 0
+        """k = 1 for requests whose probe is due. A probe costs a draft pass over the whole batch, so
+        due probes ride along when the round drafts anyway, and otherwise wait until a quarter of the
+        batch is due (or one has waited a second full wait): in a big batch, probes staggered over
+        the requests would otherwise put a draft pass into most rounds."""
+        due, overdue = [], False
         for i, slot in enumerate(slots):
             if caps[i] == 0:
                 continue
@@ -283,12 +290,18 @@ class AdaptivePolicy:
                 self._probe_wait.pop(slot.req_id, None)
                 continue
             off = self._off_steps.get(slot.req_id, 0) + 1
+            self._off_steps[slot.req_id] = off
             wait = self._probe_wait.get(slot.req_id, self.settings.reprobe_after)
             if off >= wait:
-                k[i], off, probes = 1, 0, probes + 1
-                self._probe_wait[slot.req_id] = min(2 * wait, self.settings.max_reprobe_after)
-            self._off_steps[slot.req_id] = off
-        return k, probes
+                due.append((i, slot.req_id, wait))
+                overdue |= off >= 2 * wait
+        if not due or not (k.any() or overdue or len(due) >= math.ceil(PROBE_BATCH_SHARE * len(slots))):
+            return k, 0
+        for i, req_id, wait in due:
+            k[i] = 1
+            self._off_steps[req_id] = 0
+            self._probe_wait[req_id] = min(2 * wait, self.settings.max_reprobe_after)
+        return k, len(due)
 
     def _count(self, decision: Decision, caps: np.ndarray) -> None:
         s = self.stats
