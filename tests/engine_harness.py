@@ -13,7 +13,6 @@ query-length invariant and speculation must be token-identical.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -23,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_specqd.bench.offline import environment  # noqa: F401  (the test modules import it from here)
 from vllm_specqd.level_report import LevelReport
 
 K = 6  # level-1 draft tokens used across the engine tests
@@ -68,21 +68,6 @@ def _delta(after: dict, before: dict) -> dict:
         else:
             out[name] = value - (old or 0)
     return out
-
-
-@contextlib.contextmanager
-def environment(env: dict[str, str] | None):
-    """Set ``env`` for the block (engines read it at start-up), then restore what was there."""
-    saved = {key: os.environ.get(key) for key in (env or {})}
-    os.environ.update(env or {})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run_engine(

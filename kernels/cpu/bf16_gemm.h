@@ -21,13 +21,6 @@ static inline __m256 widen8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-static inline float lane_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 #ifndef SPECQD_BF16_PREFETCH_ROWS
 #define SPECQD_BF16_PREFETCH_ROWS 8
 #endif
@@ -47,7 +40,7 @@ static inline void tile(const float* x, const c10::BFloat16* w, int64_t k, int64
     __m256 wv[NB];
     for (int j = 0; j < NB; ++j) {
       const c10::BFloat16* wr = w + (n0 + j) * k + kk;
-      if (MB > 0 && (kk & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + kBf16PrefetchRows * k), _MM_HINT_T0);
+      if ((kk & 31) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + kBf16PrefetchRows * k), _MM_HINT_T0);
       wv[j] = widen8(wr);
     }
     for (int i = 0; i < MB; ++i) {
@@ -57,7 +50,7 @@ static inline void tile(const float* x, const c10::BFloat16* w, int64_t k, int64
   }
   for (int i = 0; i < MB; ++i) {
     for (int j = 0; j < NB; ++j) {
-      float v = lane_sum(acc[i][j]);
+      float v = hsum(acc[i][j]);  // vec_avx2.h
       const c10::BFloat16* wr = w + (n0 + j) * k;
       const float* xr = x + (m0 + i) * k;
       for (int64_t kk = k8; kk < k; ++kk) v = std::fmaf(xr[kk], static_cast<float>(wr[kk]), v);
@@ -90,16 +83,6 @@ static void rows_for_features(const float* x, const c10::BFloat16* w, int64_t m,
       default:
         break;
     }
-  }
-}
-
-template <>
-void rows_for_features<1>(const float* x, const c10::BFloat16* w, int64_t m, int64_t k, int64_t n_begin,
-                          int64_t n_end, const OutputRows& out) {
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) tile<4, 1>(x, w, k, i, n, out);
-    for (; i < m; ++i) tile<1, 1>(x, w, k, i, n, out);
   }
 }
 

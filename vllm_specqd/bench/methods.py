@@ -12,6 +12,7 @@ from pathlib import Path
 from vllm_specqd.bench import spec_stats
 
 NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}
+SAME_GEMM_BASELINE = "none-specqd-gemm"  # no speculation with the bf16 GEMM specqd gives its targets
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ METHODS: dict[str, Method] = {
         Method("none", "no speculation", ()),
         # The same GEMM specqd gives the target where vLLM's oneDNN declines bf16 (adapter/target_gemm.py):
         # what no speculation gains from that kernel alone.
-        Method("none-specqd-gemm", "no speculation, specqd's bf16 GEMM", (), env=(("VLLM_SPECQD_BF16_GEMM", "all"),)),
+        Method(SAME_GEMM_BASELINE, "no speculation, specqd's bf16 GEMM", (), env=(("VLLM_SPECQD_BF16_GEMM", "all"),)),
         Method("ngram", "vLLM n-gram prompt lookup", (None,)),
         # Needs arctic-inference, which on CPU has to be built from its sdist (`make bench-extras`).
         Method("suffix", "vLLM suffix decoding (arctic-inference suffix trees)", (spec_stats.SUFFIX_TREE,)),

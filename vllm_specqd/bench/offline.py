@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from vllm_specqd.bench.datasets import Prompt
 from vllm_specqd.bench.memory import added_memory, kv_bytes_per_token, kv_report
-from vllm_specqd.bench.methods import Method, speculative_config
+from vllm_specqd.bench.methods import SAME_GEMM_BASELINE, Method, speculative_config
 from vllm_specqd.bench.preload import apply_preload
 from vllm_specqd.bench.spec_stats import adaptive_record, counters_from_metrics, summarize
 from vllm_specqd.level_report import LevelReport
@@ -54,18 +54,19 @@ def set_engine_env_defaults(verbose: bool) -> None:
 
 
 @contextmanager
-def method_env(method: Method):
-    """The method's environment while its engine starts (the engine processes inherit it)."""
-    saved = {name: os.environ.get(name) for name, _ in method.env}
-    os.environ.update(dict(method.env))
+def environment(env: dict[str, str] | None):
+    """Set ``env`` for the block (engines read it at start-up; their processes inherit it), then
+    restore what was there."""
+    saved = {key: os.environ.get(key) for key in (env or {})}
+    os.environ.update(env or {})
     try:
         yield
     finally:
-        for name, value in saved.items():
+        for key, value in saved.items():
             if value is None:
-                os.environ.pop(name, None)
+                os.environ.pop(key, None)
             else:
-                os.environ[name] = value
+                os.environ[key] = value
 
 
 def _chunks(items: list, size: int):
@@ -187,7 +188,7 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
     llm = None
     try:
         started = time.perf_counter()
-        with method_env(method):
+        with environment(dict(method.env)):
             llm = _start_engine(settings, spec)
         record["engine_start_s"] = time.perf_counter() - started
         from vllm import SamplingParams
@@ -253,9 +254,6 @@ def run_methods(methods: list[Method], prompts: list[Prompt], settings: RunSetti
         records.append(record)
     compare_with_same_gemm_baseline(records)
     return records
-
-
-SAME_GEMM_BASELINE = "none-specqd-gemm"
 
 
 def compare_with_same_gemm_baseline(records: list[dict]) -> None:

@@ -10,6 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from vllm_specqd.bench.methods import SAME_GEMM_BASELINE
+
 MiB = 2**20
 
 OFFLINE_COLUMNS = {
@@ -190,11 +192,11 @@ def implied_verify_cost(record: dict) -> float | None:
 def notes(meta: dict, records: list[dict]) -> list[str]:
     out = []
     gemm_only = [
-        r["method"] for r in records if r["method"] == "none-specqd-gemm" and r.get("identical_to_none") is False
+        r["method"] for r in records if r["method"] == SAME_GEMM_BASELINE and r.get("identical_to_none") is False
     ]
     if gemm_only:
         out.append(
-            "none-specqd-gemm differs from `none`: no speculation, but specqd's bf16 GEMM instead of torch's; "
+            f"{SAME_GEMM_BASELINE} differs from `none`: no speculation, but specqd's bf16 GEMM instead of torch's; "
             "another summation order rounds a near-tie the other way (gaps below)."
         )
     differing = list(
@@ -219,12 +221,12 @@ def notes(meta: dict, records: list[dict]) -> list[str]:
         ]
         if identical:
             out.append(
-                f"{', '.join(identical)}: token-identical to `none-specqd-gemm` (no speculation with the same "
+                f"{', '.join(identical)}: token-identical to `{SAME_GEMM_BASELINE}` (no speculation with the same "
                 "bf16 GEMM, which is batch invariant), so any difference from `none` is that GEMM's rounding, "
                 "not speculation's."
             )
         if different:
-            out.append(f"differ from `none-specqd-gemm` (outputs): {', '.join(different)}.")
+            out.append(f"differ from `{SAME_GEMM_BASELINE}` (outputs): {', '.join(different)}.")
     for r in records:
         if r.get("divergences"):
             where = "; ".join(
