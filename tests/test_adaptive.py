@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, LineFit, Outcome, RequestSlot
+from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, Decision, LineFit, Outcome, RequestSlot
 
 K = 6
 
@@ -31,13 +31,19 @@ def policy_with(
         for tokens in (1, 7, 20, 64, 100):
             policy.observe_target(tokens, target_a + target_b * tokens)
         for r in rows:
-            policy.observe_draft(r, 3, 3 * (draft_c + draft_d * r))
+            observe_round(policy, [3] * r, 3 * (draft_c + draft_d * r))
     for req_id, rate in (acceptance or {}).items():
         pin_acceptance(policy, req_id, rate)
     if acceptance_override is not None:
         for req_id in acceptance or {}:
             policy.acceptance.per_request[req_id] = np.full(policy.settings.max_k, acceptance_override)
     return policy
+
+
+def observe_round(policy: AdaptivePolicy, k: list[int], seconds: float) -> None:
+    """A drafting round that gave each request its k and took ``seconds``."""
+    decision = Decision(k, max(k), 0, 0.0, 0.0, 0.0, 0.0)
+    policy.observe_draft(decision, seconds)
 
 
 def pin_acceptance(policy: AdaptivePolicy, req_id, rate: float) -> None:
@@ -147,12 +153,14 @@ def brute_force_rate(policy: AdaptivePolicy, req_ids, caps) -> float:
     return best
 
 
+@pytest.mark.parametrize("drafting_rows_only", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_decision_matches_the_brute_force_optimum(seed):
+def test_decision_matches_the_brute_force_optimum(seed, drafting_rows_only):
     rng = np.random.default_rng(seed)
     req_ids = [f"r{i}" for i in range(3)]
     policy = policy_with(
         max_k=4,
+        passes_run_drafting_rows_only=drafting_rows_only,
         target_a=float(rng.uniform(0.005, 0.02)),
         target_b=float(rng.uniform(0, 0.004)),
         draft_c=float(rng.uniform(0.0005, 0.006)),
@@ -215,7 +223,7 @@ def test_warm_up_drafts_the_maximum_until_costs_are_measured():
     policy = AdaptivePolicy(AdaptiveSettings(max_k=K, warmup_steps=2))
     assert policy.decide(slots("a", "b")).k == [K, K]  # no timing yet
     policy.observe_target(14, 0.02)
-    policy.observe_draft(2, K, 0.01)
+    observe_round(policy, [K, K], 0.01)
     assert policy.decide(slots("a", "b")).k == [K, K]  # still warming up
     assert policy.stats.k_histogram[K] == 4
 
@@ -256,3 +264,29 @@ def test_decision_is_cheap():
         times.append(time.perf_counter() - started)
     # A 64-request step of the bundled model takes well over 100 ms on the CI machine kind: 1% is 1 ms.
     assert statistics.median(times) < 1e-3, times
+
+
+def test_passes_over_drafting_rows_only_let_a_few_requests_draft_in_a_big_batch():
+    """A plain step costs 2.4 ms per request; 15 requests accept nothing, one accepts 0.9. A pass
+    over the whole batch costs 3.4 ms, more than the one request gains; over its own row 0.4 ms."""
+    acceptance = {f"r{i}": 0.0 for i in range(15)} | {"hot": 0.9}
+    common = dict(target_a=0.030, target_b=0.0005, draft_c=0.0002, draft_d=0.0002, acceptance=acceptance)
+    batch = slots(*acceptance)
+    assert policy_with(**common, reprobe_after=10**6).decide(batch).k == [0] * 16
+    decision = policy_with(**common, reprobe_after=10**6, passes_run_drafting_rows_only=True).decide(batch)
+    assert decision.k[:15] == [0] * 15 and decision.k[15] >= 3, decision.k
+
+
+def test_drafting_rows_cost_is_learned_per_drafted_token():
+    """Rounds over the drafting rows only: m passes drafting n tokens cost m * c + d * n."""
+    policy = AdaptivePolicy(AdaptiveSettings(max_k=K, warmup_steps=0, passes_run_drafting_rows_only=True))
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        k = [int(x) for x in rng.integers(0, K + 1, size=8)]
+        if max(k):
+            observe_round(policy, k, max(k) * 0.002 + 0.0004 * sum(k))
+    c, d = policy.draft.coefficients()
+    assert c == pytest.approx(0.002, rel=0.02) and d == pytest.approx(0.0004, rel=0.02)
+    assert float(policy._draft_seconds(8, 10, 3)) == pytest.approx(3 * 0.002 + 10 * 0.0004, rel=0.02)
+    with pytest.raises(ValueError, match="min_passes"):
+        AdaptivePolicy(AdaptiveSettings(max_k=K, min_passes=1, passes_run_drafting_rows_only=True))

@@ -6,8 +6,10 @@ Engine-free: the adapter feeds measurements in and applies the :class:`Decision`
 
 * one target step (everything between two drafting rounds: scheduling, the forward pass, sampling)
   costs ``a + b * tokens`` seconds, ``tokens`` = the step's scheduled tokens;
-* one level-1 draft position (a forward pass over every row of the batch, plus its sampling) costs
-  ``c + d * rows`` seconds.
+* one level-1 draft position (a forward pass plus its sampling) costs ``c + d * rows`` seconds,
+  ``rows`` = the rows the pass runs: the whole batch, or (``passes_run_drafting_rows_only``, a
+  shared-KV draft with no inner level) only the requests still drafting, so that a round of m passes
+  drafting n tokens in all costs ``m * c + d * n``.
 
 Both lines are exponentially weighted least-squares fits (:class:`LineFit`). While the observed
 x barely varies the slope leans on a prior (half the mean cost per unit), so a fit over one
@@ -19,8 +21,8 @@ each position, which itself starts at ``prior_acceptance`` and learns from the f
 
 **Decision** (:meth:`AdaptivePolicy.decide`): request i drafting k_i tokens commits in
 expectation ``1 + sum_{j<=k_i} p_ij`` tokens, ``p_ij`` = the product of its first j acceptances.
-A round runs ``m = max_i k_i`` draft passes over the whole batch, so for each m in 0..K the
-best k_i <= m are a prefix of the (i, j) items sorted by p_ij (the target cost is linear in
+A round runs ``m = max_i k_i`` draft passes, so for each m in 0..K the best k_i <= m are a prefix
+of the (i, j) items sorted by p_ij (the target cost and the drafting-rows pass cost are linear in
 tokens), and the (m, prefix) with the most expected tokens per second wins. The batch drafts
 only if that beats k = 0 for everyone by ``min_gain`` (relative); else every k_i is 0.
 
@@ -53,6 +55,8 @@ class AdaptiveSettings:
     seed: int = 0  # the random policy's
     # Draft passes every round runs anyway (1 when the draft's own KV or inner models must catch up).
     min_passes: int = 0
+    # A pass runs only the rows still drafting (k_i > j), not the whole batch.
+    passes_run_drafting_rows_only: bool = False
     cost_decay: float = 0.02  # weight of the newest timing in the line fits
     acceptance_decay: float = 0.2  # per request
     global_acceptance_decay: float = 0.02  # batch-wide prior of new requests
@@ -181,6 +185,8 @@ class AdaptivePolicy:
     def __init__(self, settings: AdaptiveSettings):
         if settings.policy not in POLICIES:
             raise ValueError(f"unknown adaptive policy {settings.policy!r}; one of {POLICIES}")
+        if settings.passes_run_drafting_rows_only and settings.min_passes:
+            raise ValueError("a pass that must run anyway (min_passes) covers the whole batch")
         self.settings = settings
         self.target = LineFit(settings.cost_decay)  # seconds per step vs scheduled tokens
         self.draft = LineFit(settings.cost_decay)  # seconds per draft position vs batch rows
@@ -199,9 +205,13 @@ class AdaptivePolicy:
         self.target.observe(tokens, seconds)
         self.stats.step_seconds += seconds
 
-    def observe_draft(self, rows: int, passes: int, seconds: float) -> None:
-        if passes > 0 and rows > 0:
-            self.draft.observe(rows, seconds / passes)
+    def observe_draft(self, decision: Decision, seconds: float) -> None:
+        """The round that ran ``decision`` drafted for ``seconds``."""
+        rows = len(decision.k)
+        if decision.passes > 0 and rows > 0:
+            if self.settings.passes_run_drafting_rows_only:
+                rows = sum(decision.k) / decision.passes  # mean rows per pass
+            self.draft.observe(rows, seconds / decision.passes)
         self.stats.step_seconds += seconds
 
     def observe(self, outcomes: Sequence[Outcome]) -> None:
@@ -241,9 +251,17 @@ class AdaptivePolicy:
         self.last = decision
         return decision
 
-    def _seconds(self, rows: int, tokens: float | np.ndarray, passes: int | np.ndarray):
-        draft = self.draft.predict(rows) if self.draft.ready else 0.0
-        return self.target.predict(rows + tokens) + passes * draft
+    def _seconds(self, rows: int, drafts: float | np.ndarray, passes: int | np.ndarray):
+        """A round of ``passes`` draft passes drafting ``drafts`` tokens in all, then its target step."""
+        return self.target.predict(rows + drafts) + self._draft_seconds(rows, drafts, passes)
+
+    def _draft_seconds(self, rows: int, drafts, passes):
+        if not self.draft.ready:
+            return 0.0 * np.asarray(passes)
+        c, d = self.draft.coefficients()
+        if self.settings.passes_run_drafting_rows_only:
+            return np.maximum(c * np.asarray(passes) + d * np.asarray(drafts), 0.0)
+        return np.maximum(passes, self.settings.min_passes) * max(c + d * rows, 1e-9)
 
     def _best_k(self, slots: Sequence[RequestSlot], caps: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
         """Per request k maximising expected committed tokens per second (see the module docstring)."""
@@ -265,9 +283,7 @@ class AdaptivePolicy:
         allowed = depth_items[None, :] <= m  # [M, n]
         gained = np.cumsum(np.where(allowed, p_items, 0.0), axis=1)
         count = np.cumsum(allowed, axis=1)
-        (ta, tb), (dc, dd) = self.target.coefficients(), self.draft.coefficients()
-        pass_seconds = max(dc + dd * rows, 0.0)
-        seconds = np.maximum(ta + tb * (rows + count), 1e-9) + np.maximum(m, self.settings.min_passes) * pass_seconds
+        seconds = self._seconds(rows, count, m)
         rate = np.where(allowed, (rows + gained) / seconds, -1.0)
         best_m, at = np.unravel_index(int(rate.argmax()), rate.shape)
         if rate[best_m, at] < (1.0 + self.settings.min_gain) * plain[0] / plain[1]:

@@ -2,8 +2,9 @@
 
 Per drafting round (``SpecQDProposer.propose``): :meth:`AdaptiveDrafter.decide` reads what the
 target did with last round's drafts and how long its step took, and asks the policy
-(vllm_specqd/adaptive.py) for each row's k; the proposer runs ``passes`` level-1 passes over the
-batch, and :meth:`AdaptiveDrafter.finish` cuts each row to its k and times the drafting.
+(vllm_specqd/adaptive.py) for each row's k; the proposer runs ``passes`` level-1 passes (over the
+rows still drafting with a shared KV and one level, else over the batch), and
+:meth:`AdaptiveDrafter.finish` cuts each row to its k and times the drafting.
 
 vLLM takes variable-length drafts as a ``list[list[int]]`` (what its n-gram drafter returns):
 the runner hands them to the scheduler unchanged (GPUModelRunner._get_draft_token_ids_cpu,
@@ -33,7 +34,14 @@ IDLE_GAP_FACTOR, IDLE_GAP_SLACK_S = 4.0, 0.02
 
 
 class AdaptiveDrafter:
-    def __init__(self, spec: AdaptiveSpec, max_k: int, min_passes: int, max_model_len: int):
+    def __init__(
+        self,
+        spec: AdaptiveSpec,
+        max_k: int,
+        min_passes: int,
+        max_model_len: int,
+        passes_run_drafting_rows_only: bool = False,
+    ):
         self.spec = spec
         self.max_model_len = max_model_len
         self.policy = AdaptivePolicy(
@@ -43,6 +51,7 @@ class AdaptiveDrafter:
                 policy=spec.policy,
                 seed=spec.seed,
                 min_passes=min_passes,
+                passes_run_drafting_rows_only=passes_run_drafting_rows_only,
                 reprobe_after=spec.reprobe_after,
             )
         )
@@ -120,7 +129,7 @@ class AdaptiveDrafter:
         rows = drafts.tolist() if isinstance(drafts, torch.Tensor) else drafts
         cut = [row[:k] for row, k in zip(rows, decision.k)]
         self._last_end = time.perf_counter()
-        self.policy.observe_draft(len(decision.k), decision.passes, self._last_end - self._draft_started)
+        self.policy.observe_draft(decision, self._last_end - self._draft_started)
         return cut
 
     def report(self) -> AdaptiveReport:

@@ -69,6 +69,7 @@ class SpecQDProposer(DraftModelProposer):
                 self.specqd.num_speculative_tokens,
                 min_passes=int(catch_up),
                 max_model_len=vllm_config.model_config.max_model_len,
+                passes_run_drafting_rows_only=not catch_up,  # _propose_shared_kv's limits
             )
         if runner is not None:
             internals.on_request_removed(runner, self._forget_request)
@@ -251,6 +252,7 @@ class SpecQDProposer(DraftModelProposer):
                 common_attn_metadata,
                 sampling_metadata,
                 num_rejected_tokens_gpu,
+                limits=decision.k if decision is not None else None,
             )
         else:
             self.stats.first_passes += max(1, num_speculative_tokens)  # vLLM's loop: K passes
@@ -282,17 +284,56 @@ class SpecQDProposer(DraftModelProposer):
         cad,
         sampling_metadata,
         num_rejected_tokens_gpu: torch.Tensor | None,  # [batch_size]
+        limits: list[int] | None = None,  # [batch_size] adaptive: drafts each row keeps
     ) -> torch.Tensor:  # [batch_size, K]
         """K single-token passes per request over the target's own KV (QSpec).
 
         The committed context's KV is the target's, exact; pass j writes the slot of position
         p + 1 + j only, which the next verification rewrites before attending to it.
+        With ``limits``, pass j runs only the rows that keep more than j drafts (the entries of
+        the others stay 0 and are cut away): a round where few requests draft costs few rows.
         """
         internals.begin_round(self, num_speculative_tokens)
         positions = self._sampled_positions(target_positions, cad, num_rejected_tokens_gpu)
         self.level1_model.bind_batch({}, self._block_tables(cad))
+        passes = max(1, num_speculative_tokens)
+        if limits is None:
+            return self._shared_kv_passes_over_batch(passes, next_token_ids, positions, sampling_metadata)
+        batch = next_token_ids.shape[0]
+        drafts = torch.zeros(batch, passes, dtype=next_token_ids.dtype, device=next_token_ids.device)
+        probs = None
+        kept = torch.tensor(limits, dtype=torch.int64)
+        tokens = next_token_ids
+        for step in range(passes):
+            rows = torch.nonzero(kept > step).flatten()
+            if rows.numel() == 0:
+                break
+            rows_dev = rows.to(next_token_ids.device)
+            hidden = self.level1_model.decode_step(
+                tokens[rows_dev], positions[rows_dev] + step, self.max_model_len, rows=rows
+            )
+            step_tokens, step_probs = internals.sample_draft_tokens(
+                self, hidden, internals.sampling_metadata_for_rows(sampling_metadata, rows_dev)
+            )
+            drafts[rows_dev, step] = step_tokens
+            if step_probs is not None:
+                if probs is None:
+                    probs = step_probs.new_zeros(batch, passes, step_probs.shape[-1])
+                probs[rows_dev, step] = step_probs
+            tokens = drafts[:, step]
+        if probs is not None:
+            internals.keep_draft_probs(self, probs)
+        return drafts
+
+    def _shared_kv_passes_over_batch(
+        self,
+        passes: int,
+        next_token_ids: torch.Tensor,  # [batch_size]
+        positions: torch.Tensor,  # [batch_size] of the sampled token
+        sampling_metadata,
+    ) -> torch.Tensor:  # [batch_size, passes]
         tokens, drafts, probs = next_token_ids, [], []
-        for step in range(max(1, num_speculative_tokens)):
+        for step in range(passes):
             hidden = self.level1_model.decode_step(tokens, positions + step, self.max_model_len)
             tokens, step_probs = internals.sample_draft_tokens(self, hidden, sampling_metadata)
             drafts.append(tokens)

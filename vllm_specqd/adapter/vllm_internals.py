@@ -8,6 +8,7 @@ adapter module reaches past this seam, so a vLLM upgrade starts with that test a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -270,6 +271,15 @@ def sample_draft_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # [batch] tokens, [batch, vocab] probs or None
     """vLLM's draft sampling: greedy, or probabilistic per draft_sample_method (llm_base_proposer.py:478)."""
     return proposer._sample_draft_tokens(hidden, sampling_metadata)
+
+
+def sampling_metadata_for_rows(sampling_metadata, rows: torch.Tensor):  # rows: [R] batch rows
+    """The sampling metadata of some batch rows, for draft sampling. The draft sampler reads only
+    the per-request temperature and the all_greedy / all_random flags, which stay true of any
+    subset (compute_probs_and_sample_next_token, llm_base_proposer.py:1822-1860)."""
+    if sampling_metadata.temperature is None:
+        return sampling_metadata
+    return dataclasses.replace(sampling_metadata, temperature=sampling_metadata.temperature[rows])
 
 
 def greedy_sample(proposer: DraftModelProposer, hidden: torch.Tensor) -> torch.Tensor:  # [batch]

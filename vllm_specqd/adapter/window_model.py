@@ -128,14 +128,15 @@ class VllmWindowModel:
         token_ids: torch.Tensor,  # [B] int, one token per row of the bound batch
         positions: torch.Tensor,  # [B] int64, the position each token takes
         max_model_len: int,
+        rows: torch.Tensor | None = None,  # [B] int64 batch row of each token (default 0..B-1)
     ) -> torch.Tensor:  # [B, hidden]
-        """One token per request of the running batch (row i = batch row i), writing its KV.
+        """One token per request of the running batch (token i = batch row ``rows[i]``), writing its KV.
 
         A position at or past ``max_model_len`` writes nowhere (padding slot, position 0, one-token
         context), as vLLM's drafter does: the scheduler drops such drafts anyway.
         Example: rows 0, 1 with tokens [7, 9] at positions [12, 40], block size 16: slots
         [bt[0, 0] * 16 + 12, bt[1, 2] * 16 + 8], seq_lens [13, 41] (in each KV cache group's
-        block table bt).
+        block table bt). With rows [1] and token [9] at position [40], only row 1's slot is written.
         """
         batch = token_ids.shape[0]
         dev = self.device
@@ -143,7 +144,8 @@ class VllmWindowModel:
         past_end = positions_cpu >= max_model_len
         clamped = positions_cpu.masked_fill(past_end, 0)
         seq_lens_cpu = (clamped + 1).to(torch.int32).masked_fill(past_end, 1)
-        rows = torch.arange(batch)
+        rows = torch.arange(batch) if rows is None else rows.to("cpu", torch.int64)
+        assert rows.shape == (batch,), (rows.shape, batch)
         clamped_dev = clamped.to(dev)
         cads = self._cads(
             rows,
