@@ -170,6 +170,8 @@ def test_datasets_and_methods(tmp_path):
     assert [m.name for m in parse_methods("specqd-1,none")] == ["none", "specqd-1"]
     small = speculative_config(METHODS["specqd-small"], 6, tmp_path, tmp_path / "small")
     assert small["inner"]["num_speculative_tokens"] == 3 and small["inner"]["inner"]["num_speculative_tokens"] == 1
+    separate = speculative_config(METHODS["specqd-1-separate-kv"], 6, tmp_path, None, specqd_draft={"lm_head": "mxfp4"})
+    assert separate["draft"] == {"lm_head": "mxfp4", "kv_cache": "separate"}
     with pytest.raises(ValueError):
         parse_methods("none,eagle")
 

@@ -43,6 +43,8 @@ METHODS: dict[str, Method] = {
         Method("suffix", "vLLM suffix decoding (arctic-inference suffix trees)", (spec_stats.SUFFIX_TREE,)),
         Method("draft_model", "vLLM draft_model: a full copy of the target in the run's dtype", ("target copy",)),
         Method("specqd-1", "specqd, one level: MXFP4 self-draft", ("MXFP4 self-draft",)),
+        # The draft with its own KV layers (vLLM's draft_model bookkeeping), beside the shared default.
+        Method("specqd-1-separate-kv", "specqd, one level, the draft's own KV", ("MXFP4 self-draft",)),
         # num_speculative_tokens is the maximum: each round drafts 0..K per request (vllm_specqd/adaptive.py).
         Method("specqd-adaptive", "specqd, one level, adaptive k per request and step", ("MXFP4 self-draft",)),
         Method("specqd-ngram", "specqd, two levels: MXFP4 self-draft <- n-gram", ("MXFP4 self-draft", None)),
@@ -97,6 +99,8 @@ def speculative_config(
     inner = inner_k if inner_k is not None else max(1, k // 2)
     if method.name == "specqd-adaptive":
         config["adaptive"] = True
+    if method.name == "specqd-1-separate-kv":
+        config["draft"] = {**config.get("draft", {}), "kv_cache": "separate"}
     if method.name == "specqd-ngram":
         config["inner"] = _ngram(inner)
     elif method.name == "specqd-small":
