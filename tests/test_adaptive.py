@@ -290,3 +290,23 @@ def test_drafting_rows_cost_is_learned_per_drafted_token():
     assert float(policy._draft_seconds(8, 10, 3)) == pytest.approx(3 * 0.002 + 10 * 0.0004, rel=0.02)
     with pytest.raises(ValueError, match="min_passes"):
         AdaptivePolicy(AdaptiveSettings(max_k=K, min_passes=1, passes_run_drafting_rows_only=True))
+
+
+def test_no_probes_while_even_full_acceptance_would_not_pay():
+    """A compute-bound batch (every verified token costs a full token, a draft pass as much as the
+    step): acceptance cannot change the decision, so collapsed requests are not probed."""
+    req_ids = [f"r{i}" for i in range(16)]
+    bound = policy_with(
+        target_a=0.001,
+        target_b=0.010,
+        draft_c=0.005,
+        draft_d=0.010,
+        reprobe_after=2,
+        acceptance={r: 0.0 for r in req_ids},
+    )
+    rounds = [bound.decide(slots(*req_ids)) for _ in range(40)]
+    assert all(d.k == [0] * 16 for d in rounds) and bound.stats.probes == 0
+    cheap = policy_with(
+        target_a=0.030, target_b=0.0001, draft_c=0.001, reprobe_after=2, acceptance={r: 0.0 for r in req_ids}
+    )
+    assert sum(cheap.decide(slots(*req_ids)).probes for _ in range(40)) >= 16

@@ -26,7 +26,8 @@ of the (i, j) items sorted by p_ij (the target cost and the drafting-rows pass c
 tokens), and the (m, prefix) with the most expected tokens per second wins. The batch drafts
 only if that beats k = 0 for everyone by ``min_gain`` (relative); else every k_i is 0.
 
-**Re-probing**: a request that got k = 0 for ``reprobe_after`` steps in a row gets k = 1 once,
+**Re-probing**: a request that got k = 0 for ``reprobe_after`` steps in a row gets k = 1 once
+(unless the batch is so costly to draft that even full acceptance would not pay),
 so an acceptance that collapsed (e.g. high-temperature sampling) can be seen to recover. Each
 probe that does not turn drafting back on doubles that request's wait (up to
 ``max_reprobe_after``); drafting again resets it. Due probes are batched: they run in a round that
@@ -236,7 +237,10 @@ class AdaptivePolicy:
             k, expected = caps.copy(), (rows + 0.0, 0.0)  # measure drafting before judging it
         else:
             k, expected = self._best_k(slots, caps)
-        k, probes = self._reprobe(slots, caps, k)
+        probes_may_pay = (
+            self.settings.policy == "random" or not self.target.ready or self._drafting_could_pay(rows, caps)
+        )
+        k, probes = self._reprobe(slots, caps, k, probes_may_pay)
         passes = max(int(k.max()), self.settings.min_passes) if rows else 0
         decision = Decision(
             k=k.tolist(),
@@ -292,11 +296,23 @@ class AdaptivePolicy:
         np.add.at(k, row_items[: at + 1][chosen], 1)
         return k, (float(rows + gained[best_m, at]), float(seconds[best_m, at]))
 
-    def _reprobe(self, slots: Sequence[RequestSlot], caps: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, int]:
+    def _drafting_could_pay(self, rows: int, caps: np.ndarray) -> bool:
+        """Whether one request drafting j tokens that are all accepted would beat plain decoding:
+        if not, the batch is too costly to draft whatever the acceptance, and probing it is waste."""
+        if not rows or not caps.any():
+            return False
+        j = np.arange(1, int(caps.max()) + 1)
+        best = float(((rows + j) / self._seconds(rows, j, j)).max())
+        return best > (1.0 + self.settings.min_gain) * rows / float(self._seconds(rows, 0, self.settings.min_passes))
+
+    def _reprobe(
+        self, slots: Sequence[RequestSlot], caps: np.ndarray, k: np.ndarray, may_pay: bool = True
+    ) -> tuple[np.ndarray, int]:
         """k = 1 for requests whose probe is due. A probe costs a draft pass over the whole batch, so
         due probes ride along when the round drafts anyway, and otherwise wait until a quarter of the
         batch is due (or one has waited a second full wait): in a big batch, probes staggered over
-        the requests would otherwise put a draft pass into most rounds."""
+        the requests would otherwise put a draft pass into most rounds. While no acceptance could make
+        drafting pay (``may_pay`` false: a compute-bound batch), due probes wait for one that could."""
         due, overdue = [], False
         for i, slot in enumerate(slots):
             if caps[i] == 0:
@@ -311,7 +327,7 @@ class AdaptivePolicy:
             if off >= wait:
                 due.append((i, slot.req_id, wait))
                 overdue |= off >= 2 * wait
-        if not due or not (k.any() or overdue or len(due) >= math.ceil(PROBE_BATCH_SHARE * len(slots))):
+        if not due or not may_pay or not (k.any() or overdue or len(due) >= math.ceil(PROBE_BATCH_SHARE * len(slots))):
             return k, 0
         for i, req_id, wait in due:
             k[i] = 1
