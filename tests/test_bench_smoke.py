@@ -18,6 +18,7 @@ import pytest
 from vllm_specqd.bench import datasets, memory, projection, report, spec_stats
 from vllm_specqd.bench.methods import METHODS, parse_methods, speculative_config
 from vllm_specqd.bench.served import inner_levels, parse_prometheus
+from vllm_specqd.config import from_dict
 from vllm_specqd.level_report import LevelEntry, LevelReport
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +173,8 @@ def test_datasets_and_methods(tmp_path):
     assert small["inner"]["num_speculative_tokens"] == 3 and small["inner"]["inner"]["num_speculative_tokens"] == 1
     separate = speculative_config(METHODS["specqd-1-separate-kv"], 6, tmp_path, None, specqd_draft={"lm_head": "mxfp4"})
     assert separate["draft"] == {"lm_head": "mxfp4", "kv_cache": "separate"}
+    adaptive = speculative_config(METHODS["specqd-adaptive"], 6, tmp_path, None, specqd_adaptive={"min_gain": 0.5})
+    assert from_dict(adaptive).adaptive.min_gain == 0.5 and from_dict(adaptive).adaptive.enabled
     with pytest.raises(ValueError):
         parse_methods("none,eagle")
 

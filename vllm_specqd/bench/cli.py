@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSON of extra `draft` keys for every specqd method, e.g. \'{"lm_head": "shared"}\'',
     )
     p.add_argument(
+        "--specqd-adaptive",
+        type=json.loads,
+        default=None,
+        help="JSON of `adaptive` keys for specqd-adaptive, e.g. '{\"min_gain\": 0.05}'",
+    )
+    p.add_argument(
         "--dtype",
         default="float32",
         choices=("float32", "bfloat16", "float16"),
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "k": args.k,
         "inner_k": args.inner_k,
         "specqd_draft": args.specqd_draft,
+        "specqd_adaptive": args.specqd_adaptive,
         "dtype": args.dtype,
         "max_model_len": args.max_model_len,
         "ignore_eos": args.ignore_eos,
@@ -196,6 +203,7 @@ def _offline(args, methods, prompts, target, small, out_dir, meta, methods_doc):
         args.ignore_eos,
         args.inner_k,
         args.specqd_draft,
+        args.specqd_adaptive,
     )
     records = run_methods(methods, prompts, settings)
     return _finish(
@@ -227,6 +235,7 @@ def _served(args, methods, prompts, target, small, out_dir, meta, methods_doc):
         args.inner_k,
         args.specqd_draft,
         args.chat_temperature,
+        args.specqd_adaptive,
     )
     meta["chat_temperature"] = args.chat_temperature
     records = serve_methods(methods, prompts, settings)

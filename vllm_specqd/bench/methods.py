@@ -78,11 +78,13 @@ def speculative_config(
     small_dir: str | Path | None,
     inner_k: int | None = None,
     specqd_draft: dict | None = None,
+    specqd_adaptive: dict | None = None,
 ) -> dict | None:
     """The ``speculative_config`` for ``method`` with K level-1 draft tokens.
 
     ``inner_k``: tokens the level below the MXFP4 draft proposes per window (default K // 2);
-    ``specqd_draft``: extra ``draft`` keys for every specqd method (e.g. ``{"lm_head": "shared"}``).
+    ``specqd_draft``: extra ``draft`` keys for every specqd method (e.g. ``{"lm_head": "shared"}``);
+    ``specqd_adaptive``: ``adaptive`` keys for specqd-adaptive (e.g. ``{"min_gain": 0.05}``).
     """
     if not method.level_models:
         return None
@@ -98,7 +100,7 @@ def speculative_config(
         config["draft"] = dict(specqd_draft)
     inner = inner_k if inner_k is not None else max(1, k // 2)
     if method.name == "specqd-adaptive":
-        config["adaptive"] = True
+        config["adaptive"] = {"enabled": True, **(specqd_adaptive or {})}
     if method.name == "specqd-1-separate-kv":
         config["draft"] = {**config.get("draft", {}), "kv_cache": "separate"}
     if method.name == "specqd-ngram":

@@ -38,6 +38,7 @@ class RunSettings:
     ignore_eos: bool = False
     inner_k: int | None = None
     specqd_draft: dict | None = None
+    specqd_adaptive: dict | None = None
 
 
 def set_engine_env_defaults(verbose: bool) -> None:
@@ -176,7 +177,13 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
     from vllm_specqd.adapter.metrics import read_level_stats
 
     spec = speculative_config(
-        method, settings.k, settings.model_dir, settings.small_dir, settings.inner_k, settings.specqd_draft
+        method,
+        settings.k,
+        settings.model_dir,
+        settings.small_dir,
+        settings.inner_k,
+        settings.specqd_draft,
+        settings.specqd_adaptive,
     )
     record = {
         "method": method.name,

@@ -51,6 +51,7 @@ class ServeSettings:
     inner_k: int | None = None
     specqd_draft: dict | None = None
     chat_temperature: float = 0.0  # chat prompts are sampled at this temperature (seeded); code stays greedy
+    specqd_adaptive: dict | None = None
 
     def serve_flags(self) -> list[str]:
         return [
@@ -179,7 +180,13 @@ def run_level(server, stats_dir: Path, prompts: list[Prompt], settings: ServeSet
 
 def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings) -> dict:
     spec = speculative_config(
-        method, settings.k, settings.model_dir, settings.small_dir, settings.inner_k, settings.specqd_draft
+        method,
+        settings.k,
+        settings.model_dir,
+        settings.small_dir,
+        settings.inner_k,
+        settings.specqd_draft,
+        settings.specqd_adaptive,
     )
     record = {
         "method": method.name,
