@@ -300,7 +300,7 @@ class SpecQDProposer(DraftModelProposer):
         if limits is None:
             return self._shared_kv_passes_over_batch(passes, next_token_ids, positions, sampling_metadata)
         batch = next_token_ids.shape[0]
-        drafts = torch.zeros(batch, passes, dtype=next_token_ids.dtype, device=next_token_ids.device)
+        drafts = torch.zeros(batch, passes, dtype=torch.int64, device=next_token_ids.device)
         probs = None
         kept = torch.tensor(limits, dtype=torch.int64)
         tokens = next_token_ids
@@ -315,7 +315,7 @@ class SpecQDProposer(DraftModelProposer):
             step_tokens, step_probs = internals.sample_draft_tokens(
                 self, hidden, internals.sampling_metadata_for_rows(sampling_metadata, rows_dev)
             )
-            drafts[rows_dev, step] = step_tokens
+            drafts[rows_dev, step] = step_tokens.to(torch.int64)
             if step_probs is not None:
                 if probs is None:
                     probs = step_probs.new_zeros(batch, passes, step_probs.shape[-1])
