@@ -108,3 +108,25 @@ def reference_run(model_dir):
             "sampled": sampled_workload(seed_offset=1_000_000),
         },
     )
+
+
+LEVEL1_SPEC = {"method": "specqd", "num_speculative_tokens": 6}  # engine_harness.K; defaults otherwise
+LEVEL1_INSPECTED_LAYER = "model.layers.0.self_attn.qkv_proj"
+
+
+@pytest.fixture(scope="session")
+def level1_run(model_dir):
+    """One level with the defaults (probabilistic draft sampling), over every workload. It is also the
+    one-level engine test_engine_multilevel compares inner levels with: on all-greedy batches vLLM
+    samples drafts greedily whatever draft_sample_method says (llm_base_proposer.py:483)."""
+    return run_engine(
+        model_dir,
+        LEVEL1_SPEC,
+        {
+            "greedy": greedy_workload(model_dir),
+            "mixed": mixed_workload(model_dir),
+            "sampled": sampled_workload(seed_offset=0),
+            "long": long_workload(),
+        },
+        inspect_layer=LEVEL1_INSPECTED_LAYER,
+    )

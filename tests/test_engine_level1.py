@@ -7,27 +7,19 @@ speculation (`reference_run`, conftest.py).
 
 import pytest
 import torch
-from conftest import greedy_workload, mixed_workload, sampled_workload
-from engine_harness import K, mean_acceptance_length, run_engine, same_distribution_pvalue
+from conftest import LEVEL1_INSPECTED_LAYER, LEVEL1_SPEC
+from engine_harness import K, mean_acceptance_length, same_distribution_pvalue
 
 pytestmark = pytest.mark.engine
 
-SPEC = {"method": "specqd", "num_speculative_tokens": K}
-INSPECTED_LAYER = "model.layers.0.self_attn.qkv_proj"
+SPEC = LEVEL1_SPEC
+INSPECTED_LAYER = LEVEL1_INSPECTED_LAYER
+assert SPEC["num_speculative_tokens"] == K
 
 
 @pytest.fixture(scope="module")
-def spec_run(model_dir):
-    return run_engine(
-        model_dir,
-        SPEC,
-        {
-            "greedy": greedy_workload(model_dir),
-            "mixed": mixed_workload(model_dir),
-            "sampled": sampled_workload(seed_offset=0),
-        },
-        inspect_layer=INSPECTED_LAYER,
-    )
+def spec_run(level1_run):
+    return level1_run  # conftest.py: shared with test_engine_multilevel
 
 
 def test_greedy_outputs_token_identical(spec_run, reference_run):

@@ -1,14 +1,14 @@
 """Multi-level speculation through the real vLLM engine, offline.
 
-Three engines share one level-1 setup (MXFP4 self-draft, K=6, greedy drafts):
-one level, two levels (n-gram inner) and three levels (an 8-layer MXFP4 copy
+Three engines share one level-1 setup (MXFP4 self-draft, K=6, greedy drafts on these greedy workloads):
+one level (conftest's level1_run, shared with test_engine_level1), two levels (n-gram inner) and three levels (an 8-layer MXFP4 copy
 of the bundled model, itself sped up by n-gram). Inner levels must be lossless
 with respect to the level above: the level-1 draft tokens are compared round
 by round, not just the final outputs.
 """
 
 import pytest
-from conftest import greedy_workload, long_workload, sampled_workload
+from conftest import LEVEL1_SPEC, greedy_workload, long_workload, sampled_workload
 from engine_harness import (
     K,
     drafts_by_prompt,
@@ -26,7 +26,7 @@ NGRAM = {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5}
 def configs(small_model_dir) -> dict[str, dict]:
     level1 = {"method": "specqd", "num_speculative_tokens": K, "draft_sample_method": "greedy"}
     return {
-        "one": level1,
+        "one": LEVEL1_SPEC,  # run once, as conftest's level1_run
         "two": {**level1, "inner": {**NGRAM, "num_speculative_tokens": 3}},
         "three": {
             **level1,
@@ -42,13 +42,14 @@ def configs(small_model_dir) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(model_dir, small_model_dir):
-    results = {}
+def runs(model_dir, small_model_dir, level1_run):
+    """One level is conftest's level1_run (the same engine test_engine_level1 checks)."""
+    results = {"one": level1_run}
     for name, spec in configs(small_model_dir).items():
-        workloads = {"greedy": greedy_workload(model_dir), "long": long_workload()}
         if name != "one":
+            workloads = {"greedy": greedy_workload(model_dir), "long": long_workload()}
             workloads["sampled"] = sampled_workload(seed_offset=0)
-        results[name] = run_engine(model_dir, spec, workloads)
+            results[name] = run_engine(model_dir, spec, workloads)
     return results
 
 
