@@ -116,3 +116,16 @@ def speculative_config(
             "inner": _ngram(max(1, inner // 2)),
         }
     return config
+
+
+def speculative_config_for(method: Method, settings) -> dict | None:
+    """``speculative_config`` from a run's settings (offline RunSettings or served ServeSettings)."""
+    return speculative_config(
+        method,
+        settings.k,
+        settings.model_dir,
+        settings.small_dir,
+        settings.inner_k,
+        settings.specqd_draft,
+        settings.specqd_adaptive,
+    )

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from vllm_specqd.bench.datasets import Prompt
 from vllm_specqd.bench.memory import added_memory, kv_bytes_per_token, kv_report
-from vllm_specqd.bench.methods import SAME_GEMM_BASELINE, Method, speculative_config
+from vllm_specqd.bench.methods import SAME_GEMM_BASELINE, Method, speculative_config_for
 from vllm_specqd.bench.preload import apply_preload
 from vllm_specqd.bench.spec_stats import adaptive_record, counters_from_metrics, summarize
 from vllm_specqd.level_report import LevelReport
@@ -176,15 +176,7 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
     """
     from vllm_specqd.adapter.metrics import read_level_stats
 
-    spec = speculative_config(
-        method,
-        settings.k,
-        settings.model_dir,
-        settings.small_dir,
-        settings.inner_k,
-        settings.specqd_draft,
-        settings.specqd_adaptive,
-    )
+    spec = speculative_config_for(method, settings)
     record = {
         "method": method.name,
         "description": method.description,

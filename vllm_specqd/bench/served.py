@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vllm_specqd.bench.datasets import Prompt
-from vllm_specqd.bench.methods import Method, speculative_config
+from vllm_specqd.bench.methods import Method, speculative_config_for
 from vllm_specqd.bench.preload import engine_env
 from vllm_specqd.bench.server_process import scrape_metrics, start_server, stop_server, wait_healthy
 from vllm_specqd.bench.spec_stats import (
@@ -179,15 +179,7 @@ def run_level(server, stats_dir: Path, prompts: list[Prompt], settings: ServeSet
 
 
 def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings) -> dict:
-    spec = speculative_config(
-        method,
-        settings.k,
-        settings.model_dir,
-        settings.small_dir,
-        settings.inner_k,
-        settings.specqd_draft,
-        settings.specqd_adaptive,
-    )
+    spec = speculative_config_for(method, settings)
     record = {
         "method": method.name,
         "description": method.description,
