@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from vllm_specqd.bench import datasets, memory, projection, report, spec_stats
-from vllm_specqd.bench.methods import METHODS, parse_methods, speculative_config
-from vllm_specqd.bench.served import inner_levels, parse_prometheus
+from vllm_specqd.bench.methods import METHODS, baseline_name, parse_methods, speculative_config
+from vllm_specqd.bench.served import compare_with_baseline, inner_levels, parse_prometheus
 from vllm_specqd.config import from_dict
 from vllm_specqd.level_report import LevelEntry, LevelReport
 
@@ -169,6 +169,10 @@ def test_datasets_and_methods(tmp_path):
     assert datasets.split_counts("both", 5) == (3, 2)
     assert datasets.humaneval_prompts(2)[0].lstrip().startswith("from typing")
     assert [m.name for m in parse_methods("specqd-1,none")] == ["none", "specqd-1"]
+    ordered = [m.name for m in parse_methods("specqd-1,none-specqd-gemm,ngram,none")]
+    assert ordered == ["none", "none-specqd-gemm", "specqd-1", "ngram"]
+    assert baseline_name(ordered) == "none" and baseline_name(ordered[1:]) == "none-specqd-gemm"
+    assert baseline_name(["ngram", "specqd-1"]) is None
     small = speculative_config(METHODS["specqd-small"], 6, tmp_path, tmp_path / "small")
     assert small["inner"]["num_speculative_tokens"] == 3 and small["inner"]["inner"]["num_speculative_tokens"] == 1
     separate = speculative_config(METHODS["specqd-1-separate-kv"], 6, tmp_path, None, specqd_draft={"lm_head": "mxfp4"})
@@ -177,6 +181,26 @@ def test_datasets_and_methods(tmp_path):
     assert from_dict(adaptive).adaptive.min_gain == 0.5 and from_dict(adaptive).adaptive.enabled
     with pytest.raises(ValueError):
         parse_methods("none,eagle")
+
+
+def test_served_levels_compared_with_the_baseline_present():
+    def level(concurrency, tok_s, texts, greedy=None):
+        return {"concurrency": concurrency, "output_tokens_per_s": tok_s, "texts": texts, "greedy": greedy}
+
+    records = [
+        {"method": "none-specqd-gemm", "concurrency_levels": [level(1, 10.0, ["a", "b"]), level(16, 40.0, ["a"])]},
+        {
+            "method": "specqd-1",
+            "concurrency_levels": [level(1, 15.0, ["a", "x"], [True, False]), level(16, 20.0, ["y"])],
+        },
+    ]
+    compare_with_baseline(records)
+    one, sixteen = records[1]["concurrency_levels"]
+    assert (one["speedup_vs_none"], one["num_compared"], one["identical_to_none"]) == (1.5, 1, True)
+    assert (sixteen["speedup_vs_none"], sixteen["num_different"], sixteen["identical_to_none"]) == (0.5, 1, False)
+    no_baseline = [{"method": "ngram", "concurrency_levels": [level(1, 5.0, ["a"])]}]
+    compare_with_baseline(no_baseline)
+    assert "speedup_vs_none" not in no_baseline[0]["concurrency_levels"][0]
 
 
 # ---------------------------------------------------------------- projection

@@ -63,8 +63,15 @@ def parse_methods(text: str) -> list[Method]:
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
         raise ValueError(f"unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)}")
-    # "none" first: every other method is compared with it.
-    return sorted((METHODS[n] for n in dict.fromkeys(names)), key=lambda m: m.name != "none")
+    # The baseline first: every other method is compared with it.
+    return sorted(
+        (METHODS[n] for n in dict.fromkeys(names)), key=lambda m: (m.name != "none", m.name != SAME_GEMM_BASELINE)
+    )
+
+
+def baseline_name(names: list[str]) -> str | None:
+    """The method a run compares every other with: stock ``none``, else ``none-specqd-gemm``."""
+    return next((name for name in ("none", SAME_GEMM_BASELINE) if name in names), None)
 
 
 def _ngram(k: int) -> dict:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from vllm_specqd.bench.datasets import Prompt
 from vllm_specqd.bench.memory import added_memory, kv_bytes_per_token, kv_report
-from vllm_specqd.bench.methods import SAME_GEMM_BASELINE, Method, speculative_config_for
+from vllm_specqd.bench.methods import SAME_GEMM_BASELINE, Method, baseline_name, speculative_config_for
 from vllm_specqd.bench.preload import apply_preload
 from vllm_specqd.bench.spec_stats import adaptive_record, counters_from_metrics, summarize
 from vllm_specqd.level_report import LevelReport
@@ -235,13 +235,14 @@ def run_method(method: Method, prompts: list[Prompt], settings: RunSettings) -> 
 
 
 def run_methods(methods: list[Method], prompts: list[Prompt], settings: RunSettings) -> list[dict]:
-    """Every method in turn (``none`` first), each compared with ``none``'s outputs and speed."""
+    """Every method in turn (the baseline first), each compared with the baseline's outputs and speed."""
     records = []
     reference = baseline_tps = reference_gaps = None
+    baseline = baseline_name([m.name for m in methods])
     for method in tqdm(methods, desc="methods", unit="method", position=0):
         record = run_method(method, prompts, settings)
         ok = "error" not in record
-        if method.name == "none" and ok:
+        if method.name == baseline and ok:
             reference = [o["token_ids"] for o in record["outputs"]]
             baseline_tps = record["tokens_per_s"]
             reference_gaps = record.get("top2_logprob_gaps")

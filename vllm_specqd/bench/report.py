@@ -18,8 +18,8 @@ OFFLINE_COLUMNS = {
     "method": "speculative method (see the method list below)",
     "levels": "speculation levels: 1 = a proposer for the target; 2, 3 = proposers for the level above",
     "tok/s": "generated tokens / wall time of the timed `LLM.generate` calls (engine start and warm-up excluded)",
-    "speedup": "tok/s / tok/s of `none` in the same run",
-    "identical": "greedy output token ids equal to `none`'s for every prompt (same dtype), else the count that differ",
+    "speedup": "tok/s / tok/s of the baseline (`none`; without it in the run, `none-specqd-gemm`) in the same run",
+    "identical": "greedy output token ids equal to those of the baseline (`none`; without it in the run, `none-specqd-gemm`) for every prompt (same dtype), else the count that differ",
     "L1 acc. len": "level-1 mean accepted length: 1 + accepted / drafts (vLLM metrics; bonus token included)",
     "L1 acc. rate": "level-1 accepted / proposed draft tokens (vLLM metrics)",
     "target passes/tok": "target forward passes per generated token, per request: (prefills + verify steps + "

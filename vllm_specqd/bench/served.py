@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from vllm_specqd.bench.datasets import Prompt
-from vllm_specqd.bench.methods import Method, speculative_config_for
+from vllm_specqd.bench.methods import Method, baseline_name, speculative_config_for
 from vllm_specqd.bench.preload import engine_env
 from vllm_specqd.bench.server_process import scrape_metrics, start_server, stop_server, wait_healthy
 from vllm_specqd.bench.spec_stats import (
@@ -223,7 +223,15 @@ def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings)
 
 def serve_methods(methods: list[Method], prompts: list[Prompt], settings: ServeSettings) -> list[dict]:
     records = [serve_method(m, prompts, settings) for m in tqdm(methods, desc="methods", unit="server", position=0)]
-    reference = {lv["concurrency"]: lv for lv in records[0]["concurrency_levels"]} if methods[0].name == "none" else {}
+    compare_with_baseline(records)
+    return records
+
+
+def compare_with_baseline(records: list[dict]) -> None:
+    """Speedup and greedy identity of every level against the baseline's level at the same concurrency."""
+    baseline = baseline_name([r["method"] for r in records])
+    base_record = next((r for r in records if r["method"] == baseline), None)
+    reference = {lv["concurrency"]: lv for lv in base_record["concurrency_levels"]} if base_record else {}
     for record in records:
         for level in record["concurrency_levels"]:
             base = reference.get(level["concurrency"])
@@ -235,4 +243,3 @@ def serve_methods(methods: list[Method], prompts: list[Prompt], settings: ServeS
             level["num_compared"] = len(pairs)
             level["num_different"] = sum(a != b for a, b in pairs)
             level["identical_to_none"] = level["num_different"] == 0
-    return records
