@@ -88,6 +88,19 @@ def test_acceptance_observations_are_conditional_per_position():
     assert rates.tolist() == [0.875, 0.75, 0.25, 0.5]
 
 
+def test_batch_wide_acceptance_counts_the_warmup_rounds_at_once():
+    """Deep positions are verified only while they are drafted (the warm-up rounds): an EMA at 0.02
+    would leave them near the prior (0.6 -> 0.62 after three accepts) and undrafted for good."""
+    policy = AdaptivePolicy(AdaptiveSettings(max_k=4, prior_acceptance=0.6, global_acceptance_decay=0.02))
+    for req_id in "abc":
+        policy.observe([Outcome(req_id, verified=4, accepted=4)])
+    assert policy.acceptance.batch_wide.tolist() == pytest.approx([0.9] * 4)  # (0.6 + 3) / 4
+    assert policy.acceptance.of("new").tolist() == pytest.approx([0.9] * 4)
+    for i in range(200):  # later, an EMA: old observations fade at the configured rate
+        policy.observe([Outcome(f"r{i}", verified=1, accepted=0)])
+    assert policy.acceptance.batch_wide[0] < 0.02 and policy.acceptance.batch_wide[1] == pytest.approx(0.9)
+
+
 def test_cheap_drafts_and_high_acceptance_draft_everything():
     # Memory-bound target (extra tokens almost free), draft pass 5% of a step, acceptance 0.95.
     policy = policy_with(target_a=0.020, target_b=0.00002, draft_c=0.001, acceptance={r: 0.95 for r in "abcd"})

@@ -16,8 +16,9 @@ x barely varies the slope leans on a prior (half the mean cost per unit), so a f
 batch size still prices extra tokens instead of calling them free.
 
 **Acceptance** (:class:`AcceptanceModel`): per request and draft position j, an EMA of
-P(draft j accepted | drafts 1..j-1 accepted). A new request starts from the batch-wide EMA of
-each position, which itself starts at ``prior_acceptance`` and learns from the first steps.
+P(draft j accepted | drafts 1..j-1 accepted). A new request starts from the batch-wide estimate
+of each position, which starts at ``prior_acceptance`` and is a running mean over its first
+observations (then an EMA), so the warm-up rounds' outcomes count at once.
 
 **Decision** (:meth:`AdaptivePolicy.decide`): request i drafting k_i tokens commits in
 expectation ``1 + sum_{j<=k_i} p_ij`` tokens, ``p_ij`` = the product of its first j acceptances.
@@ -141,11 +142,17 @@ class LineFit:
 
 
 class AcceptanceModel:
-    """Per request and draft position: P(accepted | the positions before it were)."""
+    """Per request and draft position: P(accepted | the positions before it were).
+
+    The batch-wide estimate is a running mean (the prior counting as one observation) until the EMA's
+    weight is larger: a position seen a few times in the warm-up rounds is trusted at once instead
+    of staying near the prior for 1 / decay observations (and so out of the drafts for good). A
+    request's own estimates start from the batch-wide ones, an informed prior, and move by the EMA."""
 
     def __init__(self, max_k: int, prior: float, decay: float, global_decay: float):
         self.decay, self.global_decay = decay, global_decay
         self.batch_wide = np.full(max_k, prior)  # [K] the prior of a new request
+        self.batch_wide_seen = np.zeros(max_k)  # [K] observations of each position
         self.per_request: dict[Hashable, np.ndarray] = {}
 
     def of(self, req_id: Hashable) -> np.ndarray:  # [K]
@@ -162,7 +169,9 @@ class AcceptanceModel:
         seen = min(outcome.verified, outcome.accepted + 1, len(rates))
         hits = (np.arange(seen) < outcome.accepted).astype(np.float64)
         rates[:seen] += self.decay * (hits - rates[:seen])
-        self.batch_wide[:seen] += self.global_decay * (hits - self.batch_wide[:seen])
+        self.batch_wide_seen[:seen] += 1
+        weight = np.maximum(self.global_decay, 1.0 / (self.batch_wide_seen[:seen] + 1))
+        self.batch_wide[:seen] += weight * (hits - self.batch_wide[:seen])
 
     def forget(self, req_id: Hashable) -> None:
         self.per_request.pop(req_id, None)
