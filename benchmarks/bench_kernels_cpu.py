@@ -174,6 +174,11 @@ def bench_model(name: str, spec: dict, ms: list[int], threads: int, reps: int, i
                     for x, (p, s) in zip(xs, weights)
                 ]
                 rows.append(Row(name, f"mxfp4 {isa} w4a{act_bits}", threads, m, time_pass(calls, reps), mx_bytes))
+    if cpu_ops.amx_available():
+        for m in ms:
+            xs = [torch.randn(m, k, dtype=torch.bfloat16) for _, k in shapes]
+            calls = [(lambda x=x, p=p, s=s: cpu_ops.mxfp4_linear_amx_cpu(x, p, s)) for x, (p, s) in zip(xs, weights)]
+            rows.append(Row(name, "mxfp4 amx w4abf16", threads, m, time_pass(calls, reps), mx_bytes))
     del weights
     for dtype, label in ((torch.bfloat16, "vllm bf16"), (torch.float32, "vllm fp32")):
         layers = vllm_gemm_layers(shapes, dtype)

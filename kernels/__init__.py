@@ -14,7 +14,9 @@ import torch
 
 from .reference import (
     check_mxfp4_matmul_inputs,
+    mxfp4_bf16_act_error_bound,
     mxfp4_int_act_error_bound,
+    mxfp4_matmul_bf16_act_torch,
     mxfp4_matmul_int_act_torch,
     mxfp4_matmul_torch,
     quantize_activations_torch,
@@ -75,8 +77,10 @@ __all__ = [
     "CPU_DEFAULT_ACT_BITS",
     "HAS_TRITON",
     "check_mxfp4_matmul_inputs",
+    "mxfp4_bf16_act_error_bound",
     "mxfp4_int_act_error_bound",
     "mxfp4_matmul",
+    "mxfp4_matmul_bf16_act_torch",
     "mxfp4_matmul_int_act_torch",
     "mxfp4_matmul_torch",
     "quantize_activations_torch",

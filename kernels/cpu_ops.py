@@ -3,6 +3,9 @@
 ``bf16_linear_cpu(x, weight, bias)`` is the library's second GEMM: plain bf16 weights, few rows,
 for the target's verification pass on CPUs where vLLM's oneDNN declines bf16 (``bf16_gemm.h``).
 
+``mxfp4_linear_amx_cpu(x, packed, scales, bias)`` is the same product on AMX tiles with bf16
+activations (``amx_bf16.h``), for CPUs with AMX-BF16: its cost barely grows with the rows.
+
 ``mxfp4_linear_cpu(x, packed, scales, bias, act_bits)`` computes ``x @ W.T + bias`` on canonical MXFP4
 bytes with activations quantized per 32-element block to int8 (``act_bits=8``, W4A8) or int16
 (``act_bits=16``, W4A16); its torch twin is ``reference.mxfp4_matmul_int_act_torch``. The ISA
@@ -29,7 +32,7 @@ import torch
 from .reference import check_mxfp4_matmul_inputs
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("mxfp4_cpu.cpp", "gemm_body.h", "vec_avx2.h", "vec_avx512.h", "quantize.h", "bf16_gemm.h")
+SOURCES = ("mxfp4_cpu.cpp", "gemm_body.h", "vec_avx2.h", "vec_avx512.h", "quantize.h", "bf16_gemm.h", "amx_bf16.h")
 ISA_ENV = "VLLM_SPECQD_CPU_ISA"
 CACHE_ENV = "VLLM_SPECQD_CACHE"
 ACT_BITS = (8, 16)
@@ -125,6 +128,10 @@ def _register_fake() -> None:
     def _(x, packed, scales, bias, act_bits, isa):
         return x.new_empty(x.shape[0], packed.shape[0])
 
+    @torch.library.register_fake("specqd::mxfp4_linear_amx")
+    def _(x, packed, scales, bias):
+        return x.new_empty(x.shape[0], packed.shape[0])
+
     @torch.library.register_fake("specqd::bf16_linear")
     def _(x, w, bias):
         return x.new_empty(x.shape[0], w.shape[0])
@@ -165,6 +172,36 @@ def mxfp4_linear_cpu(
         raise ValueError(f"mxfp4_linear_cpu: tensors must be on the CPU, got {x.device}")
     op = getattr(torch.ops, load_native(emulate_avx512)).mxfp4_linear
     y = op(x2d.contiguous(), packed, scales, bias, act_bits, isa)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@functools.cache
+def amx_available() -> bool:
+    """True when this CPU has AMX-TILE + AMX-BF16 and the OS grants tile data to this process."""
+    try:
+        return bool(torch.ops.specqd.amx_available()) if load_native() else False
+    except NativeKernelUnavailable:
+        return False
+
+
+def mxfp4_linear_amx_cpu(
+    x: torch.Tensor,  # [..., K] float32 | bfloat16
+    packed: torch.Tensor,  # [N, K_pad/2] uint8, canonical MXFP4
+    scales: torch.Tensor,  # [N, K_pad/32] uint8, E8M0
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [..., N] in x.dtype
+    """``x @ W.T + bias`` on AMX tiles: W decoded exactly to bf16 once per call, x rounded to bf16.
+
+    Its cost barely grows with the rows (``amx_bf16.h``), unlike ``mxfp4_linear_cpu``'s. Example:
+    ``x`` ``[16, 896]`` bf16 with ``W`` ``[4864, 896]`` gives ``[16, 4864]`` bf16. The twin is
+    ``reference.mxfp4_matmul_bf16_act_torch``. Raises RuntimeError where ``amx_available()`` is False.
+    """
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"mxfp4_linear_amx_cpu: x must be float32 or bfloat16, got {x.dtype}")
+    x2d, n, _ = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_linear_amx_cpu")
+    if x.device.type != "cpu":
+        raise ValueError(f"mxfp4_linear_amx_cpu: tensors must be on the CPU, got {x.device}")
+    y = getattr(torch.ops, load_native()).mxfp4_linear_amx(x2d.contiguous(), packed, scales, bias)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -3,6 +3,8 @@
 * ``mxfp4_matmul_torch``: exact dequantize + fp32 matmul (twin of the Triton kernels).
 * ``mxfp4_matmul_int_act_torch``: twin of the native CPU kernel (``cpu_ops.py``), which quantizes
   activations per 32-element block to int8 or int16 before an exact integer dot per block.
+* ``mxfp4_matmul_bf16_act_torch``: twin of the AMX kernel (``cpu/amx_bf16.h``): activations rounded
+  to bf16, weights decoded exactly, exact products summed in fp32.
 
 The kernels live in ``triton_mxfp4.py`` and ``cpu/``; ``__init__.py`` dispatches. No vLLM here.
 
@@ -175,6 +177,40 @@ def mxfp4_int_act_error_bound(abs_terms: torch.Tensor, k: int, out_dtype: torch.
     bound = (nblocks + 8) * 2.0**-24 * abs_terms + 2.0**-23 * y.abs()  # + bias add and fp32 result
     if out_dtype == torch.bfloat16:
         bound = bound + y.abs() * 2.0**-8  # one bf16 rounding: half an ulp of 8 bits, with slack
+    return bound
+
+
+def mxfp4_matmul_bf16_act_torch(
+    x: torch.Tensor,  # [..., K] float32 | bfloat16
+    packed: torch.Tensor,  # [N, K_pad/2] uint8
+    scales: torch.Tensor,  # [N, K_pad/32] uint8
+    bias: torch.Tensor | None = None,  # [N]
+) -> tuple[torch.Tensor, torch.Tensor]:  # y [..., N] float64, sum |x w| [..., N] float64
+    """Twin of ``cpu_ops.mxfp4_linear_amx_cpu`` in float64: the exact value the kernel rounds, and a scale.
+
+    ``y = bf16(x) @ bf16(W).T + bias`` with ``W = dequantize_mxfp4(...)``: every MXFP4 value is a bf16
+    number (except beyond bf16's range), and a bf16 x bf16 product is exact in fp32, so the kernel
+    differs only by its fp32 accumulation: ``|kernel - twin| <= (K_pad/2 + 8) * 2^-24 * sum |x_k w_k|``
+    (``mxfp4_bf16_act_error_bound``), plus the final rounding to x.dtype.
+    """
+    x2d, n, k = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_matmul_bf16_act_torch")
+    w = dequantize_mxfp4(packed, scales, k=k, dtype=torch.float32).to(torch.bfloat16).double()
+    xb = x2d.to(torch.bfloat16).double()
+    y = xb @ w.T
+    if bias is not None:
+        y = y + bias.double()
+    abs_terms = xb.abs() @ w.abs().T
+    return y.reshape(*x.shape[:-1], n), abs_terms.reshape(*x.shape[:-1], n)
+
+
+def mxfp4_bf16_act_error_bound(
+    abs_terms: torch.Tensor, k: int, out_dtype: torch.dtype, y: torch.Tensor
+) -> torch.Tensor:
+    """Bound on |kernel - twin| for the AMX kernel (see ``mxfp4_matmul_bf16_act_torch``)."""
+    k_pad = -(-k // BLOCK_SIZE) * BLOCK_SIZE
+    bound = (k_pad // 2 + 8) * 2.0**-24 * abs_terms + 2.0**-23 * y.abs()
+    if out_dtype == torch.bfloat16:
+        bound = bound + y.abs() * 2.0**-8
     return bound
 
 

@@ -2,6 +2,8 @@
 //
 // Registered as torch ops in the `specqd` namespace (see kernels/cpu_ops.py for the Python side):
 //   specqd::mxfp4_linear(x[M,K] fp32|bf16, packed[N,Kp/2] u8, scales[N,Kp/32] u8, bias[N]?, act_bits, isa) -> y[M,N]
+//   specqd::mxfp4_linear_amx(x[M,K] fp32|bf16, packed, scales, bias?) -> y[M,N]   AMX tiles, bf16 activations (amx_bf16.h)
+//   specqd::amx_available() -> bool    AMX-TILE + AMX-BF16 present and granted by the kernel
 //   specqd::bf16_linear(x[M,K] bf16, w[N,K] bf16, bias[N]?) -> y[M,N] bf16   few-row bf16 GEMM (bf16_gemm.h)
 //   specqd::cpu_isas() -> str          ISAs this CPU can run, best first
 //   specqd::resolve_isa(name) -> str   the ISA "auto" (or a name) resolves to, honouring VLLM_SPECQD_CPU_ISA
@@ -16,10 +18,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
 #include <torch/library.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cpuid.h>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -121,6 +126,14 @@ namespace avx512vnni {
 }  // namespace avx512vnni
 #pragma GCC pop_options
 
+// AMX cannot be emulated, so the SIMDe test build leaves it out.
+#ifndef SPECQD_EMULATE_AVX512
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,amx-tile,amx-bf16")
+#include "amx_bf16.h"
+#pragma GCC pop_options
+#endif
+
 namespace {
 
 enum class Isa { avx2, avx512bw, avx512vnni };
@@ -221,32 +234,49 @@ T* scratch(std::vector<T>& buf, size_t n) {
   return buf.data();
 }
 
-at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                        const c10::optional<at::Tensor>& bias, int64_t act_bits, const std::string& isa_arg) {
-  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(),
-              "specqd::mxfp4_linear: all tensors must be on the CPU");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "specqd::mxfp4_linear: x must be a contiguous [M, K] tensor, got ",
-              x.sizes(), x.is_contiguous() ? "" : " (non-contiguous)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "specqd::mxfp4_linear: x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(act_bits == 8 || act_bits == 16, "specqd::mxfp4_linear: act_bits must be 8 or 16, got ", act_bits);
+struct LinearShape {
+  int64_t m, k, n, nblocks;
+};
+
+LinearShape check_linear_inputs(const char* who, const at::Tensor& x, const at::Tensor& packed,
+                                const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(), who,
+              ": all tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), who, ": x must be a contiguous [M, K] tensor, got ", x.sizes(),
+              x.is_contiguous() ? "" : " (non-contiguous)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, who,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
   const int64_t m = x.size(0), k = x.size(1);
   const int64_t nblocks = (k + 31) / 32;
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) == nblocks * 16 &&
                   packed.is_contiguous(),
-              "specqd::mxfp4_linear: packed must be contiguous uint8 [N, ", nblocks * 16, "] for K=", k, ", got ",
+              who, ": packed must be contiguous uint8 [N, ", nblocks * 16, "] for K=", k, ", got ",
               packed.scalar_type(), " ", packed.sizes());
   const int64_t n = packed.size(0);
   TORCH_CHECK(scales.scalar_type() == at::kByte && scales.dim() == 2 && scales.size(0) == n &&
                   scales.size(1) == nblocks && scales.is_contiguous(),
-              "specqd::mxfp4_linear: scales must be contiguous uint8 [", n, ", ", nblocks, "], got ",
-              scales.scalar_type(), " ", scales.sizes());
+              who, ": scales must be contiguous uint8 [", n, ", ", nblocks, "], got ", scales.scalar_type(), " ",
+              scales.sizes());
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
                     (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16),
-                "specqd::mxfp4_linear: bias must be a contiguous float32 or bfloat16 [", n, "] tensor, got ",
-                bias->scalar_type(), " ", bias->sizes());
+                who, ": bias must be a contiguous float32 or bfloat16 [", n, "] tensor, got ", bias->scalar_type(),
+                " ", bias->sizes());
   }
+  return {m, k, n, nblocks};
+}
+
+OutputRows output_rows(at::Tensor& y, const at::Tensor& x, const c10::optional<at::Tensor>& bias) {
+  const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
+  return {y.data_ptr(), x.scalar_type() == at::kBFloat16, y.size(1), bias.has_value() ? bias->data_ptr() : nullptr,
+          bias_bf16};
+}
+
+at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                        const c10::optional<at::Tensor>& bias, int64_t act_bits, const std::string& isa_arg) {
+  const LinearShape shape = check_linear_inputs("specqd::mxfp4_linear", x, packed, scales, bias);
+  const int64_t m = shape.m, k = shape.k, n = shape.n, nblocks = shape.nblocks;
+  TORCH_CHECK(act_bits == 8 || act_bits == 16, "specqd::mxfp4_linear: act_bits must be 8 or 16, got ", act_bits);
   const Isa isa = parse_isa(isa_arg);
   const int64_t groups = (nblocks + blocks_per_group(isa) - 1) / blocks_per_group(isa);
   const int64_t lanes = 4 * blocks_per_group(isa);
@@ -267,9 +297,7 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& packed, const at:
     quantize_any<c10::BFloat16>(isa, x.data_ptr<c10::BFloat16>(), m, k, groups, act_bits, q8, q16, off, sx);
 
   at::Tensor y = at::empty({m, n}, x.options());
-  const bool bias_bf16 = bias.has_value() && bias->scalar_type() == at::kBFloat16;
-  const OutputRows out{y.data_ptr(), x.scalar_type() == at::kBFloat16, n, bias.has_value() ? bias->data_ptr() : nullptr,
-                       bias_bf16};
+  const OutputRows out = output_rows(y, x, bias);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const uint8_t* s = scales.data_ptr<uint8_t>();
   // Work is split over output features in whole 16-row chunks, so every thread streams whole rows.
@@ -279,6 +307,49 @@ at::Tensor mxfp4_linear(const at::Tensor& x, const at::Tensor& packed, const at:
     gemm_any(isa, static_cast<int>(act_bits), w, s, nblocks, c0 * kChunk, std::min(n, c1 * kChunk), groups, q8, q16,
              off, sx, m, out);
   });
+  return y;
+}
+
+// The kernel must grant AMX tile data to the process once (Linux arch_prctl ARCH_REQ_XCOMP_PERM).
+bool amx_available() {
+#ifdef SPECQD_EMULATE_AVX512
+  return false;
+#else
+  static const bool available = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = edx & (1u << 24), bf16 = edx & (1u << 22);
+    if (!tile || !bf16 || !cpu_has(Isa::avx512bw)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+    amx::init_scaled_tables();
+    return true;
+  }();
+  return available;
+#endif
+}
+
+at::Tensor mxfp4_linear_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                            const c10::optional<at::Tensor>& bias) {
+  const LinearShape shape = check_linear_inputs("specqd::mxfp4_linear_amx", x, packed, scales, bias);
+  const int64_t m = shape.m, k = shape.k, n = shape.n, nblocks = shape.nblocks;
+  TORCH_CHECK(amx_available(), "specqd::mxfp4_linear_amx: this CPU (or its kernel) does not provide AMX-BF16");
+  at::Tensor y = at::empty({m, n}, x.options());
+#ifndef SPECQD_EMULATE_AVX512
+  const OutputRows out = output_rows(y, x, bias);
+  // Work is split over output features in whole chunks of the kernel's choosing.
+  auto parallel = [&](int64_t chunk, auto&& body) {
+    at::parallel_for(0, (n + chunk - 1) / chunk, 1,
+                     [&](int64_t c0, int64_t c1) { body(c0 * chunk, std::min(n, c1 * chunk)); });
+  };
+  thread_local std::vector<uint32_t> pack_buf;
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const uint8_t* s = scales.data_ptr<uint8_t>();
+  if (x.scalar_type() == at::kFloat)
+    amx::gemm<float>(x.data_ptr<float>(), m, k, w, s, n, out, pack_buf, parallel);
+  else
+    amx::gemm<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), m, k, w, s, n, out, pack_buf, parallel);
+#endif
   return y;
 }
 
@@ -397,6 +468,8 @@ int64_t stream_read(const at::Tensor& buf) {
 
 SPECQD_DEFINE_OPS {
   m.def("mxfp4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int act_bits, str isa) -> Tensor");
+  m.def("mxfp4_linear_amx(Tensor x, Tensor packed, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("amx_available() -> bool");
   m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("cpu_isas() -> str");
   m.def("resolve_isa(str name) -> str");
@@ -406,6 +479,7 @@ SPECQD_DEFINE_OPS {
 
 SPECQD_CPU_OPS {
   m.impl("mxfp4_linear", &mxfp4_linear);
+  m.impl("mxfp4_linear_amx", &mxfp4_linear_amx);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("stream_read", &stream_read);
   m.impl("quantize_mxfp4", &quantize_mxfp4);
@@ -414,4 +488,5 @@ SPECQD_CPU_OPS {
 SPECQD_ANY_OPS {
   m.impl("cpu_isas", &cpu_isas);
   m.impl("resolve_isa", &resolve_isa);
+  m.impl("amx_available", &amx_available);
 }
