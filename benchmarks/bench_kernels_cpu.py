@@ -175,9 +175,13 @@ def bench_model(name: str, spec: dict, ms: list[int], threads: int, reps: int, i
                 ]
                 rows.append(Row(name, f"mxfp4 {isa} w4a{act_bits}", threads, m, time_pass(calls, reps), mx_bytes))
     if cpu_ops.amx_available():
+        repacked = [cpu_ops.amx_repack(p, s) for p, s in weights]
         for m in ms:
             xs = [torch.randn(m, k, dtype=torch.bfloat16) for _, k in shapes]
-            calls = [(lambda x=x, p=p, s=s: cpu_ops.mxfp4_linear_amx_cpu(x, p, s)) for x, (p, s) in zip(xs, weights)]
+            calls = [
+                (lambda x=x, r=r, n=n: cpu_ops.mxfp4_linear_amx_repacked(x, r, n))
+                for x, r, (n, _) in zip(xs, repacked, shapes)
+            ]
             rows.append(Row(name, "mxfp4 amx w4abf16", threads, m, time_pass(calls, reps), mx_bytes))
     del weights
     for dtype, label in ((torch.bfloat16, "vllm bf16"), (torch.float32, "vllm fp32")):

@@ -129,8 +129,8 @@ def _register_fake() -> None:
         return x.new_empty(x.shape[0], packed.shape[0])
 
     @torch.library.register_fake("specqd::mxfp4_linear_amx")
-    def _(x, packed, scales, bias):
-        return x.new_empty(x.shape[0], packed.shape[0])
+    def _(x, repacked, n, bias):
+        return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("specqd::bf16_linear")
     def _(x, w, bias):
@@ -184,25 +184,49 @@ def amx_available() -> bool:
         return False
 
 
+def amx_repack(
+    packed: torch.Tensor,  # [N, K_pad/2] uint8, canonical MXFP4
+    scales: torch.Tensor,  # [N, K_pad/32] uint8, E8M0
+) -> torch.Tensor:  # [ceil(N/16), K_pad/32, 272] uint8
+    """The AMX kernel's weight layout: per 16 features and block, 256 code bytes then 16 scales (same bytes)."""
+    return getattr(torch.ops, load_native()).amx_repack(packed.contiguous(), scales.contiguous())
+
+
+def mxfp4_linear_amx_repacked(
+    x: torch.Tensor,  # [..., K] float32 | bfloat16
+    repacked: torch.Tensor,  # amx_repack(packed, scales)
+    n: int,  # output features N
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [..., N] in x.dtype
+    """``x @ W.T + bias`` on AMX tiles: W decoded exactly to bf16 once per call, x rounded to bf16.
+
+    Its cost barely grows with the rows (``amx_bf16.h``), unlike ``mxfp4_linear_cpu``'s. Example:
+    ``x`` ``[16, 896]`` bf16 with ``W`` ``[4864, 896]`` repacked to ``[304, 28, 272]`` gives ``[16, 4864]``
+    bf16. Each row's result is independent of the other rows. Raises RuntimeError where
+    ``amx_available()`` is False.
+    """
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"mxfp4_linear_amx: x must be float32 or bfloat16, got {x.dtype}")
+    if x.device.type != "cpu":
+        raise ValueError(f"mxfp4_linear_amx: tensors must be on the CPU, got {x.device}")
+    y = getattr(torch.ops, load_native()).mxfp4_linear_amx(x.reshape(-1, x.shape[-1]).contiguous(), repacked, n, bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
 def mxfp4_linear_amx_cpu(
     x: torch.Tensor,  # [..., K] float32 | bfloat16
     packed: torch.Tensor,  # [N, K_pad/2] uint8, canonical MXFP4
     scales: torch.Tensor,  # [N, K_pad/32] uint8, E8M0
     bias: torch.Tensor | None = None,  # [N]
 ) -> torch.Tensor:  # [..., N] in x.dtype
-    """``x @ W.T + bias`` on AMX tiles: W decoded exactly to bf16 once per call, x rounded to bf16.
+    """``mxfp4_linear_amx_repacked`` on canonical bytes (repacks every call: for tests, not hot paths).
 
-    Its cost barely grows with the rows (``amx_bf16.h``), unlike ``mxfp4_linear_cpu``'s. Example:
-    ``x`` ``[16, 896]`` bf16 with ``W`` ``[4864, 896]`` gives ``[16, 4864]`` bf16. The twin is
-    ``reference.mxfp4_matmul_bf16_act_torch``. Raises RuntimeError where ``amx_available()`` is False.
+    The twin is ``reference.mxfp4_matmul_bf16_act_torch``.
     """
     if x.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"mxfp4_linear_amx_cpu: x must be float32 or bfloat16, got {x.dtype}")
-    x2d, n, _ = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_linear_amx_cpu")
-    if x.device.type != "cpu":
-        raise ValueError(f"mxfp4_linear_amx_cpu: tensors must be on the CPU, got {x.device}")
-    y = getattr(torch.ops, load_native()).mxfp4_linear_amx(x2d.contiguous(), packed, scales, bias)
-    return y.reshape(*x.shape[:-1], n)
+        raise ValueError(f"mxfp4_linear_amx: x must be float32 or bfloat16, got {x.dtype}")
+    x2d, n, _ = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_linear_amx")
+    return mxfp4_linear_amx_repacked(x2d, amx_repack(packed, scales), n, bias).reshape(*x.shape[:-1], n)
 
 
 def bf16_linear_cpu(

@@ -114,6 +114,8 @@ def test_leading_dims_and_errors():
     y = cpu_ops.mxfp4_linear_amx_cpu(x.reshape(2, 3, 160), packed, scales, bias)
     assert y.shape == (2, 3, 40)
     assert torch.equal(y.reshape(6, 40), cpu_ops.mxfp4_linear_amx_cpu(x, packed, scales, bias))
+    with pytest.raises(RuntimeError, match="repacked must be amx_repack's uint8"):
+        cpu_ops.mxfp4_linear_amx_repacked(x, cpu_ops.amx_repack(packed, scales), 49)
     with pytest.raises(ValueError, match="packed must be uint8"):
         cpu_ops.mxfp4_linear_amx_cpu(x, packed[:, :-1], scales)
     with pytest.raises(ValueError, match="x must be float32 or bfloat16"):

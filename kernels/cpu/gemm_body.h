@@ -152,6 +152,18 @@ static void run_tile(int bits, const uint8_t* w, const uint8_t* s, int64_t w_str
     tile_i16<R, MB>(w, s, w_stride, s_stride, full, has_tail, tail_w, tail_s, xq, m0, n0, out);
 }
 
+// The last `rest` (< kTileRowsMax) activation rows, as one tile of exactly that many.
+template <int R, int MB>
+static void run_rest(int rest, int bits, const uint8_t* w, const uint8_t* s, int64_t w_stride, int64_t s_stride,
+                     int64_t full, bool has_tail, const uint8_t* tail_w, const uint8_t* tail_s, const QuantizedRows& xq,
+                     int64_t m0, int64_t n0, const OutputRows& out) {
+  if constexpr (MB >= 1) {
+    if (rest == MB)
+      return run_tile<R, MB>(bits, w, s, w_stride, s_stride, full, has_tail, tail_w, tail_s, xq, m0, n0, out);
+    return run_rest<R, MB - 1>(rest, bits, w, s, w_stride, s_stride, full, has_tail, tail_w, tail_s, xq, m0, n0, out);
+  }
+}
+
 // All M activation rows against weight rows [n0, n0 + R).
 template <int R>
 static void rows_all_m(int bits, const uint8_t* packed, const uint8_t* scales, int64_t w_stride, int64_t nblocks,
@@ -172,21 +184,10 @@ static void rows_all_m(int bits, const uint8_t* packed, const uint8_t* scales, i
   const uint8_t* s = scales + n0 * nblocks;
   const bool has_tail = tail_blocks != 0;
   int64_t m0 = 0;
-  for (; m0 + 4 <= m; m0 += 4)
-    run_tile<R, 4>(bits, w, s, w_stride, nblocks, full, has_tail, tail_w, tail_s, xq, m0, n0, out);
-  switch (m - m0) {
-    case 3:
-      run_tile<R, 3>(bits, w, s, w_stride, nblocks, full, has_tail, tail_w, tail_s, xq, m0, n0, out);
-      break;
-    case 2:
-      run_tile<R, 2>(bits, w, s, w_stride, nblocks, full, has_tail, tail_w, tail_s, xq, m0, n0, out);
-      break;
-    case 1:
-      run_tile<R, 1>(bits, w, s, w_stride, nblocks, full, has_tail, tail_w, tail_s, xq, m0, n0, out);
-      break;
-    default:
-      break;
-  }
+  for (; m0 + kTileRowsMax <= m; m0 += kTileRowsMax)
+    run_tile<R, kTileRowsMax>(bits, w, s, w_stride, nblocks, full, has_tail, tail_w, tail_s, xq, m0, n0, out);
+  if (m > m0) run_rest<R, kTileRowsMax - 1>(static_cast<int>(m - m0), bits, w, s, w_stride, nblocks, full, has_tail,
+                                            tail_w, tail_s, xq, m0, n0, out);
 }
 
 // Entry point of this ISA: rows [n_begin, n_end) of every output row m.

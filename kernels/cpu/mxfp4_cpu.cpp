@@ -2,7 +2,8 @@
 //
 // Registered as torch ops in the `specqd` namespace (see kernels/cpu_ops.py for the Python side):
 //   specqd::mxfp4_linear(x[M,K] fp32|bf16, packed[N,Kp/2] u8, scales[N,Kp/32] u8, bias[N]?, act_bits, isa) -> y[M,N]
-//   specqd::mxfp4_linear_amx(x[M,K] fp32|bf16, packed, scales, bias?) -> y[M,N]   AMX tiles, bf16 activations (amx_bf16.h)
+//   specqd::amx_repack(packed, scales) -> u8 [ceil(N/16), Kp/32, 272]   the AMX kernel's weight layout
+//   specqd::mxfp4_linear_amx(x[M,K] fp32|bf16, repacked, N, bias?) -> y[M,N]   AMX tiles, bf16 activations (amx_bf16.h)
 //   specqd::amx_available() -> bool    AMX-TILE + AMX-BF16 present and granted by the kernel
 //   specqd::bf16_linear(x[M,K] bf16, w[N,K] bf16, bias[N]?) -> y[M,N] bf16   few-row bf16 GEMM (bf16_gemm.h)
 //   specqd::cpu_isas() -> str          ISAs this CPU can run, best first
@@ -321,34 +322,59 @@ bool amx_available() {
     const bool tile = edx & (1u << 24), bf16 = edx & (1u << 22);
     if (!tile || !bf16 || !cpu_has(Isa::avx512bw)) return false;
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    if (syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) != 0) return false;
-    amx::init_scaled_tables();
-    return true;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return available;
 #endif
 }
 
-at::Tensor mxfp4_linear_amx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+at::Tensor amx_repack(const at::Tensor& packed, const at::Tensor& scales) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 2 &&
+                  packed.is_contiguous() && packed.size(1) % 16 == 0,
+              "specqd::amx_repack: packed must be contiguous uint8 [N, K_pad/2] on the CPU, got ", packed.sizes());
+  const int64_t n = packed.size(0), nblocks = packed.size(1) / 16;
+  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == at::kByte && scales.is_contiguous() &&
+                  scales.dim() == 2 && scales.size(0) == n && scales.size(1) == nblocks,
+              "specqd::amx_repack: scales must be contiguous uint8 [", n, ", ", nblocks, "], got ", scales.sizes());
+  at::Tensor out = at::empty({(n + 15) / 16, nblocks, 272}, packed.options());
+#ifndef SPECQD_EMULATE_AVX512
+  amx::repack(packed.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), n, nblocks, out.data_ptr<uint8_t>());
+#endif
+  return out;
+}
+
+at::Tensor mxfp4_linear_amx(const at::Tensor& x, const at::Tensor& repacked, int64_t n,
                             const c10::optional<at::Tensor>& bias) {
-  const LinearShape shape = check_linear_inputs("specqd::mxfp4_linear_amx", x, packed, scales, bias);
-  const int64_t m = shape.m, k = shape.k, n = shape.n, nblocks = shape.nblocks;
-  TORCH_CHECK(amx_available(), "specqd::mxfp4_linear_amx: this CPU (or its kernel) does not provide AMX-BF16");
+  const char* who = "specqd::mxfp4_linear_amx";
+  TORCH_CHECK(amx_available(), who, ": this CPU (or its kernel) does not provide AMX-BF16");
+  TORCH_CHECK(x.device().is_cpu() && repacked.device().is_cpu(), who, ": all tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              who, ": x must be a contiguous float32 or bfloat16 [M, K] tensor, got ", x.scalar_type(), " ", x.sizes());
+  const int64_t m = x.size(0), k = x.size(1), nblocks = (k + 31) / 32;
+  TORCH_CHECK(repacked.scalar_type() == at::kByte && repacked.is_contiguous() && repacked.dim() == 3 &&
+                  repacked.size(0) == (n + 15) / 16 && repacked.size(1) == nblocks && repacked.size(2) == 272,
+              who, ": repacked must be amx_repack's uint8 [", (n + 15) / 16, ", ", nblocks, ", 272] for N=", n,
+              " and K=", k, ", got ", repacked.scalar_type(), " ", repacked.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
+                    (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16),
+                who, ": bias must be a contiguous float32 or bfloat16 [", n, "] tensor, got ", bias->scalar_type(),
+                " ", bias->sizes());
+  }
   at::Tensor y = at::empty({m, n}, x.options());
 #ifndef SPECQD_EMULATE_AVX512
   const OutputRows out = output_rows(y, x, bias);
-  // Work is split over output features in whole chunks of the kernel's choosing.
-  auto parallel = [&](int64_t chunk, auto&& body) {
-    at::parallel_for(0, (n + chunk - 1) / chunk, 1,
-                     [&](int64_t c0, int64_t c1) { body(c0 * chunk, std::min(n, c1 * chunk)); });
+  // Feature tiles are split over threads in multiples of `chunk` (the tiles one pass shares).
+  auto parallel = [&](int64_t chunk, int64_t tiles, auto&& body) {
+    at::parallel_for(0, (tiles + chunk - 1) / chunk, 1,
+                     [&](int64_t c0, int64_t c1) { body(c0 * chunk, std::min(tiles, c1 * chunk)); });
   };
-  thread_local std::vector<uint32_t> pack_buf;
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const uint8_t* s = scales.data_ptr<uint8_t>();
+  thread_local std::vector<uint16_t> copy_buf;
+  const uint8_t* w = repacked.data_ptr<uint8_t>();
   if (x.scalar_type() == at::kFloat)
-    amx::gemm<float>(x.data_ptr<float>(), m, k, w, s, n, out, pack_buf, parallel);
+    amx::gemm<float>(x.data_ptr<float>(), m, k, w, n, out, copy_buf, parallel);
   else
-    amx::gemm<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), m, k, w, s, n, out, pack_buf, parallel);
+    amx::gemm<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), m, k, w, n, out, copy_buf, parallel);
 #endif
   return y;
 }
@@ -468,7 +494,8 @@ int64_t stream_read(const at::Tensor& buf) {
 
 SPECQD_DEFINE_OPS {
   m.def("mxfp4_linear(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int act_bits, str isa) -> Tensor");
-  m.def("mxfp4_linear_amx(Tensor x, Tensor packed, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("amx_repack(Tensor packed, Tensor scales) -> Tensor");
+  m.def("mxfp4_linear_amx(Tensor x, Tensor repacked, int n, Tensor? bias) -> Tensor");
   m.def("amx_available() -> bool");
   m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("cpu_isas() -> str");
@@ -479,6 +506,7 @@ SPECQD_DEFINE_OPS {
 
 SPECQD_CPU_OPS {
   m.impl("mxfp4_linear", &mxfp4_linear);
+  m.impl("amx_repack", &amx_repack);
   m.impl("mxfp4_linear_amx", &mxfp4_linear_amx);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("stream_read", &stream_read);

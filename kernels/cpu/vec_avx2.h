@@ -3,6 +3,9 @@
 
 constexpr int G = 2;  // 32-element blocks per weight vector
 using VI = __m256i;
+// Activation rows per pass over a weight row: each has its own accumulator register, and every
+// weight block is decoded once per pass (so fewer passes at larger M).
+constexpr int kTileRowsMax = 4;
 using VF = __m256;
 
 static inline VI load_i(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }

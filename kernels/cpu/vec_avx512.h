@@ -5,6 +5,9 @@
 
 constexpr int G = 4;
 using VI = T512i;
+// Activation rows per pass over a weight row: each has its own accumulator register, and every
+// weight block is decoded once per pass (so fewer passes at larger M).
+constexpr int kTileRowsMax = 8;
 using VF = T512;
 
 static inline VI load_i(const void* p) { return X512(loadu_si512)(p); }
