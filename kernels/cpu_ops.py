@@ -192,6 +192,15 @@ def amx_repack(
     return getattr(torch.ops, load_native()).amx_repack(packed.contiguous(), scales.contiguous())
 
 
+def amx_unpack(repacked: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``amx_repack``: the canonical (packed [N, K_pad/2], scales [N, K_pad/32])."""
+    tiles, nblocks, _ = repacked.shape
+    codes = repacked[:, :, :256].reshape(tiles, nblocks, 16, 16)  # [tile, block, byte p, feature f]
+    packed = codes.permute(0, 3, 1, 2).reshape(tiles * 16, nblocks * 16)[:n]
+    scales = repacked[:, :, 256:].permute(0, 2, 1).reshape(tiles * 16, nblocks)[:n]
+    return packed.contiguous(), scales.contiguous()
+
+
 def mxfp4_linear_amx_repacked(
     x: torch.Tensor,  # [..., K] float32 | bfloat16
     repacked: torch.Tensor,  # amx_repack(packed, scales)

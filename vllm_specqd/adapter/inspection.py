@@ -19,7 +19,7 @@ import torch
 
 from vllm_specqd.adapter import vllm_internals as internals
 from vllm_specqd.adapter.draft_builder import MXFP4LMHead
-from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod
+from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod, canonical_mxfp4
 
 
 def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = ()) -> dict:
@@ -38,7 +38,7 @@ def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = (
     target = runner.model
     target_params = {p.data_ptr() for p in target.parameters()}
     mxfp4_layers = {
-        name: {"packed": tuple(m.weight_packed.shape), "scales": tuple(m.weight_scale.shape)}
+        name: {"packed": tuple(canonical_mxfp4(m)[0].shape), "scales": tuple(canonical_mxfp4(m)[1].shape)}
         for name, m in draft.named_modules()
         if isinstance(getattr(m, "quant_method", None), MXFP4LinearMethod)
     }
@@ -47,10 +47,10 @@ def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = (
         shares_embed_tokens=draft.model.embed_tokens is target.model.embed_tokens,
         shares_lm_head=draft.lm_head is target.lm_head,
         mxfp4_lm_head=isinstance(draft.lm_head, MXFP4LMHead),
-        # Activation bits of the native CPU kernel per MXFP4 layer (None: not the native kernel).
+        # Activation bits of the native CPU kernel per MXFP4 layer ("amx": the AMX kernel; None: neither).
         cpu_act_bits=sorted(
             {
-                getattr(m, "specqd_act_bits", None)
+                "amx" if getattr(m, "specqd_amx_n", None) is not None else getattr(m, "specqd_act_bits", None)
                 for m in draft.modules()
                 if isinstance(getattr(m, "quant_method", None), MXFP4LinearMethod) or isinstance(m, MXFP4LMHead)
             },
@@ -75,10 +75,8 @@ def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = (
         },
     )
     if isinstance(draft.lm_head, MXFP4LMHead):
-        info["lm_head"] = {
-            "packed": draft.lm_head.weight_packed.detach().cpu(),
-            "scales": draft.lm_head.weight_scale.detach().cpu(),
-        }
+        packed, scales = canonical_mxfp4(draft.lm_head)
+        info["lm_head"] = {"packed": packed.detach().cpu(), "scales": scales.detach().cpu()}
     stats = getattr(drafter, "stats", None)
     if stats is not None:
         # This rank's own counters, and whether it is the one rank that publishes them.
@@ -86,8 +84,7 @@ def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = (
         info["publishes_report"] = stats.writer.path is not None
     named = {name: draft.get_submodule(name) for name in (*([layer] if layer else []), *layers)}
     info["layers"] = {
-        name: {"packed": m.weight_packed.detach().cpu(), "scales": m.weight_scale.detach().cpu()}
-        for name, m in named.items()
+        name: dict(zip(("packed", "scales"), (t.detach().cpu() for t in canonical_mxfp4(m)))) for name, m in named.items()
     }
     if layer is not None:
         info["layer"] = info["layers"][layer]

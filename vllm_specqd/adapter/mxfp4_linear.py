@@ -4,7 +4,8 @@ The draft never loads a checkpoint: its MXFP4 bytes are made from the target's
 weights in memory (``draft_builder.py``), so ``create_weights`` only allocates
 the packed buffers and refuses checkpoint loading. On CUDA ``apply`` runs the
 Triton kernels; on CPU the native kernel (``draft.cpu_kernel``: W4A16 or W4A8),
-or, as a debugging aid, a once-dequantized copy through vLLM's CPU GEMM.
+the AMX kernel (``amx``: the same bytes repacked once, bf16 activations), or, as a
+debugging aid, a once-dequantized copy through vLLM's CPU GEMM.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vllm_specqd.kernels import mxfp4_matmul
 from vllm_specqd.mxfp4 import BLOCK_SIZE, dequantize_mxfp4
 
 ACT_BITS = {"w4a16": 16, "w4a8": 8}
+AMX = "amx"
 
 QUANT_NAME = "specqd_mxfp4"
 
@@ -64,6 +66,10 @@ class MXFP4LinearMethod(LinearMethodBase):
 
 def apply_mxfp4(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + bias`` for a layer finalized by :func:`finalize_mxfp4_layer`."""
+    amx_n = getattr(layer, "specqd_amx_n", None)
+    if amx_n is not None:  # weight_packed holds the AMX layout; the op asserts its inputs
+        y = torch.ops.specqd.mxfp4_linear_amx(x.reshape(-1, x.shape[-1]).contiguous(), layer.weight_packed, amx_n, bias)
+        return y.reshape(*x.shape[:-1], amx_n)
     act_bits = getattr(layer, "specqd_act_bits", None)
     if act_bits is not None:  # CPU native kernel; the op asserts its inputs
         x2d = x.reshape(-1, x.shape[-1])
@@ -77,9 +83,44 @@ def apply_mxfp4(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | No
     return mxfp4_matmul(x, layer.weight_packed, layer.weight_scale, bias)
 
 
+def resolve_cpu_kernel(cpu_kernel: str) -> str:
+    """``"auto"``: ``"amx"`` where this CPU has AMX-BF16, else ``"w4a8"``; ``"amx"`` without AMX is an error."""
+    from vllm_specqd.kernels.cpu_ops import amx_available
+
+    if cpu_kernel == "auto":
+        return AMX if amx_available() else "w4a8"
+    if cpu_kernel == AMX and not amx_available():
+        raise RuntimeError(
+            "specqd: draft.cpu_kernel 'amx' needs a CPU with AMX-BF16 (Intel Xeon 4th generation, "
+            "Sapphire Rapids, or newer) and a Linux kernel that grants AMX to processes (5.16+); this one "
+            "does not. Use 'auto', 'w4a8' or 'w4a16'."
+        )
+    return cpu_kernel
+
+
+def canonical_mxfp4(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's canonical MXFP4 bytes (packed [N, K_pad/2], scales [N, K_pad/32]) whatever its kernel."""
+    amx_n = getattr(layer, "specqd_amx_n", None)
+    if amx_n is None:
+        return layer.weight_packed, layer.weight_scale
+    from vllm_specqd.kernels.cpu_ops import amx_unpack
+
+    return amx_unpack(layer.weight_packed, amx_n)
+
+
 def finalize_mxfp4_layer(layer: torch.nn.Module, cpu_kernel: str) -> int:
     """Make an MXFP4 layer ready to run; returns the bytes of any CPU dequantized copy."""
     if layer.weight_packed.device.type != "cpu":
+        return 0
+    cpu_kernel = resolve_cpu_kernel(cpu_kernel)
+    if cpu_kernel == AMX:
+        from vllm_specqd.kernels.cpu_ops import amx_repack
+
+        # The AMX layout replaces the canonical bytes (same size), so the draft holds one copy.
+        layer.specqd_amx_n = layer.weight_packed.shape[0]
+        repacked = amx_repack(layer.weight_packed.data, layer.weight_scale.data)
+        layer.weight_packed = Parameter(repacked, requires_grad=False)
+        layer.weight_scale = Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
         return 0
     if cpu_kernel in ACT_BITS:
         from vllm_specqd.kernels.cpu_ops import native_available

@@ -6,10 +6,11 @@ level 1 proposes to the target, level L >= 2 proposes to level L-1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vllm_specqd.bench import spec_stats
+from vllm_specqd.config import CPU_KERNELS
 
 NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}
 SAME_GEMM_BASELINE = "none-specqd-gemm"  # no speculation with the bf16 GEMM specqd gives its targets
@@ -25,6 +26,8 @@ class Method:
     needs_small_model: bool = False
     # Environment the method's engine starts with (on top of the bench's own).
     env: tuple[tuple[str, str], ...] = ()
+    # "specqd-1:amx" runs specqd-1 with draft.cpu_kernel "amx" (any specqd method, any CPU kernel).
+    cpu_kernel: str | None = None
 
     @property
     def num_levels(self) -> int:
@@ -58,14 +61,30 @@ METHODS: dict[str, Method] = {
 }
 
 
+def method_named(name: str) -> Method | None:
+    """``METHODS[name]``, or a specqd method with a CPU kernel suffix (``specqd-1:amx``); None if neither."""
+    base, _, kernel = name.partition(":")
+    if base not in METHODS:
+        return None
+    if not kernel:
+        return METHODS[base]
+    if not base.startswith("specqd") or kernel not in CPU_KERNELS:
+        return None
+    return replace(METHODS[base], name=name, description=f"{METHODS[base].description}, CPU kernel {kernel}", cpu_kernel=kernel)
+
+
 def parse_methods(text: str) -> list[Method]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if method_named(n) is None]
     if unknown or not names:
-        raise ValueError(f"unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)}")
+        raise ValueError(
+            f"unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)} "
+            f"(specqd methods take a CPU kernel suffix, e.g. specqd-1:amx; kernels {', '.join(CPU_KERNELS)})"
+        )
     # The baseline first: every other method is compared with it.
     return sorted(
-        (METHODS[n] for n in dict.fromkeys(names)), key=lambda m: (m.name != "none", m.name != SAME_GEMM_BASELINE)
+        (method_named(n) for n in dict.fromkeys(names)),
+        key=lambda m: (m.name != "none", m.name != SAME_GEMM_BASELINE),
     )
 
 
@@ -105,14 +124,17 @@ def speculative_config(
     config: dict = {"method": "specqd", "num_speculative_tokens": k}
     if specqd_draft:
         config["draft"] = dict(specqd_draft)
+    if method.cpu_kernel:
+        config["draft"] = {**config.get("draft", {}), "cpu_kernel": method.cpu_kernel}
     inner = inner_k if inner_k is not None else max(1, k // 2)
-    if method.name == "specqd-adaptive":
+    base = method.name.partition(":")[0]
+    if base == "specqd-adaptive":
         config["adaptive"] = {"enabled": True, **(specqd_adaptive or {})}
-    if method.name == "specqd-1-separate-kv":
+    if base == "specqd-1-separate-kv":
         config["draft"] = {**config.get("draft", {}), "kv_cache": "separate"}
-    if method.name == "specqd-ngram":
+    if base == "specqd-ngram":
         config["inner"] = _ngram(inner)
-    elif method.name == "specqd-small":
+    elif base == "specqd-small":
         if small_dir is None:
             raise ValueError("specqd-small needs a small same-tokenizer model (--small-model)")
         config["inner"] = {
