@@ -15,7 +15,7 @@ import torch
 from vllm_specqd.kernels import cpu_ops, mxfp4_bf16_act_error_bound, mxfp4_matmul_bf16_act_torch
 from vllm_specqd.mxfp4 import pack_fp4, quantize_mxfp4
 
-pytestmark = pytest.mark.skipif(not cpu_ops.amx_available(), reason="this CPU (or its kernel) has no AMX-BF16")
+needs_amx = pytest.mark.skipif(not cpu_ops.amx_available(), reason="this CPU (or its kernel) has no AMX-BF16")
 
 # (M, N, K): one row, a tile's worth, more than a group of 64 rows, N not a multiple of 16 or 64,
 # K not a multiple of 32, odd K (rows not dword aligned).
@@ -57,6 +57,7 @@ def _check(y, x, packed, scales, bias):
     )
 
 
+@needs_amx
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -68,6 +69,7 @@ def test_kernel_matches_twin(shape, dtype, with_bias):
     _check(y, x, packed, scales, bias)
 
 
+@needs_amx
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 64, 70])
 def test_exact_where_every_sum_is_exact(m):
     """Small-integer activations and every code with scales 2^-1..2^2: all partial sums are exact in fp32."""
@@ -82,6 +84,7 @@ def test_exact_where_every_sum_is_exact(m):
     assert torch.equal(y.double(), ref)
 
 
+@needs_amx
 def test_every_scale_byte_including_nan():
     """Each E8M0 byte decodes as the format says: 2^(e-127) times the code, NaN for 255."""
     n, k = 256, 32
@@ -101,6 +104,7 @@ def test_every_scale_byte_including_nan():
     assert torch.isnan(y[255])
 
 
+@needs_amx
 def test_rows_are_batch_invariant():
     """A row's result does not depend on the other rows of the call (the multi-level draft relies on it)."""
     x, packed, scales, bias = _random_case(70, 90, 576, seed=5, dtype=torch.bfloat16, with_bias=True)
@@ -109,6 +113,7 @@ def test_rows_are_batch_invariant():
         assert torch.equal(cpu_ops.mxfp4_linear_amx_cpu(x[rows], packed, scales, bias), together[rows])
 
 
+@needs_amx
 def test_leading_dims_and_errors():
     x, packed, scales, bias = _random_case(6, 40, 160, seed=4, dtype=torch.bfloat16, with_bias=True)
     y = cpu_ops.mxfp4_linear_amx_cpu(x.reshape(2, 3, 160), packed, scales, bias)
@@ -120,3 +125,11 @@ def test_leading_dims_and_errors():
         cpu_ops.mxfp4_linear_amx_cpu(x, packed[:, :-1], scales)
     with pytest.raises(ValueError, match="x must be float32 or bfloat16"):
         cpu_ops.mxfp4_linear_amx_cpu(x.half(), packed, scales)
+
+
+def test_amx_is_found_where_the_cpu_lists_it():
+    """A build or permission failure must not pass as 'no AMX here' (which would skip this file)."""
+    flags = open("/proc/cpuinfo").read().split()
+    if "amx_bf16" not in flags or "amx_tile" not in flags:
+        pytest.skip("this CPU lists no AMX-BF16")
+    assert cpu_ops.amx_available()

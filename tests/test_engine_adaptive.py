@@ -4,6 +4,8 @@ One engine runs the adversarial policy ("random": every request's k drawn from 0
 which drives the adapter through every case the cost policy can produce: per-request lists of
 different lengths in one batch, empty ones, whole rounds without a draft pass, and fewer passes
 than K. The outputs are compared with the no-speculation engine (`reference_run`, conftest.py).
+Its draft runs `cpu_kernel: "auto"`: the AMX kernel where the CPU has AMX-BF16 (then this is the
+AMX kernel's engine test, with passes over 1..6 rows), else w4a8.
 """
 
 from collections import defaultdict
@@ -15,7 +17,12 @@ from engine_harness import K, Workload, run_engine, same_distribution_pvalue
 pytestmark = pytest.mark.engine
 
 PROMPTS, MAX_TOKENS = 6, 32
-SPEC = {"method": "specqd", "num_speculative_tokens": K, "adaptive": {"policy": "random", "seed": 0}}
+SPEC = {
+    "method": "specqd",
+    "num_speculative_tokens": K,
+    "draft": {"cpu_kernel": "auto"},
+    "adaptive": {"policy": "random", "seed": 0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +41,12 @@ def test_greedy_outputs_token_identical_whatever_k(adaptive_run, reference_run):
     got = adaptive_run.outputs["greedy"]
     mismatches = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
     assert len(got) == PROMPTS and not mismatches, f"prompts {mismatches} differ from no speculation"
+
+
+def test_auto_kernel_is_amx_where_the_cpu_has_it(adaptive_run):
+    from vllm_specqd.kernels.cpu_ops import amx_available
+
+    assert adaptive_run.draft["cpu_act_bits"] == (["amx"] if amx_available() else [8])
 
 
 def test_rounds_mixed_k_zero_and_k_positive_requests(adaptive_run):

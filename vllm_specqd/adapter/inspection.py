@@ -84,7 +84,8 @@ def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = (
         info["publishes_report"] = stats.writer.path is not None
     named = {name: draft.get_submodule(name) for name in (*([layer] if layer else []), *layers)}
     info["layers"] = {
-        name: dict(zip(("packed", "scales"), (t.detach().cpu() for t in canonical_mxfp4(m)))) for name, m in named.items()
+        name: dict(zip(("packed", "scales"), (t.detach().cpu() for t in canonical_mxfp4(m))))
+        for name, m in named.items()
     }
     if layer is not None:
         info["layer"] = info["layers"][layer]

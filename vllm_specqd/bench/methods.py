@@ -70,7 +70,9 @@ def method_named(name: str) -> Method | None:
         return METHODS[base]
     if not base.startswith("specqd") or kernel not in CPU_KERNELS:
         return None
-    return replace(METHODS[base], name=name, description=f"{METHODS[base].description}, CPU kernel {kernel}", cpu_kernel=kernel)
+    return replace(
+        METHODS[base], name=name, description=f"{METHODS[base].description}, CPU kernel {kernel}", cpu_kernel=kernel
+    )
 
 
 def parse_methods(text: str) -> list[Method]:
