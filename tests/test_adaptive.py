@@ -323,3 +323,75 @@ def test_no_probes_while_even_full_acceptance_would_not_pay():
         target_a=0.030, target_b=0.0001, draft_c=0.001, reprobe_after=2, acceptance={r: 0.0 for r in req_ids}
     )
     assert sum(cheap.decide(slots(*req_ids)).probes for _ in range(40)) >= 16
+
+
+@pytest.mark.parametrize("explore_every", [8, 0])
+def test_an_estimate_that_starts_too_low_is_explored_back_up(explore_every):
+    """Truth: every position is accepted with 0.9 and drafts are cheap, so the optimum drafts deep.
+    The warm-up left positions 2..K looking poor; only exploration ever measures them again."""
+    policy = policy_with(target_a=0.05, target_b=0.0005, draft_c=0.004, rows=(1,), explore_every=explore_every)
+    policy.acceptance.batch_wide[:] = [0.9] + [0.2] * (K - 1)
+    policy.acceptance.batch_wide_seen[:] = 3
+    rng = np.random.default_rng(0)
+    chosen = []
+    for _ in range(120):
+        k = policy.decide(slots("r"))
+        chosen.append(k.k[0])
+        accepted = 0
+        while accepted < k.k[0] and rng.random() < 0.9:
+            accepted += 1
+        if k.k[0]:
+            policy.observe([Outcome("r", k.k[0], accepted)])
+    if explore_every:
+        assert statistics.mean(chosen[-40:]) >= 4, chosen
+        assert policy.stats.explorations > 0
+    else:
+        # Without exploration the drafts stop one past the deepest position the guess lets through.
+        assert max(chosen[-40:]) <= 2, chosen
+
+
+def pin_ngram_acceptance(policy: AdaptivePolicy, req_id, rate: float) -> None:
+    rng = np.random.default_rng(zlib.crc32(f"ngram-{req_id}".encode()))
+    for _ in range(200):
+        accepted = 0
+        while accepted < K and rng.random() < rate:
+            accepted += 1
+        policy.observe([Outcome(req_id, K, accepted, ngram=True)])
+
+
+def ngram_slots(lengths: dict, cap=K):
+    return [RequestSlot(r, cap, ngram=g) for r, g in lengths.items()]
+
+
+def test_a_good_ngram_proposal_goes_to_the_target_without_a_draft_pass():
+    """Verification is cheap and the MXFP4 draft costs something: a request whose n-gram proposal is
+    accepted better than its drafts would be sends it, and runs no draft pass."""
+    policy = policy_with(target_a=0.05, target_b=0.0005, draft_c=0.01, acceptance={"a": 0.6, "b": 0.85})
+    pin_ngram_acceptance(policy, "a", 0.95)
+    d = policy.decide(ngram_slots({"a": 6, "b": 0}))
+    assert d.ngram == [True, False]
+    assert d.k[0] == 6
+    assert d.passes == d.k[1]  # only the MXFP4 row (if it drafts) needs passes
+
+
+def test_a_poor_ngram_proposal_loses_to_the_mxfp4_draft():
+    policy = policy_with(target_a=0.05, target_b=0.0005, draft_c=0.002, acceptance={"a": 0.9})
+    pin_ngram_acceptance(policy, "a", 0.2)
+    d = policy.decide(ngram_slots({"a": 6}))
+    assert d.ngram == [False] and d.k[0] >= 3 and d.passes == d.k[0]
+
+
+def test_ngram_tokens_that_cost_more_to_verify_than_they_gain_are_not_sent():
+    """A compute-bound target (each verified token costs as much as a plain step's share)."""
+    policy = policy_with(target_a=0.001, target_b=0.01, draft_c=1.0, acceptance={"a": 0.5, "b": 0.5})
+    pin_ngram_acceptance(policy, "a", 0.3)
+    d = policy.decide(ngram_slots({"a": 6, "b": 0}))
+    assert d.ngram == [False, False] and d.k == [0, 0] and d.passes == 0
+
+
+def test_random_policy_sends_ngram_proposals_only_where_there_are_some():
+    policy = AdaptivePolicy(AdaptiveSettings(max_k=K, policy="random", seed=1))
+    sent = [policy.decide(ngram_slots({"a": 3, "b": 0})) for _ in range(40)]
+    assert any(d.ngram[0] for d in sent) and not all(d.ngram[0] for d in sent)
+    assert not any(d.ngram[1] for d in sent)
+    assert all(d.k[0] == 3 for d in sent if d.ngram[0])

@@ -6,6 +6,9 @@ different lengths in one batch, empty ones, whole rounds without a draft pass, a
 than K. The outputs are compared with the no-speculation engine (`reference_run`, conftest.py).
 Its draft runs `cpu_kernel: "auto"`: the AMX kernel where the CPU has AMX-BF16 (then this is the
 AMX kernel's engine test, with passes over 1..6 rows), else w4a8.
+
+A second engine adds an n-gram inner level: the random policy then also sends n-gram proposals
+straight to the target for about half the requests that have one, beside MXFP4 drafts in one batch.
 """
 
 from collections import defaultdict
@@ -25,22 +28,44 @@ SPEC = {
 }
 
 
-@pytest.fixture(scope="module")
-def adaptive_run(model_dir):
+SPEC_NGRAM = {**SPEC, "inner": {"method": "ngram", "num_speculative_tokens": K // 2}}
+
+
+def _run(model_dir, spec):
     from vllm import SamplingParams
 
     greedy = greedy_workload(model_dir)
     prompts = greedy.prompts[:PROMPTS]
     short = Workload(prompts, [SamplingParams(temperature=0, max_tokens=MAX_TOKENS) for _ in prompts])
-    return run_engine(model_dir, SPEC, {"greedy": short, "sampled": sampled_workload(seed_offset=0)})
+    return run_engine(model_dir, spec, {"greedy": short, "sampled": sampled_workload(seed_offset=0)})
 
 
-def test_greedy_outputs_token_identical_whatever_k(adaptive_run, reference_run):
+@pytest.fixture(scope="module")
+def adaptive_run(model_dir):
+    return _run(model_dir, SPEC)
+
+
+@pytest.fixture(scope="module")
+def ngram_direct_run(model_dir, adaptive_run):  # after adaptive_run: one engine at a time
+    return _run(model_dir, SPEC_NGRAM)
+
+
+@pytest.mark.parametrize("run_name", ["adaptive_run", "ngram_direct_run"])
+def test_greedy_outputs_token_identical_whatever_k(run_name, reference_run, request):
+    run = request.getfixturevalue(run_name)
     # The reference generated 48 tokens per prompt; greedy decoding makes the first 32 the same.
     ref = [[tokens[:MAX_TOKENS] for tokens in out] for out in reference_run.outputs["greedy"][:PROMPTS]]
-    got = adaptive_run.outputs["greedy"]
+    got = run.outputs["greedy"]
     mismatches = [i for i, (a, b) in enumerate(zip(ref, got)) if a != b]
     assert len(got) == PROMPTS and not mismatches, f"prompts {mismatches} differ from no speculation"
+
+
+def test_ngram_proposals_and_mxfp4_drafts_go_to_the_target_side_by_side(ngram_direct_run):
+    report = ngram_direct_run.level_stats_after["greedy"].adaptive
+    assert 0 < report.ngram_requests < report.requests
+    drafted = sum(k * n for k, n in enumerate(report.k_histogram))
+    # Level-1 passes ran only for MXFP4 drafts: fewer than all the drafts the target got.
+    assert 0 < ngram_direct_run.level_stats.levels[1].forward_passes < drafted
 
 
 def test_auto_kernel_is_amx_where_the_cpu_has_it(adaptive_run):
@@ -80,14 +105,17 @@ def test_rounds_run_only_the_passes_their_longest_draft_needs(adaptive_run):
     assert report.adaptive.decision_share < 0.01  # the decision costs under 1% of a step
 
 
+@pytest.mark.parametrize("run_name", ["adaptive_run", "ngram_direct_run"])
 @pytest.mark.parametrize("position", [1, 2])
-def test_sampling_is_exact_in_distribution(adaptive_run, reference_run, position):
-    """Tokens 2 and 3 come from verification with k in {0, 1} per request: cut draft probabilities."""
+def test_sampling_is_exact_in_distribution(run_name, reference_run, position, request):
+    """Tokens 2 and 3 come from verification with k in {0, 1} per request: cut draft probabilities
+    (one-hot ones for greedy drafts and n-gram proposals)."""
+    run = request.getfixturevalue(run_name)
     ref = [_token_at(out[0], position) for out in reference_run.outputs["sampled"]]
-    got = [_token_at(out[0], position) for out in adaptive_run.outputs["sampled"]]
+    got = [_token_at(out[0], position) for out in run.outputs["sampled"]]
     pvalue = same_distribution_pvalue(ref, got)
     assert pvalue > 1e-3, f"token {position + 1}: chi-square p={pvalue:.2e}"
-    assert adaptive_run.spec_metrics["sampled"]["vllm:spec_decode_num_accepted_tokens"] > 0
+    assert run.spec_metrics["sampled"]["vllm:spec_decode_num_accepted_tokens"] > 0
 
 
 def _token_at(tokens: list[int], position: int) -> int:

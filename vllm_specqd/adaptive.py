@@ -27,6 +27,21 @@ of the (i, j) items sorted by p_ij (the target cost and the drafting-rows pass c
 tokens), and the (m, prefix) with the most expected tokens per second wins. The batch drafts
 only if that beats k = 0 for everyone by ``min_gain`` (relative); else every k_i is 0.
 
+**Exploring deeper positions**: a position is measured only when it is drafted, so an estimate
+that happens to start low (a few unlucky warm-up outcomes) would keep it out of the drafts for
+good. Every ``explore_every`` rounds each drafting request drafts one token more than chosen
+(within its cap), so every estimate one past the chosen depth keeps being measured.
+
+**N-gram proposals straight to the target** (a shared-KV draft with an n-gram inner level): a
+request whose context's suffix occurred before has an n-gram proposal of g tokens, free to make.
+Its expected gain ``sum_{j<=g} q_ij`` (``q``: the product of the request's n-gram acceptances, a
+second :class:`AcceptanceModel`) is weighed against what the MXFP4 draft would add for it: the
+request sends the n-gram tokens instead when they are expected to commit at least as many tokens,
+and if the g extra verified tokens pay for themselves at the batch's plain rate. It then needs no
+draft pass, and the MXFP4 choice is re-made over the other requests (pricing the n-gram tokens the
+step verifies anyway). Warm-up rounds alternate between the two; exploring rounds also send the
+proposals of requests that chose no MXFP4 drafts, so both estimates keep being measured.
+
 **Re-probing**: a request that got k = 0 for ``reprobe_after`` steps in a row gets k = 1 once
 (unless the batch is so costly to draft that even full acceptance would not pay),
 so an acceptance that collapsed (e.g. high-temperature sampling) can be seen to recover. Each
@@ -66,6 +81,7 @@ class AdaptiveSettings:
     reprobe_after: int = 8
     max_reprobe_after: int = 256
     warmup_steps: int = 4  # rounds drafting max_k for everyone before the cost model decides
+    explore_every: int = 8  # every this many rounds, drafting requests draft one token more (0: never)
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,7 @@ class RequestSlot:
 
     req_id: Hashable
     cap: int  # the most drafts the next step can use (0: prefill chunk, or at max_tokens/max_model_len)
+    ngram: int = 0  # tokens of an n-gram proposal the target could verify instead (<= cap)
 
 
 @dataclass(frozen=True)
@@ -83,17 +100,19 @@ class Outcome:
     req_id: Hashable
     verified: int  # drafts the step verified (scheduled)
     accepted: int  # of which the target kept, a prefix
+    ngram: bool = False  # the drafts were an n-gram proposal, not the MXFP4 draft's
 
 
 @dataclass(frozen=True)
 class Decision:
-    k: list[int]  # per request, in the order of the slots
-    passes: int  # level-1 draft passes the round runs: max(k), at least min_passes
+    k: list[int]  # per request, in the order of the slots: drafts it sends to the target
+    passes: int  # level-1 draft passes the round runs: max(k) over MXFP4 rows, at least min_passes
     probes: int  # requests drafting only to re-measure their acceptance
     expected_tokens: float  # committed next step under the cost model
     expected_seconds: float
     plain_seconds: float  # with k = 0 for everyone
     decision_seconds: float
+    ngram: list[bool] = field(default_factory=list)  # per request: its k drafts are its n-gram proposal
 
 
 @dataclass
@@ -186,6 +205,8 @@ class AdaptiveStats:
     requests: int = 0  # (request, step) pairs that could draft (cap > 0)
     requests_off: int = 0  # of which got k = 0
     probes: int = 0
+    explorations: int = 0  # (request, round) pairs that drafted one more token to measure it
+    ngram_requests: int = 0  # (request, round) pairs that sent their n-gram proposal to the target
     k_histogram: list[int] = field(default_factory=list)  # [K + 1] (request, step) pairs by chosen k
     decision_seconds: float = 0.0
     step_seconds: float = 0.0  # measured target steps + drafting, for the decision's share
@@ -201,6 +222,9 @@ class AdaptivePolicy:
         self.target = LineFit(settings.cost_decay)  # seconds per step vs scheduled tokens
         self.draft = LineFit(settings.cost_decay)  # seconds per draft position vs batch rows
         self.acceptance = AcceptanceModel(
+            settings.max_k, settings.prior_acceptance, settings.acceptance_decay, settings.global_acceptance_decay
+        )
+        self.ngram_acceptance = AcceptanceModel(
             settings.max_k, settings.prior_acceptance, settings.acceptance_decay, settings.global_acceptance_decay
         )
         self.stats = AdaptiveStats(k_histogram=[0] * (settings.max_k + 1))
@@ -219,17 +243,19 @@ class AdaptivePolicy:
         """The round that ran ``decision`` drafted for ``seconds``."""
         rows = len(decision.k)
         if decision.passes > 0 and rows > 0:
-            if self.settings.passes_run_drafting_rows_only:
-                rows = sum(decision.k) / decision.passes  # mean rows per pass
+            if self.settings.passes_run_drafting_rows_only:  # mean rows per pass; n-gram rows run none
+                drafted = sum(k for k, ngram in zip(decision.k, decision.ngram or [False] * rows) if not ngram)
+                rows = drafted / decision.passes
             self.draft.observe(rows, seconds / decision.passes)
         self.stats.step_seconds += seconds
 
     def observe(self, outcomes: Sequence[Outcome]) -> None:
         for outcome in outcomes:
-            self.acceptance.observe(outcome)
+            (self.ngram_acceptance if outcome.ngram else self.acceptance).observe(outcome)
 
     def forget(self, req_id: Hashable) -> None:
         self.acceptance.forget(req_id)
+        self.ngram_acceptance.forget(req_id)
         self._off_steps.pop(req_id, None)
         self._probe_wait.pop(req_id, None)
 
@@ -239,20 +265,34 @@ class AdaptivePolicy:
         started = time.perf_counter()
         caps = np.fromiter((min(max(s.cap, 0), self.settings.max_k) for s in slots), dtype=np.int64, count=len(slots))
         rows = len(slots)
+        ngram_len = np.fromiter((min(s.ngram, c) for s, c in zip(slots, caps.tolist())), dtype=np.int64, count=rows)
+        use_ngram = np.zeros(rows, dtype=bool)
+        explore = self.settings.explore_every > 0 and (self.stats.steps + 1) % self.settings.explore_every == 0
         if self.settings.policy == "random":
             k = self._rng.integers(0, caps + 1) if rows else caps
+            use_ngram = (ngram_len > 0) & (self._rng.random(rows) < 0.5)
             expected = (rows + 0.0, 0.0)
         elif self.stats.steps < self.settings.warmup_steps or not (self.target.ready and self.draft.ready):
             k, expected = caps.copy(), (rows + 0.0, 0.0)  # measure drafting before judging it
+            use_ngram = (ngram_len > 0) & bool(self.stats.steps % 2)  # and the n-gram proposals
         else:
             k, expected = self._best_k(slots, caps)
+            if ngram_len.any():
+                use_ngram = self._prefer_ngram(slots, k, ngram_len) | (explore & (ngram_len > 0) & (k == 0))
+                if use_ngram.any():  # the MXFP4 choice over the others, whose passes may now differ
+                    extra = (int(ngram_len[use_ngram].sum()), self._ngram_gain(slots, ngram_len, use_ngram))
+                    k, expected = self._best_k(slots, caps * ~use_ngram, extra)
+            k = self._explore(caps * ~use_ngram, k, explore)
+        k = np.where(use_ngram, ngram_len, k)
         probes_may_pay = (
             self.settings.policy == "random" or not self.target.ready or self._drafting_could_pay(rows, caps)
         )
         k, probes = self._reprobe(slots, caps, k, probes_may_pay)
-        passes = max(int(k.max()), self.settings.min_passes) if rows else 0
+        draft_k = np.where(use_ngram, 0, k)
+        passes = max(int(draft_k.max()), self.settings.min_passes) if rows else 0
         decision = Decision(
             k=k.tolist(),
+            ngram=use_ngram.tolist(),
             passes=passes,
             probes=probes,
             expected_tokens=expected[0],
@@ -264,9 +304,10 @@ class AdaptivePolicy:
         self.last = decision
         return decision
 
-    def _seconds(self, rows: int, drafts: float | np.ndarray, passes: int | np.ndarray):
-        """A round of ``passes`` draft passes drafting ``drafts`` tokens in all, then its target step."""
-        return self.target.predict(rows + drafts) + self._draft_seconds(rows, drafts, passes)
+    def _seconds(self, rows: int, drafts: float | np.ndarray, passes: int | np.ndarray, verified_anyway: int = 0):
+        """A round of ``passes`` draft passes drafting ``drafts`` tokens in all, then its target step
+        (which also verifies ``verified_anyway`` n-gram tokens)."""
+        return self.target.predict(rows + verified_anyway + drafts) + self._draft_seconds(rows, drafts, passes)
 
     def _draft_seconds(self, rows: int, drafts, passes):
         if not self.draft.ready:
@@ -276,11 +317,17 @@ class AdaptivePolicy:
             return np.maximum(c * np.asarray(passes) + d * np.asarray(drafts), 0.0)
         return np.maximum(passes, self.settings.min_passes) * max(c + d * rows, 1e-9)
 
-    def _best_k(self, slots: Sequence[RequestSlot], caps: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-        """Per request k maximising expected committed tokens per second (see the module docstring)."""
+    def _best_k(
+        self, slots: Sequence[RequestSlot], caps: np.ndarray, ngram: tuple[int, float] = (0, 0.0)
+    ) -> tuple[np.ndarray, tuple[float, float]]:
+        """Per request k maximising expected committed tokens per second (see the module docstring).
+
+        ``ngram``: (tokens, expected gain) of the n-gram proposals this step sends anyway."""
         rows, max_k = len(slots), self.settings.max_k
         k = np.zeros(rows, dtype=np.int64)
-        plain = (float(rows), float(self._seconds(rows, 0, self.settings.min_passes)))
+        ngram_tokens, ngram_gain = ngram
+        base = rows + ngram_gain  # expected tokens before any MXFP4 draft
+        plain = (float(base), float(self._seconds(rows, 0, self.settings.min_passes, ngram_tokens)))
         if not rows or not caps.any():
             return k, plain
         rates = np.stack([self.acceptance.of(s.req_id) for s in slots])  # [rows, K]
@@ -296,14 +343,44 @@ class AdaptivePolicy:
         allowed = depth_items[None, :] <= m  # [M, n]
         gained = np.cumsum(np.where(allowed, p_items, 0.0), axis=1)
         count = np.cumsum(allowed, axis=1)
-        seconds = self._seconds(rows, count, m)
-        rate = np.where(allowed, (rows + gained) / seconds, -1.0)
+        seconds = self._seconds(rows, count, m, ngram_tokens)
+        rate = np.where(allowed, (base + gained) / seconds, -1.0)
         best_m, at = np.unravel_index(int(rate.argmax()), rate.shape)
         if rate[best_m, at] < (1.0 + self.settings.min_gain) * plain[0] / plain[1]:
             return k, plain
         chosen = depth_items[: at + 1] <= best_m + 1
         np.add.at(k, row_items[: at + 1][chosen], 1)
-        return k, (float(rows + gained[best_m, at]), float(seconds[best_m, at]))
+        return k, (float(base + gained[best_m, at]), float(seconds[best_m, at]))
+
+    def _ngram_gain(self, slots: Sequence[RequestSlot], ngram_len: np.ndarray, rows_mask: np.ndarray) -> float:
+        """Expected accepted tokens of the n-gram proposals of the masked requests."""
+        return sum(
+            float(np.cumprod(self.ngram_acceptance.of(slots[i].req_id)[: int(ngram_len[i])]).sum())
+            for i in np.flatnonzero(rows_mask)
+        )
+
+    def _prefer_ngram(self, slots: Sequence[RequestSlot], k: np.ndarray, ngram_len: np.ndarray) -> np.ndarray:
+        """Requests (bool [rows]) whose n-gram proposal is expected to commit at least what their
+        MXFP4 drafts would (k, this round's choice), and whose extra verified tokens pay at the plain rate."""
+        rows = len(slots)
+        plain_rate = rows / float(self._seconds(rows, 0, self.settings.min_passes))
+        per_token_s = self.target.coefficients()[1]
+        choose = np.zeros(rows, dtype=bool)
+        for i in np.flatnonzero(ngram_len):
+            g = int(ngram_len[i])
+            gain_ngram = float(np.cumprod(self.ngram_acceptance.of(slots[i].req_id)[:g]).sum())
+            gain_draft = float(np.cumprod(self.acceptance.of(slots[i].req_id)[: int(k[i])]).sum())
+            pays = per_token_s * g <= 0 or gain_ngram / (per_token_s * g) > plain_rate
+            choose[i] = gain_ngram >= gain_draft and pays
+        return choose
+
+    def _explore(self, caps: np.ndarray, k: np.ndarray, explore: bool) -> np.ndarray:
+        """One more draft for every drafting request on an exploring round."""
+        if not explore:
+            return k
+        deeper = (k > 0) & (k < caps)
+        self.stats.explorations += int(deeper.sum())
+        return k + deeper
 
     def _drafting_could_pay(self, rows: int, caps: np.ndarray) -> bool:
         """Whether one request drafting j tokens that are all accepted would beat plain decoding:
@@ -349,6 +426,7 @@ class AdaptivePolicy:
         s.steps += 1
         s.steps_off += not any(decision.k)
         s.probes += decision.probes
+        s.ngram_requests += sum(decision.ngram)
         s.decision_seconds += decision.decision_seconds
         for cap, k in zip(caps.tolist(), decision.k):
             if cap > 0:

@@ -81,7 +81,16 @@ class LevelEntry:
         return replace(self, **deltas)
 
 
-ADAPTIVE_COUNTERS = ("steps", "steps_off", "requests", "requests_off", "probes", "decision_seconds", "step_seconds")
+ADAPTIVE_COUNTERS = (
+    "steps",
+    "steps_off",
+    "requests",
+    "requests_off",
+    "probes",
+    "ngram_requests",
+    "decision_seconds",
+    "step_seconds",
+)
 
 
 @dataclass
@@ -95,6 +104,7 @@ class AdaptiveReport:
     requests: int = 0  # (request, round) pairs that could draft
     requests_off: int = 0  # of which drafted nothing
     probes: int = 0  # one-token drafts that re-measure a request's acceptance
+    ngram_requests: int = 0  # (request, round) pairs whose drafts were their n-gram proposal
     k_histogram: list[int] = field(default_factory=list)  # [K + 1] (request, round) pairs by chosen k
     decision_seconds: float = 0.0  # spent deciding
     step_seconds: float = 0.0  # measured steps (target + drafting) while deciding
@@ -131,6 +141,8 @@ class AdaptiveReport:
         bits = [f"k {ks or '-'}"]
         if self.steps:
             bits.append(f"off steps={self.steps_off_share:.0%} requests={self.requests_off_share or 0:.0%}")
+        if self.ngram_requests:
+            bits.append(f"n-gram to target={self.ngram_requests / max(1, self.requests):.0%} of requests")
         e = self.estimates
         if "target_step_s" in e:
             bits.append(f"target={1e3 * e['target_step_s']:.1f}ms+{1e3 * e['target_per_token_s']:.2f}ms/tok")

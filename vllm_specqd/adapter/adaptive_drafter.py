@@ -57,11 +57,13 @@ class AdaptiveDrafter:
         )
         self.target_timer: PassTimer | None = None  # the target's forward passes (CPU engines)
         self._proposed: dict[Hashable, int] = {}  # drafts each request got last round
+        self._sent_ngram: dict[Hashable, bool] = {}  # whether they were its n-gram proposal
         self._last_end: float | None = None
         self._draft_started = 0.0
 
     def forget(self, req_id: Hashable) -> None:
         self._proposed.pop(req_id, None)
+        self._sent_ngram.pop(req_id, None)
         self.policy.forget(req_id)
 
     def decide(
@@ -70,6 +72,7 @@ class AdaptiveDrafter:
         sampled_positions: torch.Tensor,  # [batch] position of the token the target just sampled
         cad,
         num_rejected_tokens_gpu: torch.Tensor | None,  # [batch]
+        ngram_proposals: list[list[int]] | None = None,  # [batch] n-gram proposals the target could verify
     ) -> Decision:
         started = time.perf_counter()
         qsl = cad.query_start_loc_cpu.tolist()
@@ -86,15 +89,17 @@ class AdaptiveDrafter:
             proposed = self._proposed.get(req_id, 0)
             verified = query_lens[i] - 1  # a decode row feeds the sampled token + its drafts
             if proposed and not discarded[i] and 0 < verified <= proposed:
-                outcomes.append(Outcome(req_id, verified, verified - rejected[i]))
+                outcomes.append(Outcome(req_id, verified, verified - rejected[i], self._sent_ngram.get(req_id, False)))
         self.policy.observe(outcomes)
         positions = sampled_positions.tolist()
+        ngram = [len(p) for p in ngram_proposals] if ngram_proposals is not None else [0] * rows
         slots = [
-            RequestSlot(req_id, 0 if discarded[i] else self._cap(runner, req_id, positions[i] + 1))
+            RequestSlot(req_id, 0 if discarded[i] else self._cap(runner, req_id, positions[i] + 1), ngram[i])
             for i, req_id in enumerate(req_ids)
         ]
         decision = self.policy.decide(slots)
         self._proposed = {req_id: k for req_id, k in zip(req_ids, decision.k)}
+        self._sent_ngram = {req_id: sent for req_id, sent in zip(req_ids, decision.ngram)}
         self._draft_started = time.perf_counter()
         return decision
 
@@ -124,9 +129,16 @@ class AdaptiveDrafter:
             return  # the engine idled (no requests) between the two rounds
         self.policy.observe_target(tokens, gap)
 
-    def finish(self, drafts: torch.Tensor | list[list[int]], decision: Decision) -> list[list[int]]:
-        """Each row's first k drafts (drafts: [batch, passes], or per-row lists); times the round."""
+    def finish(
+        self,
+        drafts: torch.Tensor | list[list[int]],  # [batch, passes], or per-row lists
+        decision: Decision,
+        ngram_proposals: list[list[int]] | None = None,  # [batch]
+    ) -> list[list[int]]:
+        """Each row's first k drafts, its n-gram proposal's where the decision says so; times the round."""
         rows = drafts.tolist() if isinstance(drafts, torch.Tensor) else drafts
+        if ngram_proposals is not None:
+            rows = [ngram_proposals[i] if sent else row for i, (row, sent) in enumerate(zip(rows, decision.ngram))]
         cut = [row[:k] for row, k in zip(rows, decision.k)]
         self._last_end = time.perf_counter()
         self.policy.observe_draft(decision, self._last_end - self._draft_started)
@@ -142,6 +154,7 @@ class AdaptiveDrafter:
             requests=s.requests,
             requests_off=s.requests_off,
             probes=s.probes,
+            ngram_requests=s.ngram_requests,
             k_histogram=list(s.k_histogram),
             decision_seconds=s.decision_seconds,
             step_seconds=s.step_seconds,

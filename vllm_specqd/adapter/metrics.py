@@ -18,6 +18,7 @@ With ``adaptive`` on, for level 1 (labels: engine, level)::
     specqd:adaptive_requests_total           specqd:adaptive_requests_off_total (k = 0)
     specqd:adaptive_speculation_off_share{of=steps|requests}
     specqd:adaptive_probes_total             specqd:adaptive_decision_share (decision time / step time)
+    specqd:adaptive_ngram_requests_total     (request, round) pairs that sent an n-gram proposal to the target
     specqd:adaptive_estimate{name}           the cost model's numbers: target_step_s, target_per_token_s,
                                              draft_pass_s, draft_per_row_s, expected/plain_tokens_per_s, ...
 """
@@ -113,6 +114,7 @@ def _adaptive_families(engine_reports: dict[str, LevelReport]):
             ("requests", "(request, round) pairs that could draft"),
             ("requests_off", "(request, round) pairs that drafted nothing"),
             ("probes", "One-token drafts that re-measure a request's acceptance"),
+            ("ngram_requests", "(request, round) pairs that sent their n-gram proposal to the target"),
         )
     }
     off_share = GaugeMetricFamily(

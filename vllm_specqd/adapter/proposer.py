@@ -12,7 +12,9 @@ A round for K level-1 tokens takes one of three paths:
 
 With ``adaptive`` on, each round first asks :class:`AdaptiveDrafter` for every request's k
 (0..K); the round runs max(k) passes (none when every k is 0 and nothing must catch up) and
-returns per-request lists cut to each k.
+returns per-request lists cut to each k. With a shared KV and an n-gram inner level, each request
+may instead send its n-gram proposal straight to the target (``_ngram_proposals``): the policy
+weighs it against the MXFP4 drafts, and only the requests drafting with MXFP4 run passes.
 
 Every vLLM internal it needs goes through ``vllm_internals``; docs/design.md draws the rounds.
 """
@@ -40,7 +42,7 @@ from vllm_specqd.adapter.level_stats import LevelStatsPublisher
 from vllm_specqd.adapter.window_model import VllmWindowModel
 from vllm_specqd.config import ModelLevel, NgramLevel, SpecQDConfigError, from_dict
 from vllm_specqd.multilevel import RequestContext, SpeculativeLevel, build_chain
-from vllm_specqd.ngram import NgramProposer
+from vllm_specqd.ngram import NgramProposer, find_ngram_continuation
 
 # Under "vllm." so vLLM's logging config (handlers, level, process prefix) applies.
 logger = init_logger("vllm." + __name__)
@@ -61,9 +63,13 @@ class SpecQDProposer(DraftModelProposer):
         self.stats = LevelStatsPublisher(vllm_config)
         self._trace_rounds = 0
         self.adaptive: AdaptiveDrafter | None = None
+        # Adaptive, shared KV, an n-gram inner level: the n-gram proposes to the target directly.
+        self.ngram_direct: NgramLevel | None = None
+        if self.specqd.adaptive.enabled and self.shared_kv and isinstance(self.specqd.inner, NgramLevel):
+            self.ngram_direct = self.specqd.inner
         if self.specqd.adaptive.enabled:
             # Separate KV and inner models catch their KV up in a round's first pass: it always runs.
-            catch_up = not self.shared_kv or self.specqd.inner is not None
+            catch_up = not self.shared_kv or (self.specqd.inner is not None and self.ngram_direct is None)
             self.adaptive = self.stats.adaptive = AdaptiveDrafter(
                 self.specqd.adaptive,
                 self.specqd.num_speculative_tokens,
@@ -93,7 +99,9 @@ class SpecQDProposer(DraftModelProposer):
             cpu_copy_bytes=self.model.specqd_cpu_copy_bytes,
             kv_cache=draft.kv_cache,
         )
-        if self.specqd.inner is not None:
+        if self.ngram_direct is not None:
+            self.stats.set_level(2, proposer="n-gram lookup, straight to the target", kv_cache="none")
+        elif self.specqd.inner is not None:
             self.chain = self.stats.chain = self._build_chain()
         model_levels = [self.model, *(w.model for w in self.inner_window_models)]
         self.stats.time_passes(target_model, dict(enumerate(model_levels, start=1)))
@@ -220,10 +228,16 @@ class SpecQDProposer(DraftModelProposer):
         trace_path = os.environ.get(TRACE_ENV)
         if trace_path:
             next_positions = self._next_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
-        decision = None
+        decision = ngram = None
         if self.adaptive is not None:
             sampled = self._sampled_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
-            decision = self.adaptive.decide(self.runner, sampled, common_attn_metadata, num_rejected_tokens_gpu)
+            if self.ngram_direct is not None:
+                ngram = self._ngram_proposals(
+                    target_token_ids, target_positions, next_token_ids, common_attn_metadata, num_rejected_tokens_gpu
+                )
+            decision = self.adaptive.decide(
+                self.runner, sampled, common_attn_metadata, num_rejected_tokens_gpu, ngram_proposals=ngram
+            )
             num_speculative_tokens = decision.passes
         if decision is not None and decision.passes == 0:
             internals.begin_round(self, self.specqd.num_speculative_tokens)  # clears last round's draft probs
@@ -252,7 +266,7 @@ class SpecQDProposer(DraftModelProposer):
                 common_attn_metadata,
                 sampling_metadata,
                 num_rejected_tokens_gpu,
-                limits=decision.k if decision is not None else None,
+                limits=[0 if sent else k for k, sent in zip(decision.k, decision.ngram)] if decision else None,
             )
         else:
             self.stats.first_passes += max(1, num_speculative_tokens)  # vLLM's loop: K passes
@@ -271,7 +285,7 @@ class SpecQDProposer(DraftModelProposer):
                 slot_mappings,
             )
         if decision is not None:
-            drafts = self.adaptive.finish(drafts, decision)
+            drafts = self.adaptive.finish(drafts, decision, ngram)
         if trace_path:
             self._trace(trace_path, next_positions, drafts)
         return drafts
@@ -342,6 +356,23 @@ class SpecQDProposer(DraftModelProposer):
         if probs:
             internals.keep_draft_probs(self, torch.stack(probs, dim=1).contiguous())
         return torch.stack(drafts, dim=1)
+
+    def _ngram_proposals(
+        self, target_token_ids, target_positions, next_token_ids, cad, num_rejected_tokens_gpu
+    ) -> list[list[int]]:  # [batch_size] up to K tokens each
+        """Each request's n-gram continuation of its committed context (empty for discarded rows)."""
+        level = self.ngram_direct
+        contexts = self._committed_contexts(
+            target_token_ids, target_positions, next_token_ids, cad, num_rejected_tokens_gpu
+        )
+        discarded = internals.discarded_rows(self.runner, len(contexts))
+        k = self.specqd.num_speculative_tokens
+        return [
+            []
+            if discarded[i]
+            else find_ngram_continuation(context, level.prompt_lookup_min, level.prompt_lookup_max, k).tolist()
+            for i, context in enumerate(contexts)
+        ]
 
     @staticmethod
     def _sampled_positions(target_positions, cad, num_rejected_tokens_gpu) -> torch.Tensor:  # [batch_size]

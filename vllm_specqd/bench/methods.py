@@ -52,6 +52,11 @@ METHODS: dict[str, Method] = {
         Method("specqd-adaptive", "specqd, one level, adaptive k per request and step", ("MXFP4 self-draft",)),
         Method("specqd-ngram", "specqd, two levels: MXFP4 self-draft <- n-gram", ("MXFP4 self-draft", None)),
         Method(
+            "specqd-adaptive-ngram",
+            "specqd, two levels (MXFP4 self-draft <- n-gram), adaptive level-1 k per request and step",
+            ("MXFP4 self-draft", None),
+        ),
+        Method(
             "specqd-small",
             "specqd, three levels: MXFP4 self-draft <- small MXFP4 model <- n-gram",
             ("MXFP4 self-draft", "small model (MXFP4)", None),
@@ -130,11 +135,11 @@ def speculative_config(
         config["draft"] = {**config.get("draft", {}), "cpu_kernel": method.cpu_kernel}
     inner = inner_k if inner_k is not None else max(1, k // 2)
     base = method.name.partition(":")[0]
-    if base == "specqd-adaptive":
+    if base in ("specqd-adaptive", "specqd-adaptive-ngram"):
         config["adaptive"] = {"enabled": True, **(specqd_adaptive or {})}
     if base == "specqd-1-separate-kv":
         config["draft"] = {**config.get("draft", {}), "kv_cache": "separate"}
-    if base == "specqd-ngram":
+    if base in ("specqd-ngram", "specqd-adaptive-ngram"):
         config["inner"] = _ngram(inner)
     elif base == "specqd-small":
         if small_dir is None:
