@@ -395,3 +395,35 @@ def test_random_policy_sends_ngram_proposals_only_where_there_are_some():
     assert any(d.ngram[0] for d in sent) and not all(d.ngram[0] for d in sent)
     assert not any(d.ngram[1] for d in sent)
     assert all(d.k[0] == 3 for d in sent if d.ngram[0])
+
+
+def test_a_free_ngram_proposal_beats_costlier_mxfp4_drafts_that_commit_more():
+    """The MXFP4 drafts would commit more tokens, but their passes cost more than that is worth:
+    the decision compares tokens per second, not tokens."""
+    policy = policy_with(target_a=0.05, target_b=0.0005, draft_c=0.02, acceptance={"a": 0.9})
+    pin_ngram_acceptance(policy, "a", 0.75)
+    mxfp4_only = policy.decide(ngram_slots({"a": 0}))
+    with_ngram = policy.decide(ngram_slots({"a": 6}))
+    assert mxfp4_only.k[0] > 0 and with_ngram.ngram == [True] and with_ngram.passes == 0
+    ng = policy.ngram_acceptance.of("a").cumprod().sum()
+    mx = policy.acceptance.of("a")[: mxfp4_only.k[0]].cumprod().sum()
+    assert mx > ng  # more tokens from the drafts...
+    rate = with_ngram.expected_tokens / with_ngram.expected_seconds
+    assert rate > mxfp4_only.expected_tokens / mxfp4_only.expected_seconds  # ...but fewer per second
+
+
+def test_a_measured_row_cost_lets_a_batch_draft_that_was_only_seen_at_one_row():
+    """Drafts were timed at one row only (a quiet server). Without a measured row cost the fit
+    prices each row like half a pass, and 16 rows look too dear to draft; with the measured
+    (small, AMX-like) cost per row they draft."""
+
+    def decide(row_cost):
+        policy = policy_with(
+            target_a=0.05, target_b=0.0003, draft_c=0.01, rows=(1,), acceptance={i: 0.9 for i in range(16)}
+        )
+        if row_cost is not None:
+            policy.set_draft_row_cost(row_cost)
+        return policy.decide(slots(*range(16)))
+
+    assert sum(decide(None).k) == 0
+    assert sum(decide(0.0002).k) > 16

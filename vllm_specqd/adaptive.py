@@ -12,8 +12,11 @@ Engine-free: the adapter feeds measurements in and applies the :class:`Decision`
   drafting n tokens in all costs ``m * c + d * n``.
 
 Both lines are exponentially weighted least-squares fits (:class:`LineFit`). While the observed
-x barely varies the slope leans on a prior (half the mean cost per unit), so a fit over one
-batch size still prices extra tokens instead of calling them free.
+x barely varies the slope leans on a prior, so a fit over one batch size still prices extra tokens
+instead of calling them free: for the draft, the cost per row of its linears measured when the
+engine starts (``set_draft_row_cost``; a kernel whose cost barely grows with the rows, such as the
+AMX one, would otherwise look as dear per row as per pass and never draft under load); for the
+target, half the mean cost per token.
 
 **Acceptance** (:class:`AcceptanceModel`): per request and draft position j, an EMA of
 P(draft j accepted | drafts 1..j-1 accepted). A new request starts from the batch-wide estimate
@@ -121,6 +124,7 @@ class LineFit:
 
     decay: float
     prior_slope_fraction: float = 0.5  # prior b = this * mean(y) / mean(x)
+    prior_slope: float | None = None  # a measured prior b, used instead of the fraction
     ridge: float = 0.01  # prior weight, in units of mean(x)^2 of x variance
     weight: float = 0.0
     sx: float = 0.0
@@ -149,7 +153,10 @@ class LineFit:
         mean_x, mean_y = self.sx / self.weight, self.sy / self.weight
         var_x = max(0.0, self.sxx / self.weight - mean_x * mean_x)
         cov = self.sxy / self.weight - mean_x * mean_y
-        prior_b = self.prior_slope_fraction * mean_y / mean_x if mean_x > 0 else 0.0
+        if self.prior_slope is not None:
+            prior_b = self.prior_slope
+        else:
+            prior_b = self.prior_slope_fraction * mean_y / mean_x if mean_x > 0 else 0.0
         lam = self.ridge * mean_x * mean_x
         b = (cov + lam * prior_b) / (var_x + lam) if var_x + lam > 0 else prior_b
         b = max(0.0, b)
@@ -235,6 +242,10 @@ class AdaptivePolicy:
 
     # ------------------------------------------------------------------ measurements
 
+    def set_draft_row_cost(self, seconds_per_row: float) -> None:
+        """A measured cost of one more row in a draft pass: the slope's prior until rows vary."""
+        self.draft.prior_slope = max(0.0, seconds_per_row)
+
     def observe_target(self, tokens: int, seconds: float) -> None:
         self.target.observe(tokens, seconds)
         self.stats.step_seconds += seconds
@@ -278,10 +289,9 @@ class AdaptivePolicy:
         else:
             k, expected = self._best_k(slots, caps)
             if ngram_len.any():
-                use_ngram = self._prefer_ngram(slots, k, ngram_len) | (explore & (ngram_len > 0) & (k == 0))
-                if use_ngram.any():  # the MXFP4 choice over the others, whose passes may now differ
-                    extra = (int(ngram_len[use_ngram].sum()), self._ngram_gain(slots, ngram_len, use_ngram))
-                    k, expected = self._best_k(slots, caps * ~use_ngram, extra)
+                use_ngram, k, expected = self._with_ngram(slots, caps, k, expected, ngram_len)
+                if explore and not use_ngram.any():  # keep the n-gram estimates measured
+                    use_ngram = (ngram_len > 0) & (k == 0)
             k = self._explore(caps * ~use_ngram, k, explore)
         k = np.where(use_ngram, ngram_len, k)
         probes_may_pay = (
@@ -352,27 +362,38 @@ class AdaptivePolicy:
         np.add.at(k, row_items[: at + 1][chosen], 1)
         return k, (float(base + gained[best_m, at]), float(seconds[best_m, at]))
 
-    def _ngram_gain(self, slots: Sequence[RequestSlot], ngram_len: np.ndarray, rows_mask: np.ndarray) -> float:
-        """Expected accepted tokens of the n-gram proposals of the masked requests."""
-        return sum(
-            float(np.cumprod(self.ngram_acceptance.of(slots[i].req_id)[: int(ngram_len[i])]).sum())
-            for i in np.flatnonzero(rows_mask)
-        )
-
-    def _prefer_ngram(self, slots: Sequence[RequestSlot], k: np.ndarray, ngram_len: np.ndarray) -> np.ndarray:
-        """Requests (bool [rows]) whose n-gram proposal is expected to commit at least what their
-        MXFP4 drafts would (k, this round's choice), and whose extra verified tokens pay at the plain rate."""
+    def _with_ngram(
+        self,
+        slots: Sequence[RequestSlot],
+        caps: np.ndarray,
+        k: np.ndarray,
+        expected: tuple[float, float],
+        ngram_len: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        """The best of: MXFP4 drafts only (``k``, ``expected``), or n-gram proposals for a set of
+        requests and the best MXFP4 choice over the rest. Two sets are tried: every request whose
+        proposal pays for its verification at the plain rate, and of those the ones expected to
+        commit at least what their MXFP4 drafts would. Returns (use_ngram [rows] bool, k, expected)."""
         rows = len(slots)
         plain_rate = rows / float(self._seconds(rows, 0, self.settings.min_passes))
         per_token_s = self.target.coefficients()[1]
-        choose = np.zeros(rows, dtype=bool)
+        gain_ngram = np.zeros(rows)
+        gain_draft = np.zeros(rows)
         for i in np.flatnonzero(ngram_len):
-            g = int(ngram_len[i])
-            gain_ngram = float(np.cumprod(self.ngram_acceptance.of(slots[i].req_id)[:g]).sum())
-            gain_draft = float(np.cumprod(self.acceptance.of(slots[i].req_id)[: int(k[i])]).sum())
-            pays = per_token_s * g <= 0 or gain_ngram / (per_token_s * g) > plain_rate
-            choose[i] = gain_ngram >= gain_draft and pays
-        return choose
+            gain_ngram[i] = float(np.cumprod(self.ngram_acceptance.of(slots[i].req_id)[: int(ngram_len[i])]).sum())
+            gain_draft[i] = float(np.cumprod(self.acceptance.of(slots[i].req_id)[: int(k[i])]).sum())
+        pays = (ngram_len > 0) & (gain_ngram > plain_rate * per_token_s * ngram_len)
+        best = (np.zeros(rows, dtype=bool), k, expected)
+        best_rate = expected[0] / expected[1] if expected[1] > 0 else 0.0
+        for candidates in (pays, pays & (gain_ngram >= gain_draft)):
+            if not candidates.any():
+                continue
+            sent = (int(ngram_len[candidates].sum()), float(gain_ngram[candidates].sum()))
+            k_rest, expected_rest = self._best_k(slots, caps * ~candidates, sent)
+            rate = expected_rest[0] / expected_rest[1]
+            if rate > best_rate and rate >= (1.0 + self.settings.min_gain) * plain_rate:
+                best, best_rate = (candidates, k_rest, expected_rest), rate
+        return best
 
     def _explore(self, caps: np.ndarray, k: np.ndarray, explore: bool) -> np.ndarray:
         """One more draft for every drafting request on an exploring round."""

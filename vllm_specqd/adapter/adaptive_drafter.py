@@ -22,6 +22,7 @@ import time
 from collections.abc import Hashable
 
 import torch
+from vllm.logger import init_logger
 
 from vllm_specqd.adapter import vllm_internals as internals
 from vllm_specqd.adapter.pass_timer import PassTimer
@@ -29,8 +30,32 @@ from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, Decision, Out
 from vllm_specqd.config import AdaptiveSpec
 from vllm_specqd.level_report import AdaptiveReport
 
+logger = init_logger("vllm." + __name__)
+
 # A gap between two rounds longer than this many expected steps (+ slack) is idle time, not a step.
 IDLE_GAP_FACTOR, IDLE_GAP_SLACK_S = 4.0, 0.02
+CALIBRATION_ROWS = 16  # the draft's per-row cost is measured between 1 row and this many
+
+
+def time_linears(layers: list[torch.nn.Module], rows: int, reps: int = 2) -> float:
+    """Seconds of one pass over ``layers`` (each an MXFP4 linear or head) with ``rows`` random rows."""
+    inputs = [torch.randn(rows, layer.specqd_in_features, dtype=layer.params_dtype) for layer in layers]
+    device = next((p.device for layer in layers for p in layer.parameters()), torch.device("cpu"))
+    inputs = [x.to(device) for x in inputs]
+
+    def one_pass():
+        for layer, x in zip(layers, inputs):
+            layer.quant_method.apply(layer, x, None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    one_pass()  # warm-up: kernel builds, caches
+    best = float("inf")
+    for _ in range(reps):
+        started = time.perf_counter()
+        one_pass()
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 class AdaptiveDrafter:
@@ -60,6 +85,24 @@ class AdaptiveDrafter:
         self._sent_ngram: dict[Hashable, bool] = {}  # whether they were its n-gram proposal
         self._last_end: float | None = None
         self._draft_started = 0.0
+
+    def calibrate(self, layers: list[torch.nn.Module]) -> None:
+        """Measure what one more row costs the draft's linears and give it to the policy."""
+        if not layers:
+            return
+        with torch.inference_mode():
+            one, many = time_linears(layers, 1), time_linears(layers, CALIBRATION_ROWS)
+        per_row = max(0.0, (many - one) / (CALIBRATION_ROWS - 1))
+        self.policy.set_draft_row_cost(per_row)
+        logger.info(
+            "specqd: adaptive: the draft's %d MXFP4 linears take %.1f ms at 1 row and %.1f ms at %d rows "
+            "(%.2f ms per row, the cost model's prior)",
+            len(layers),
+            1e3 * one,
+            1e3 * many,
+            CALIBRATION_ROWS,
+            1e3 * per_row,
+        )
 
     def forget(self, req_id: Hashable) -> None:
         self._proposed.pop(req_id, None)

@@ -203,6 +203,15 @@ def build_mxfp4_draft(
     return draft.eval()
 
 
+def mxfp4_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's MXFP4 linears and MXFP4 lm_head, in module order."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "quant_method", None), MXFP4LinearMethod) or isinstance(m, MXFP4LMHead)
+    ]
+
+
 def convert_to_mxfp4_in_place(model: nn.Module, cpu_kernel: str = "w4a16") -> tuple[int, int]:
     """Switch a loaded BF16 model's linears to its captured MXFP4 copies (inner levels).
 

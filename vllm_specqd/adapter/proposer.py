@@ -35,7 +35,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_specqd.adapter import vllm_internals as internals
 from vllm_specqd.adapter.adaptive_drafter import AdaptiveDrafter
-from vllm_specqd.adapter.draft_builder import DRAFT_PREFIX, build_mxfp4_draft
+from vllm_specqd.adapter.draft_builder import DRAFT_PREFIX, build_mxfp4_draft, mxfp4_layers
 from vllm_specqd.adapter.engine_config import model_levels_on_hybrid_target_error, separate_kv_on_hybrid_target_error
 from vllm_specqd.adapter.inner_models import load_inner_model
 from vllm_specqd.adapter.level_stats import LevelStatsPublisher
@@ -107,6 +107,7 @@ class SpecQDProposer(DraftModelProposer):
         self.stats.time_passes(target_model, dict(enumerate(model_levels, start=1)))
         if self.adaptive is not None:
             self.adaptive.target_timer = self.stats.target_timer
+            self.adaptive.calibrate(mxfp4_layers(self.model))
         logger.info(
             "specqd: level 1 = MXFP4 self-draft (scale rule %s, %s KV, lm_head %s), K=%d%s, draft sampling %s; "
             "levels below: %s",
