@@ -110,7 +110,11 @@ def reference_run(model_dir):
     )
 
 
-LEVEL1_SPEC = {"method": "specqd", "num_speculative_tokens": 6}  # engine_harness.K; defaults otherwise
+LEVEL1_SPEC = {
+    "method": "specqd",
+    "num_speculative_tokens": 6,
+    "adaptive": False,
+}  # engine_harness.K; fixed K, defaults otherwise
 LEVEL1_INSPECTED_LAYER = "model.layers.0.self_attn.qkv_proj"
 
 

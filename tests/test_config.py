@@ -38,7 +38,7 @@ def test_round_trip_is_json():
 
 
 def test_adaptive_forms():
-    assert parse_config(specqd()).adaptive == AdaptiveSpec(enabled=False)
+    assert parse_config(specqd()).adaptive == AdaptiveSpec(enabled=True)  # on by default (README)
     assert parse_config(specqd(adaptive=True)).adaptive == AdaptiveSpec(enabled=True)
     assert parse_config(specqd(adaptive=False)).adaptive.enabled is False
     cfg = parse_config(specqd(adaptive={"min_gain": 0.05}))
@@ -248,6 +248,16 @@ def test_async_scheduling_with_adaptive_is_refused(model_dir):
     with pytest.raises(SpecQDConfigError, match="'adaptive' needs async_scheduling off"):
         engine_config(model_dir, specqd(adaptive=True), async_scheduling=True)
     assert engine_config(model_dir, specqd(adaptive=True)).scheduler_config.async_scheduling is False
+
+
+def test_async_scheduling_turns_default_adaptive_off_with_a_warning(model_dir, caplog):
+    """Adaptive is on by default; a user who asked for async scheduling keeps it, with fixed K."""
+    with caplog.at_level("WARNING"):
+        cfg = engine_config(model_dir, specqd(), async_scheduling=True)
+    # (vLLM's CPU platform then turns async scheduling off itself, platforms/cpu.py:331.)
+    assert from_dict(cfg.additional_config["specqd"]).adaptive.enabled is False
+    assert "adaptive speculation (on by default) is off" in caplog.text
+    assert from_dict(engine_config(model_dir, specqd()).additional_config["specqd"]).adaptive.enabled is True
 
 
 def test_different_vocabulary_is_refused(model_dir, small_model_dir, tmp_path):

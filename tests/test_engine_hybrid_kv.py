@@ -69,12 +69,17 @@ def reference(hybrid_model_dir):
 
 @pytest.fixture(scope="module")
 def poisoned_one_level(hybrid_model_dir):
-    return _run(hybrid_model_dir, {"method": "specqd", "num_speculative_tokens": K}, POISON)
+    return _run(hybrid_model_dir, {"method": "specqd", "num_speculative_tokens": K, "adaptive": False}, POISON)
 
 
 @pytest.fixture(scope="module")
 def ngram(hybrid_model_dir):
-    spec = {"method": "specqd", "num_speculative_tokens": K, "inner": {"method": "ngram", "num_speculative_tokens": 2}}
+    spec = {
+        "method": "specqd",
+        "num_speculative_tokens": K,
+        "adaptive": False,
+        "inner": {"method": "ngram", "num_speculative_tokens": 2},
+    }
     return _run(hybrid_model_dir, spec)
 
 
@@ -142,7 +147,7 @@ def _engine_config(model_dir, spec):
 
 
 def test_separate_kv_on_a_hybrid_target_is_a_config_error(hybrid_model_dir):
-    spec = {"method": "specqd", "num_speculative_tokens": K, "draft": {"kv_cache": "separate"}}
+    spec = {"method": "specqd", "num_speculative_tokens": K, "adaptive": False, "draft": {"kv_cache": "separate"}}
     with pytest.raises(SpecQDConfigError, match=r"'draft.kv_cache' = 'separate'.*Use 'draft.kv_cache': 'shared'"):
         _engine_config(hybrid_model_dir, spec)
     shared = _engine_config(hybrid_model_dir, {**spec, "draft": {"kv_cache": "shared"}})
@@ -150,12 +155,12 @@ def test_separate_kv_on_a_hybrid_target_is_a_config_error(hybrid_model_dir):
 
 
 def test_separate_kv_on_a_plain_target_is_fine(model_dir):
-    spec = {"method": "specqd", "num_speculative_tokens": K, "draft": {"kv_cache": "separate"}}
+    spec = {"method": "specqd", "num_speculative_tokens": K, "adaptive": False, "draft": {"kv_cache": "separate"}}
     assert _engine_config(model_dir, spec).additional_config["specqd"]["draft"]["kv_cache"] == "separate"
 
 
 def test_model_inner_levels_on_a_hybrid_target_are_a_config_error(hybrid_model_dir, small_model_dir):
     inner = {"method": "draft_model", "model": str(small_model_dir), "num_speculative_tokens": 2}
-    spec = {"method": "specqd", "num_speculative_tokens": K, "inner": inner}
+    spec = {"method": "specqd", "num_speculative_tokens": K, "adaptive": False, "inner": inner}
     with pytest.raises(SpecQDConfigError, match="'inner' levels with method 'draft_model' are not supported"):
         _engine_config(hybrid_model_dir, spec)

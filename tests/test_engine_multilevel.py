@@ -24,7 +24,7 @@ NGRAM = {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5}
 
 
 def configs(small_model_dir) -> dict[str, dict]:
-    level1 = {"method": "specqd", "num_speculative_tokens": K, "draft_sample_method": "greedy"}
+    level1 = {"method": "specqd", "num_speculative_tokens": K, "draft_sample_method": "greedy", "adaptive": False}
     return {
         "one": LEVEL1_SPEC,  # run once, as conftest's level1_run
         "two": {**level1, "inner": {**NGRAM, "num_speculative_tokens": 3}},

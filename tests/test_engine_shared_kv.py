@@ -65,12 +65,17 @@ def reference(model_dir):
 
 @pytest.fixture(scope="module")
 def poisoned_one_level(model_dir):
-    return _run(model_dir, {"method": "specqd", "num_speculative_tokens": K}, POISON)
+    return _run(model_dir, {"method": "specqd", "num_speculative_tokens": K, "adaptive": False}, POISON)
 
 
 @pytest.fixture(scope="module")
 def poisoned_ngram(model_dir):
-    spec = {"method": "specqd", "num_speculative_tokens": K, "inner": {"method": "ngram", "num_speculative_tokens": 3}}
+    spec = {
+        "method": "specqd",
+        "num_speculative_tokens": K,
+        "adaptive": False,
+        "inner": {"method": "ngram", "num_speculative_tokens": 3},
+    }
     return _run(model_dir, spec, POISON)
 
 

@@ -42,7 +42,7 @@ K = 4
 MAX_TOKENS = 24
 TP_ENGINE = dict(tensor_parallel_size=TP, max_model_len=512)
 MP = dict(distributed_executor_backend="mp", **TP_ENGINE)
-ONE_LEVEL = {"method": "specqd", "num_speculative_tokens": K}
+ONE_LEVEL = {"method": "specqd", "num_speculative_tokens": K, "adaptive": False}
 NGRAM = {**ONE_LEVEL, "inner": {"method": "ngram", "num_speculative_tokens": 2}}
 INSPECTED = ("model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.down_proj")
 TIMING_FIELDS = ("timed_passes", "pass_seconds")

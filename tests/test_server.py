@@ -137,10 +137,11 @@ def serve_and_talk(model_dir: Path, log_path: Path, spec_file: Path | None) -> d
 def spec_configs(small_model_dir: Path) -> dict[str, dict]:
     ngram = {"method": "ngram", "prompt_lookup_min": 2, "prompt_lookup_max": 5}
     return {
-        "one": {"method": "specqd", "num_speculative_tokens": 4},
+        "one": {"method": "specqd", "num_speculative_tokens": 4},  # the defaults: adaptive
         "three": {
             "method": "specqd",
             "num_speculative_tokens": 6,
+            "adaptive": False,
             "inner": {
                 "method": "draft_model",
                 "model": str(small_model_dir),

@@ -37,11 +37,12 @@ PRESSURE_FLAGS = ["--block-size", "32", "--num-gpu-blocks-override", "10"]
 
 # The draft writes into the target's own KV cache (spelled out: the storm must keep covering it).
 SHARED_KV = {"kv_cache": "shared"}
-SPECQD_ONE = {"method": "specqd", "num_speculative_tokens": 4, "draft": SHARED_KV}
+SPECQD_ONE = {"method": "specqd", "num_speculative_tokens": 4, "draft": SHARED_KV, "adaptive": False}
 SPECQD_NGRAM = {
     "method": "specqd",
     "num_speculative_tokens": 4,
     "draft": SHARED_KV,
+    "adaptive": False,
     "inner": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
 }
 ALL_CONFIGS = {"specqd-1": (SPECQD_ONE, []), "specqd-ngram": (SPECQD_NGRAM, PRESSURE_FLAGS)}

@@ -14,13 +14,17 @@ validated specqd settings to every worker.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import vllm.envs as envs
+from vllm.logger import init_logger
 
 from vllm_specqd.adapter.mxfp4_linear import QUANT_NAME
 from vllm_specqd.config import ModelLevel, SpecQDConfig, SpecQDConfigError, parse_config
+
+logger = init_logger("vllm." + __name__)
 
 
 def _tokenizer_vocab(model_dir: Path) -> dict | None:
@@ -124,9 +128,17 @@ def translate_engine_args(engine_args: Any, target_model_config: Any, target_par
     if cfg.adaptive.enabled:
         # Per-request draft lengths go to the scheduler as lists; async scheduling schedules K
         # placeholder drafts per request before they exist (gpu_model_runner.py:1854-1872).
-        if engine_args.async_scheduling:
+        if engine_args.async_scheduling and "adaptive" in raw:
             raise SpecQDConfigError("specqd: 'adaptive' needs async_scheduling off; drop --async-scheduling.")
-        engine_args.async_scheduling = False
+        if engine_args.async_scheduling:  # adaptive by default only: the user's async scheduling wins
+            logger.warning(
+                "specqd: async scheduling is on, so adaptive speculation (on by default) is off: every "
+                "request drafts num_speculative_tokens each step. Drop --async-scheduling to keep it, "
+                'or set "adaptive": false to silence this.'
+            )
+            cfg = replace(cfg, adaptive=replace(cfg.adaptive, enabled=False))
+        else:
+            engine_args.async_scheduling = False
     engine_args.speculative_config = {
         "method": "draft_model",
         "model": target_model_config.model,

@@ -137,6 +137,8 @@ def speculative_config(
     base = method.name.partition(":")[0]
     if base in ("specqd-adaptive", "specqd-adaptive-ngram"):
         config["adaptive"] = {"enabled": True, **(specqd_adaptive or {})}
+    else:
+        config["adaptive"] = False  # a fixed-K method (adaptive is on by default)
     if base == "specqd-1-separate-kv":
         config["draft"] = {**config.get("draft", {}), "kv_cache": "separate"}
     if base in ("specqd-ngram", "specqd-adaptive-ngram"):
