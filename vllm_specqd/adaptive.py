@@ -37,13 +37,14 @@ good. Every ``explore_every`` rounds each drafting request drafts one token more
 
 **N-gram proposals straight to the target** (a shared-KV draft with an n-gram inner level): a
 request whose context's suffix occurred before has an n-gram proposal of g tokens, free to make.
-Its expected gain ``sum_{j<=g} q_ij`` (``q``: the product of the request's n-gram acceptances, a
-second :class:`AcceptanceModel`) is weighed against what the MXFP4 draft would add for it: the
-request sends the n-gram tokens instead when they are expected to commit at least as many tokens,
-and if the g extra verified tokens pay for themselves at the batch's plain rate. It then needs no
-draft pass, and the MXFP4 choice is re-made over the other requests (pricing the n-gram tokens the
-step verifies anyway). Warm-up rounds alternate between the two; exploring rounds also send the
-proposals of requests that chose no MXFP4 drafts, so both estimates keep being measured.
+Its expected gain is ``sum_{j<=g} q_ij`` (``q``: the product of the request's n-gram acceptances, a
+second :class:`AcceptanceModel`), and it needs no draft pass. Whole-batch options are compared by
+expected tokens per second (:meth:`AdaptivePolicy._with_ngram`): MXFP4 drafts only, or n-gram
+proposals for the requests whose g extra verified tokens pay at the batch's plain rate (or only
+those of them expected to commit at least what their MXFP4 drafts would), with the MXFP4 choice
+re-made over the other requests and the n-gram tokens priced into the step. Warm-up rounds
+alternate between the two; exploring rounds also send the proposals of requests that chose no
+MXFP4 drafts, so both estimates keep being measured.
 
 **Re-probing**: a request that got k = 0 for ``reprobe_after`` steps in a row gets k = 1 once
 (unless the batch is so costly to draft that even full acceptance would not pay),

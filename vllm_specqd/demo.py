@@ -1,8 +1,10 @@
 """`python -m vllm_specqd demo` (`make demo`): the bundled model with and without specqd, side by side.
 
 Offline `LLM.generate` over 6 HumanEval + 4 chat prompts (64 tokens, float32),
-greedy, three engines in turn: no speculation, specqd with one level (the
-MXFP4 self-draft), and specqd with an n-gram level under the MXFP4 draft.
+greedy, four engines in turn: no speculation, vLLM's n-gram, specqd with one level
+and K drafts every step (the MXFP4 self-draft), and specqd's defaults with an n-gram
+level (adaptive: per request and step, plain decoding, MXFP4 drafts or the n-gram's
+proposal).
 Prints tokens/s, acceptance (mean accepted length, per position, per level)
 and whether the outputs match no speculation token for token. Engines run with
 tcmalloc + libiomp5 preloaded, as vLLM's CPU docs ask (vllm_specqd/bench/preload.py).
@@ -13,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 
-DEMO_METHODS = "none,specqd-1,specqd-ngram"
+DEMO_METHODS = "none,ngram,specqd-1,specqd-adaptive-ngram"
 CODE_SHARE = 0.6  # 6 of the default 10 prompts are HumanEval
 
 
@@ -66,12 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     n_code = round(CODE_SHARE * args.num_prompts)
     prompts = mixed_prompts(n_code, args.num_prompts - n_code, target)
     settings = RunSettings(target, None, args.dtype, args.k, args.max_tokens, args.batch_size, max_model_len=2048)
+    methods = parse_methods(DEMO_METHODS)
     print(
         f"[demo] {target}: {n_code} HumanEval + {args.num_prompts - n_code} chat prompts, "
-        f"{args.max_tokens} tokens, K={args.k}, {args.dtype}; starting 3 engines in turn, "
+        f"{args.max_tokens} tokens, K={args.k}, {args.dtype}; starting {len(methods)} engines in turn, "
         f"LD_PRELOAD={os.environ.get('LD_PRELOAD') or '(none)'}"
     )
-    records = run_methods(parse_methods(DEMO_METHODS), prompts, settings)
+    records = run_methods(methods, prompts, settings)
 
     print("\n" + markdown_table(list(SUMMARY), _summary_rows(records)))
     print("\nPer level (level 1 proposes to the target, level 2 to level 1):\n")
