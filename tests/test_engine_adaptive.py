@@ -66,6 +66,10 @@ def test_ngram_proposals_and_mxfp4_drafts_go_to_the_target_side_by_side(ngram_di
     drafted = sum(k * n for k, n in enumerate(report.k_histogram))
     # Level-1 passes ran only for MXFP4 drafts: fewer than all the drafts the target got.
     assert 0 < ngram_direct_run.level_stats.levels[1].forward_passes < drafted
+    # Level 2 (the n-gram) reports what the target verified of its proposals.
+    level2 = ngram_direct_run.level_stats.levels[2]
+    assert level2.proposer == "n-gram lookup, straight to the target"
+    assert 0 < level2.accepted_tokens <= level2.proposed_tokens and 0 < level2.verify_windows <= report.ngram_requests
 
 
 def test_auto_kernel_is_amx_where_the_cpu_has_it(adaptive_run):

@@ -83,6 +83,8 @@ class AdaptiveDrafter:
         self.target_timer: PassTimer | None = None  # the target's forward passes (CPU engines)
         self._proposed: dict[Hashable, int] = {}  # drafts each request got last round
         self._sent_ngram: dict[Hashable, bool] = {}  # whether they were its n-gram proposal
+        # N-gram proposals the target verified: (request, round) pairs, tokens verified, accepted.
+        self.ngram_rounds = self.ngram_verified = self.ngram_accepted = 0
         self._last_end: float | None = None
         self._draft_started = 0.0
 
@@ -132,7 +134,12 @@ class AdaptiveDrafter:
             proposed = self._proposed.get(req_id, 0)
             verified = query_lens[i] - 1  # a decode row feeds the sampled token + its drafts
             if proposed and not discarded[i] and 0 < verified <= proposed:
-                outcomes.append(Outcome(req_id, verified, verified - rejected[i], self._sent_ngram.get(req_id, False)))
+                outcome = Outcome(req_id, verified, verified - rejected[i], self._sent_ngram.get(req_id, False))
+                outcomes.append(outcome)
+                if outcome.ngram:
+                    self.ngram_rounds += 1
+                    self.ngram_verified += outcome.verified
+                    self.ngram_accepted += outcome.accepted
         self.policy.observe(outcomes)
         positions = sampled_positions.tolist()
         ngram = [len(p) for p in ngram_proposals] if ngram_proposals is not None else [0] * rows

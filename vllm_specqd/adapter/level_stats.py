@@ -105,6 +105,15 @@ class LevelStatsPublisher:
                 verify_windows=s.windows,
                 verify_windows_without_proposal=s.windows_without_proposal,
             )
+        if self.adaptive is not None and self.chain is None and 2 in levels:
+            # An n-gram level proposing straight to the target: the target verified its proposals.
+            a = self.adaptive
+            levels[2] = replace(
+                levels[2],
+                proposed_tokens=a.ngram_verified,
+                accepted_tokens=a.ngram_accepted,
+                verify_windows=a.ngram_rounds,
+            )
         for number, timer in self.level_timers.items():
             levels[number].timed_passes, levels[number].pass_seconds = timer.passes, timer.seconds
         report = LevelReport(
