@@ -427,3 +427,16 @@ def test_a_measured_row_cost_lets_a_batch_draft_that_was_only_seen_at_one_row():
 
     assert sum(decide(None).k) == 0
     assert sum(decide(0.0002).k) > 16
+
+
+@pytest.mark.parametrize("margin, sent", [(0.0, True), (0.5, False)])
+def test_ngram_proposals_that_barely_pay_under_load_wait_for_a_margin(margin, sent):
+    """16 busy rows: each proposal's expected tokens per verified token sit just above the plain rate."""
+    ids = list(range(16))
+    policy = policy_with(
+        target_a=0.04, target_b=0.001, draft_c=1.0, acceptance={i: 0.3 for i in ids}, ngram_margin=margin
+    )
+    for i in ids:
+        pin_ngram_acceptance(policy, i, 0.55)
+    d = policy.decide(ngram_slots({i: 6 for i in ids}))
+    assert any(d.ngram) is sent

@@ -40,7 +40,9 @@ request whose context's suffix occurred before has an n-gram proposal of g token
 Its expected gain is ``sum_{j<=g} q_ij`` (``q``: the product of the request's n-gram acceptances, a
 second :class:`AcceptanceModel`), and it needs no draft pass. Whole-batch options are compared by
 expected tokens per second (:meth:`AdaptivePolicy._with_ngram`): MXFP4 drafts only, or n-gram
-proposals for the requests whose g extra verified tokens pay at the batch's plain rate (or only
+proposals for the requests whose g extra verified tokens pay at the batch's plain rate with a
+margin (``ngram_margin``: the per-token cost is fitted over few token counts and ran low at
+concurrency 64, where sending proposals lost 14%) (or only
 those of them expected to commit at least what their MXFP4 drafts would), with the MXFP4 choice
 re-made over the other requests and the n-gram tokens priced into the step. Warm-up rounds
 alternate between the two; exploring rounds also send the proposals of requests that chose no
@@ -86,6 +88,9 @@ class AdaptiveSettings:
     max_reprobe_after: int = 256
     warmup_steps: int = 4  # rounds drafting max_k for everyone before the cost model decides
     explore_every: int = 8  # every this many rounds, drafting requests draft one token more (0: never)
+    # An n-gram proposal is sent only if its expected tokens pay (1 + this) times for its verification at
+    # the plain rate: the target's per-token cost is fitted over few token counts and runs low under load.
+    ngram_margin: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -383,7 +388,9 @@ class AdaptivePolicy:
         for i in np.flatnonzero(ngram_len):
             gain_ngram[i] = float(np.cumprod(self.ngram_acceptance.of(slots[i].req_id)[: int(ngram_len[i])]).sum())
             gain_draft[i] = float(np.cumprod(self.acceptance.of(slots[i].req_id)[: int(k[i])]).sum())
-        pays = (ngram_len > 0) & (gain_ngram > plain_rate * per_token_s * ngram_len)
+        pays = (ngram_len > 0) & (
+            gain_ngram > (1.0 + self.settings.ngram_margin) * plain_rate * per_token_s * ngram_len
+        )
         best = (np.zeros(rows, dtype=bool), k, expected)
         best_rate = expected[0] / expected[1] if expected[1] > 0 else 0.0
         for candidates in (pays, pays & (gain_ngram >= gain_draft)):
