@@ -440,3 +440,16 @@ def test_ngram_proposals_that_barely_pay_under_load_wait_for_a_margin(margin, se
         pin_ngram_acceptance(policy, i, 0.55)
     d = policy.decide(ngram_slots({i: 6 for i in ids}))
     assert any(d.ngram) is sent
+
+
+def test_requests_off_for_cost_alone_are_not_probed():
+    """Probes re-measure an acceptance; a request whose acceptance is healthy is off for cost, and a
+    probe (a draft pass) would measure nothing new. Only the collapsed request is probed."""
+    policy = policy_with(target_a=0.05, target_b=0.001, draft_c=0.02, acceptance={"healthy": 0.95, "collapsed": 0.05})
+    k = np.zeros(2, dtype=np.int64)
+    caps = np.full(2, K)
+    probed = set()
+    for _ in range(3 * policy.settings.reprobe_after):
+        k_round, probes = policy._reprobe(slots("healthy", "collapsed"), caps, k.copy(), may_pay=True)
+        probed |= {r for r, kr in zip(("healthy", "collapsed"), k_round) if kr}
+    assert probed == {"collapsed"}

@@ -48,8 +48,10 @@ re-made over the other requests and the n-gram tokens priced into the step. Warm
 alternate between the two; exploring rounds also send the proposals of requests that chose no
 MXFP4 drafts, so both estimates keep being measured.
 
-**Re-probing**: a request that got k = 0 for ``reprobe_after`` steps in a row gets k = 1 once
-(unless the batch is so costly to draft that even full acceptance would not pay),
+**Re-probing**: a request that got k = 0 for ``reprobe_after`` steps in a row, and whose own first-draft
+acceptance is below the batch-wide one or the prior (else it is off for cost, which a probe cannot
+change), gets
+k = 1 once (unless the batch is so costly to draft that even full acceptance would not pay),
 so an acceptance that collapsed (e.g. high-temperature sampling) can be seen to recover. Each
 probe that does not turn drafting back on doubles that request's wait (up to
 ``max_reprobe_after``); drafting again resets it. Due probes are batched: they run in a round that
@@ -67,6 +69,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 PROBE_BATCH_SHARE = 0.25  # share of the batch that must be due before a round runs a pass for probes alone
+# A request re-probes only if its own first-draft acceptance is this far below the batch-wide one (or
+# the prior, if the whole batch collapsed): then its acceptance is what keeps it off. Off for cost alone
+# (a busy batch), a probe measures nothing new.
+PROBE_ACCEPTANCE_GAP = 0.1
 POLICIES = ("cost", "random")  # "random": adversarial test policy, k uniform in 0..cap per request and step
 
 
@@ -438,6 +444,9 @@ class AdaptivePolicy:
                 continue
             off = self._off_steps.get(slot.req_id, 0) + 1
             self._off_steps[slot.req_id] = off
+            healthy = max(self.acceptance.batch_wide[0], self.settings.prior_acceptance)
+            if self.acceptance.of(slot.req_id)[0] >= healthy - PROBE_ACCEPTANCE_GAP:
+                continue
             wait = self._probe_wait.get(slot.req_id, self.settings.reprobe_after)
             if off >= wait:
                 due.append((i, slot.req_id, wait))
