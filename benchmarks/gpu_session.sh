@@ -4,6 +4,7 @@
 # + numpy and nothing else (no vLLM, the repo not pip-installed, no network).
 #
 #     OUT=/some/dir bash benchmarks/gpu_session.sh        # from the repo root (it cd's there anyway)
+#     OUT=/some/dir SPECQD_SESSION_SHORT=1 bash benchmarks/gpu_session.sh   # ~3-4 min, see below
 #
 # Everything is logged to $OUT/session.log; results land in $OUT (at most 7 files, no subfolders):
 #   session.log                        the whole log (the summary is its last part)
@@ -24,10 +25,11 @@
 #     them (the plugin prints which configs were exercised). The interpreter tests are skipped
 #     (SPECQD_RUN_INTERP=1 adds them at the end, budget permitting).
 #  3. precompile: every autotune config of every benchmarked shape is compiled in parallel workers
-#     (worker i compiles configs i, i+W, ...) into the shared Triton cache.
+#     (worker i compiles (config, shape) pairs i, i+W, ...) into the shared Triton cache.
 #  4. tune + check: one process autotunes every benchmarked key with a shorter do_bench (warmup 5 ms,
 #     rep 25 ms instead of 25/100) and TRITON_CACHE_AUTOTUNING=1, and checks each tuned kernel's
-#     output against the torch twin with the tests' error bound -> kernel_check.json. The decode
+#     output against the torch twin with the tests' error bound -> kernel_check.json (with the
+#     decode kernels' registers / spills / shared memory and two SASS opcode histograms). The decode
 #     benchmarks below run with TRITON_CACHE_AUTOTUNING=1 and reuse the gemv picks. The tiled kernel's
 #     picks stay in memory: its tuning key holds a tl.dtype, which Triton's autotune disk cache cannot
 #     json-dump (TypeError), so the prefill runs tune it themselves with TRITON_CACHE_AUTOTUNING=0.
@@ -38,6 +40,9 @@
 # Triton cache, shard logs), SPECQD_TEST_SHARDS, SPECQD_PRECOMPILE_WORKERS, SPECQD_RUN_INTERP=1,
 # SPECQD_SKIP_PREFILL=1, SPECQD_SESSION_SMOKE=1 (no GPU: tiny shapes, kernels in the Triton
 # interpreter, CPU twins; only checks that this script's plumbing works).
+# SPECQD_SESSION_SHORT=1: budget 280 s, M / batch in {1, 4, 16}, fewer timing iterations, no tiled
+# kernel (precompile, check) and no prefill crossover; writes session.log, kernel_check.json,
+# bench_kernels.json, bench_decode_step.json, summary.txt. Meant to fit a 5-minute device slot.
 
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -45,7 +50,9 @@ REPO=$PWD
 OUT=${OUT:-$REPO/gpu_session_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-BUDGET=${SPECQD_BUDGET_S:-420}
+SHORT=${SPECQD_SESSION_SHORT:-0}
+export SPECQD_SESSION_SHORT=$SHORT
+BUDGET=${SPECQD_BUDGET_S:-$([[ $SHORT == 1 ]] && echo 280 || echo 420)}
 RESERVE=25 # seconds kept for the summary
 SMOKE=${SPECQD_SESSION_SMOKE:-0}
 WORK=${SPECQD_WORK_DIR:-/tmp/specqd_gpu_session}
@@ -189,12 +196,13 @@ sys.path.insert(0, "benchmarks")
 from bench_kernels import MODELS  # noqa: E402
 
 SMOKE = os.environ.get("SPECQD_SESSION_SMOKE") == "1"
+SHORT = os.environ.get("SPECQD_SESSION_SHORT") == "1"
 if SMOKE:  # tiny, for the interpreter on CPU
     MODELS = {"8b": [("o", 64, 64), ("gate_up", 96, 64), ("down", 40, 96)], "70b": [("o", 32, 64)]}
 DECODE_MODELS = ["8b", "70b"]
-DECODE_M = [1, 2] if SMOKE else [1, 2, 4, 8, 16]
+DECODE_M = [1, 2] if SMOKE else [1, 4, 16] if SHORT else [1, 2, 4, 8, 16]
 PREFILL_MODEL = "8b"
-PREFILL_M = [17, 33] if SMOKE else [64, 256, 1024, 4096]
+PREFILL_M = [17, 33] if SMOKE else [64, 256] if SHORT else [64, 256, 1024, 4096]
 
 
 def decode_jobs():
@@ -206,15 +214,15 @@ def prefill_jobs():
 PY
 
 cat >"$WORK/helpers/specqd_gpu_precompile.py" <<'PY'
-"""Worker I of W: compile autotune configs I, I+W, ... of the gemv/tiled kernels for every benchmarked
-specialization (plus the split-K reduce and dequant kernels) into the shared Triton cache. Zero
-weights: nothing here is timed or checked."""
+"""Worker I of W: compile (config, call) pairs I, I+W, ... of the gemv/tiled autotuners for every
+benchmarked specialization (plus the split-K reduce and dequant kernels) into the shared Triton
+cache, so the tune step only loads and times them. Zero weights: nothing here is timed or checked."""
 import sys
 import time
 
 import torch
 
-from specqd_gpu_shapes import PREFILL_MODEL, SMOKE, MODELS, decode_jobs
+from specqd_gpu_shapes import PREFILL_MODEL, SHORT, SMOKE, MODELS, decode_jobs
 from vllm_specqd.kernels import mxfp4_matmul_triton
 from vllm_specqd.kernels import triton_mxfp4 as mt
 
@@ -223,27 +231,32 @@ device = "cpu" if SMOKE else "cuda"
 if device == "cuda" and not torch.cuda.is_available():
     print(f"[precompile {idx}] no CUDA: nothing to do")
     sys.exit(0)
-gemv_ok = tiled_ok = True
+
+# (tuner, config index or None, (m, n, k, path)); a tuner holding one config runs it without timing.
+calls = {"gemv": [(m, n, k, None) for _, _, n, k, m in decode_jobs()]}
+if not SHORT:  # the tiled path is opt-in since the 2026-12-04 run; short sessions skip it
+    calls["tiled"] = [(32 if SMOKE else 64, n, k, "tiled") for _, n, k in MODELS[PREFILL_MODEL]]
+tuners = {"gemv": mt._gemv_launch, "tiled": mt._tiled_launch}
+all_configs = {name: list(getattr(t, "configs", [None])) for name, t in tuners.items()}
 
 
-def run_once(kernel_call, quantiles=None, **kwargs):  # a worker left with several configs: compile + run each once
-    kernel_call()
-    return [1.0, 1.0, 1.0] if quantiles is not None else 1.0
+def wanted(name, ci, call):  # the decode tuner only ever times the configs its pruner keeps for that M
+    prune = getattr(mt, "_prune_gemv", None)
+    cfg = all_configs[name][ci]
+    if name != "gemv" or prune is None or cfg is None:
+        return True
+    return cfg in prune(all_configs[name], {}, BLOCK_N=mt.gemv_block_n(call[0]))
 
 
-if hasattr(mt._gemv_launch, "configs"):  # autotuner (not the interpreter)
-    for tuner in (mt._gemv_launch, mt._tiled_launch):
-        tuner.configs = tuner.configs[idx::nworkers]
-        tuner._do_bench = run_once
-        tuner.__dict__["do_bench"] = run_once
-    gemv_ok, tiled_ok = bool(mt._gemv_launch.configs), bool(mt._tiled_launch.configs)
-jobs = [(m, n, k, None) for _, _, n, k, m in decode_jobs()] if gemv_ok else []
-if tiled_ok:  # one call per shape: M only matters through its divisibility, all the same here
-    jobs += [(32 if SMOKE else 64, n, k, "tiled") for _, n, k in MODELS[PREFILL_MODEL]]
+pairs = [(name, ci, call) for name, cs in calls.items() for call in cs for ci in range(len(all_configs[name]))
+         if wanted(name, ci, call)]
+mine = pairs[idx::nworkers]
 if idx == 0:
-    jobs.append((32 if SMOKE else 64, MODELS[PREFILL_MODEL][0][1], MODELS[PREFILL_MODEL][0][2], "dequant"))
+    mine.append((None, None, (32 if SMOKE else 64, MODELS[PREFILL_MODEL][0][1], MODELS[PREFILL_MODEL][0][2], "dequant")))
 t0, ok, errors = time.time(), 0, {}
-for m, n, k, path in jobs:
+for name, ci, (m, n, k, path) in mine:
+    if name is not None and ci is not None and all_configs[name][ci] is not None:
+        tuners[name].configs = [all_configs[name][ci]]
     packed = torch.zeros(n, k // 2, dtype=torch.uint8, device=device)
     scales = torch.full((n, k // 32), 127, dtype=torch.uint8, device=device)
     x = torch.zeros(m, k, dtype=torch.bfloat16, device=device)
@@ -251,12 +264,12 @@ for m, n, k, path in jobs:
         mxfp4_matmul_triton(x, packed, scales, force_path=path)
         ok += 1
     except Exception as e:  # noqa: BLE001 -- report every distinct failure, keep going
-        errors.setdefault(f"{type(e).__name__}: {str(e)[:600]}", []).append(f"{path or 'auto'} M{m} N{n} K{k}")
+        cfg = all_configs[name][ci] if name is not None and ci is not None else None
+        where = f"{path or 'auto'} M{m} N{n} K{k} {cfg.kwargs if cfg is not None else ''}"
+        errors.setdefault(f"{type(e).__name__}: {str(e)[:600]}", []).append(where)
 if device == "cuda":
     torch.cuda.synchronize()
-cfgs = [f"{c.kwargs} w{c.num_warps} s{c.num_stages}" for c in getattr(mt._gemv_launch, "configs", [])]
-tcfgs = [f"{c.kwargs} w{c.num_warps} s{c.num_stages}" for c in getattr(mt._tiled_launch, "configs", [])]
-print(f"[precompile {idx}/{nworkers}] {ok} of {len(jobs)} calls ok in {time.time() - t0:.1f}s; gemv {cfgs}; tiled {tcfgs}")
+print(f"[precompile {idx}/{nworkers}] {ok} of {len(mine)} (config, call) pairs ok in {time.time() - t0:.1f}s")
 for msg, where in errors.items():
     print(f"[precompile {idx}/{nworkers}] FAILED ({len(where)}x, e.g. {where[:3]}): {msg}")
 sys.exit(1 if errors else 0)
@@ -273,7 +286,7 @@ import time
 import torch
 
 sys.path.insert(0, "tests")
-from specqd_gpu_shapes import SMOKE, decode_jobs, prefill_jobs  # noqa: E402
+from specqd_gpu_shapes import SHORT, SMOKE, decode_jobs, prefill_jobs  # noqa: E402
 from test_kernels import compare, gemm_tolerance  # noqa: E402
 
 from vllm_specqd.kernels import mxfp4_matmul_torch, mxfp4_matmul_triton  # noqa: E402
@@ -316,8 +329,11 @@ result = {
 print(f"{'model':>5} {'layer':>8} {'N':>6} {'K':>6} {'M':>5} {'path':>9} {'tune_s':>7} {'ok':>3} {'max_abs_diff':>12} "
       f"{'max_excess':>11}  config")
 g = torch.Generator(device=device).manual_seed(0)
-jobs = [(j, None) for j in decode_jobs()] + [(j, "tiled") for j in prefill_jobs()]
-jobs += [(j, "dequant") for j in prefill_jobs() if j[4] >= (33 if SMOKE else 1024) and j[1] == "gate_up"]
+# Decode sizes and prefill sizes on the launcher's own path (gemv up to 16 rows, dequant above); full
+# sessions also check the opt-in tiled kernel at the prefill sizes.
+jobs = [(j, None) for j in decode_jobs()] + [(j, None) for j in prefill_jobs()]
+if not SHORT:
+    jobs += [(j, "tiled") for j in prefill_jobs()]
 for (model, layer, n, k, m), path in jobs:
     row = dict(model=model, layer=layer, N=n, K=k, M=m, forced_path=path)
     try:
@@ -358,6 +374,41 @@ for (model, layer, n, k, m), path in jobs:
           f"{row.get('config', '')}{'  ' + row['error'] if 'error' in row else ''}")
     if device == "cuda":
         torch.cuda.empty_cache()
+
+
+def gemv_kernel_stats():
+    """Registers, spills, shared memory of every compiled decode kernel; SASS opcode counts of two."""
+    import collections
+    import re
+
+    stats, hists = [], {}
+    try:
+        for cache in mt._mxfp4_gemv_kernel.device_caches.values():
+            for kern in list(cache[0].values()):
+                md = kern.metadata
+                consts = {k: v for k, v in (getattr(md, "constants", None) or {}).items() if str(k).isupper()}
+                row = dict(n_regs=getattr(kern, "n_regs", None), n_spills=getattr(kern, "n_spills", None),
+                           shared=getattr(md, "shared", None), warps=getattr(md, "num_warps", None),
+                           stages=getattr(md, "num_stages", None), consts=str(consts)[:200])
+                stats.append(row)
+                if len(hists) < 2 and device == "cuda":
+                    try:
+                        sass = kern.asm["sass"]
+                        ops = collections.Counter(m.group(1).split(".")[0] for m in
+                                                  re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+                        hists[f"kernel{len(hists)} regs{row['n_regs']} {row['consts']}"] = dict(ops.most_common(40))
+                    except Exception as e:  # noqa: BLE001
+                        hists[f"kernel{len(hists)}"] = f"no SASS: {type(e).__name__}: {str(e)[:200]}"
+    except Exception as e:  # noqa: BLE001
+        stats.append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
+    return stats, hists
+
+
+result["gemv_kernels"], result["gemv_sass_opcodes"] = gemv_kernel_stats()
+with open(out_path, "w") as f:
+    json.dump(result, f, indent=1)
+for row in result["gemv_kernels"]:
+    print(f"[tune] gemv kernel: {row}")
 n_ok = sum(bool(r.get("ok")) for r in result["rows"])
 print(f"[tune] {n_ok} of {len(result['rows'])} tuned kernels match the twin -> {out_path}")
 sys.exit(0 if n_ok == len(result["rows"]) else 1)
@@ -425,6 +476,12 @@ if chk:
     for r in bad[:20]:
         p(f"  NOT OK {r['model']} {r['layer']} M={r['M']} {r.get('path', r.get('forced_path'))}: "
           f"{r.get('error') or {k: r.get(k) for k in ('max_abs_diff', 'max_excess', 'nan_ok', 'deterministic')}}")
+    ks = chk.get("gemv_kernels") or []
+    if ks:
+        regs = sorted({k.get("n_regs") for k in ks if k.get("n_regs") is not None})
+        spills = sorted({k.get("n_spills") for k in ks if k.get("n_spills") is not None})
+        shared = sorted({k.get("shared") for k in ks if k.get("shared") is not None})
+        p(f"  decode kernels compiled: {len(ks)}; registers {regs}; spills {spills}; shared bytes {shared}")
 
 p("")
 bk = load("bench_kernels.json")
@@ -445,6 +502,13 @@ if bk:
     if s14:
         p(f"  target >= 3.0x vs bf16 for M=1..4: min {min(r['speedup_vs_bf16'] for r in s14):.2f}x, "
           f"max {max(r['speedup_vs_bf16'] for r in s14):.2f}x over {len(s14)} rows")
+    flat = []
+    for (model, layer, n, k), rs in by.items():
+        t = {r["M"]: r["time_us"] for r in rs}
+        if 1 in t and max(t) > 1:
+            flat.append(f"{model} {layer} {t[max(t)] / t[1]:.2f}")
+    if flat:
+        p(f"  flatness time(M=max)/time(M=1): " + ", ".join(flat))
 
 p("")
 ds = load("bench_decode_step.json")
@@ -459,9 +523,10 @@ if ds:
           f"{r['cuda_graphs']}")
 
 p("")
-pt, pd = load("bench_kernels_prefill_tiled.json"), load("bench_kernels_prefill_dequant.json")
+pt = load("bench_kernels_prefill_tiled.json") if os.path.exists(os.path.join(out_dir, "bench_kernels_prefill_tiled.json")) else None
+pd = load("bench_kernels_prefill_dequant.json") if os.path.exists(os.path.join(out_dir, "bench_kernels_prefill_dequant.json")) else None
 if pt or pd:
-    p("prefill (8B): tiled us / dequant us / bf16 us -> faster MXFP4 path (DEQUANT_MIN_M is 1024)")
+    p("prefill (8B): tiled us / dequant us / bf16 us -> faster MXFP4 path (M > 16 runs dequant by default)")
     t = {(r["layer"], r["M"]): r for r in (pt or {}).get("results", [])}
     d = {(r["layer"], r["M"]): r for r in (pd or {}).get("results", [])}
     for key in sorted(set(t) | set(d), key=lambda kv: (kv[0], kv[1])):
@@ -515,7 +580,7 @@ run_step() { # NAME CAP CMD...: one command under timeout, or skipped when the b
 
 session() {
     echo "=== gpu_session.sh: $(date -u +%FT%TZ), repo $REPO at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
-    echo "=== OUT=$OUT WORK=$WORK budget ${BUDGET}s, ${NCPU} CPUs, test shards $SHARDS, precompile workers $WORKERS, smoke $SMOKE"
+    echo "=== OUT=$OUT WORK=$WORK budget ${BUDGET}s, ${NCPU} CPUs, test shards $SHARDS, precompile workers $WORKERS, smoke $SMOKE, short $SHORT"
 
     # 1. info
     echo
@@ -616,14 +681,16 @@ r["command"] = "smoke"; json.dump(r, open(sys.argv[1], "w"), indent=1)'
         run_step bench_decode_step 100 python3 benchmarks/bench_decode_step.py --cpu-smoke --out "$OUT/bench_decode_step.json"
         run_step prefill_tiled 60 env PYTHONSAFEPATH=1 python3 -c "$bk" "$OUT/bench_kernels_prefill_tiled.json" 17
     else
+        local ms="1,2,4,8,16" iters=20 batches="1,2,4,8,16" step_iters=30
+        if [[ $SHORT == 1 ]]; then ms="1,4,16" iters=10 batches="1,4,16" step_iters=20; fi
         # 5. decode GEMMs, 8B + 70B
-        run_step bench_kernels 150 python3 benchmarks/bench_kernels.py --models 8b,70b --m 1,2,4,8,16 --iters 20 \
+        run_step bench_kernels 150 python3 benchmarks/bench_kernels.py --models 8b,70b --m "$ms" --iters "$iters" \
             --out "$OUT/bench_kernels.json"
         # 6. one decode step, Llama-3.1-8B shapes, CUDA graphs
-        run_step bench_decode_step 150 python3 benchmarks/bench_decode_step.py --batch 1,2,4,8,16 --iters 30 \
+        run_step bench_decode_step 150 python3 benchmarks/bench_decode_step.py --batch "$batches" --iters "$step_iters" \
             --out "$OUT/bench_decode_step.json"
         # 7. prefill crossover: tiled vs dequant (+ cuBLAS)
-        if [[ ${SPECQD_SKIP_PREFILL:-0} != 1 ]]; then
+        if [[ ${SPECQD_SKIP_PREFILL:-0} != 1 && $SHORT != 1 ]]; then
             # TRITON_CACHE_AUTOTUNING=0: see step 4 (the tiled key cannot go to the autotune disk cache).
             run_step prefill_tiled 90 env TRITON_CACHE_AUTOTUNING=0 python3 benchmarks/bench_kernels.py --models 8b \
                 --m 64,256,1024,4096 --force-path tiled --iters 10 --out "$OUT/bench_kernels_prefill_tiled.json"

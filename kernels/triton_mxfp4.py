@@ -2,43 +2,55 @@
 
 Three paths, picked by the number of activation rows M (``force_path`` overrides):
 
-* ``"gemv"`` (M <= 16: decode and speculative verification). Memory bound: the weight bytes
-  are the whole cost, so the kernel streams ``packed`` once with 16-byte loads (one 32-element
-  block = 16 contiguous bytes), decodes nibbles with integer ops (below) into fp32, reduces each block
-  before applying its E8M0 scale (one multiply per 32 elements), and accumulates in fp32 on the
-  CUDA cores. Split-K over program axis 1 keeps every SM busy when N alone gives too few
-  tiles (down 14336->4096: 64 tiles of 64 rows for 132 SMs). The split-K reduction is
-  deterministic and two-pass: each split writes fp32 partials ``[SPLIT_K, M, N]`` and a small
-  kernel sums them in fixed order, adds the bias and casts. We chose that over ``atomic_add``
-  because it needs no zero-fill launch, gives bit-identical results run to run (greedy
-  speculative decoding compares draft and target tokens, so run-to-run noise is a real cost),
-  and the partials are tiny (SPLIT_K * M * N * 4 bytes vs N * K / 2 weight bytes).
-* ``"tiled"`` (16 < M < 1024: prefill chunks). Dequantizes a ``[BLOCK_N, BLOCK_K]`` weight tile
-  to the activation dtype in registers (exact: every MXFP4 value has <= 2 significant bits)
-  and feeds ``tl.dot``. It computes ``W @ x.T`` so the dequantized tile is the dot's A operand,
-  which Hopper's wgmma may take from registers (B must come from shared memory).
-* ``"dequant"`` (M >= 1024). At that size the GEMM is compute bound and cuBLAS beats a Triton
-  mixed-input GEMM; dequantizing W once (writing 2 bytes per weight) costs a few percent of
-  the GEMM. Reasoned crossover, not measured on a GPU in this repo's session: see
-  benchmarks/README.md. Uses ``mxfp4_dequant_triton`` + ``torch.addmm``.
+* ``"gemv"`` (M <= 16: decode and speculative verification; the name stays from the first kernel).
+  Memory bound: the ~N*K/2 code bytes are the whole cost, so each program owns BLOCK_N output
+  features and one K-split, streams its rows with 16-byte loads (one 32-element block = 16
+  contiguous bytes = 4 int32 words), decodes them to exact bf16/fp16 weights in registers
+  (below) and feeds the tensor cores: ``tl.dot(x_tile [16, BK], W_tile.T)`` with x padded to 16
+  rows. Each weight is decoded once whatever M is, so the cost is flat in M up to 16 (the first
+  kernel re-decoded per row on the CUDA cores and grew linearly: 0.08x-0.8x of bf16 on the H200).
+  Split-K over program axis 1 only when the row tiles give fewer than 2 programs per SM
+  (``gemv_split_k``). The split-K reduction is deterministic and two-pass: each split writes fp32
+  partials ``[SPLIT_K, M, N]`` and a small kernel sums them in fixed order, adds the bias and
+  casts. We chose that over ``atomic_add`` because it needs no zero-fill launch, gives
+  bit-identical results run to run (greedy speculative decoding compares draft and target
+  tokens, so run-to-run noise is a real cost), and the partials are tiny.
+* ``"dequant"`` (M > 16, prefill). ``mxfp4_dequant_triton`` writes W in x's dtype, then
+  ``torch.addmm`` (cuBLAS). Measured on the H200: faster than the tiled kernel at every M >= 256
+  and reaching bf16 speed from M = 1024.
+* ``"tiled"`` (only when forced). Dequantizes a ``[BLOCK_N, BLOCK_K]`` weight tile in registers
+  and feeds ``tl.dot(W, x.T)``. On the H200 (Triton 3.6) its tuned 128-row config gave inf and
+  run-to-run different results at M >= 256; the cause (a race in the generated code, most likely:
+  only that config, only with more programs than SMs; offsets are int64 or far below 2^31, and the
+  program swizzle is a bijection) was not found without a GPU, so the 128-row configs are gone and
+  nothing routes here by default.
 
-Nibble decode: moving a nibble's sign to bit 15 and its 3 exponent/mantissa bits to bits 11..9
-gives an fp16 equal to the E2M1 value times 2^-14 (2 shifts, 2 masks, 1 or, one widening cast);
-the 2^14 goes back in with the block scale. No lookup table, no inline asm (the interpreter has
-none). The scale's fp32 is its byte shifted into the exponent field (``_e8m0_to_f32``).
+Decode (``_e2m1_lanes``): a little-endian int32 word holds codes 0..7 of 8 consecutive elements
+(element 2i in the low nibble of byte i). Codes i and i+4 are 16 bits apart, so one shift and one
+mask move both magnitudes (3 exponent/mantissa bits) under a 16-bit lane's exponent LSB, and one
+more shift and mask both signs to bits 15 and 31: 4 shifts + 8 mask/or ops give 8 lanes, about 2
+integer ops per weight. As bf16 (bits 8..6) a lane is the E2M1 value times 2^-126; as fp16 (bits
+11..9) times 2^-14; E2M1's subnormal 0.5 lands on the target's subnormal, exactly. Weights then
+take two power-of-two multiplies: by 2^126 (or 2^14) and by the block scale 2^(e-127). For bf16
+x both run in bf16, exact for every E8M0 byte (bf16 has fp32's exponent range); for fp16 and fp32
+x in fp32, then cast to x's dtype. No lookup table, no inline asm (the interpreter has none).
+E8M0 255 (NaN) is tracked as the largest scale byte seen per column and turns the column NaN,
+as in the twin.
 
 Numerics (all paths): products are exact in fp32 (bf16/fp16 activation x MXFP4 value), sums are
-fp32 in an order that differs from the twin's, the output is rounded once to x's dtype. The tiled
-path rounds the dequantized tile to x's dtype before ``tl.dot``: exact for bf16 in the normal
-range and for fp16 when 2^-24 <= |w| <= 65504, which holds for the weights of any model that runs
-in fp16. The decode path never rounds weights (fp32 throughout).
+fp32 in an order that differs from the twin's (the tensor cores' fp32 accumulation included), the
+output is rounded once to x's dtype. Weights are exact in bf16 always; in fp16 when representable
+(2^-24 <= |w| <= 65504 on the fp16 grid), which holds for the weights of any model that runs in
+fp16. fp32 x: the decode kernel dots in fp32 (``input_precision="ieee"``: exact products, no TF32).
 
 Interpreter (``TRITON_INTERPRET=1``, CPU tensors): Triton 3.9 reads the variable through
 ``triton.knobs.runtime.interpret`` when ``@triton.jit`` runs, i.e. when *this module is
 imported*, not when triton is imported or a kernel launches. So set it before the first import
 of ``vllm_specqd.kernels.mxfp4_triton`` (tests do this in a subprocess). In that mode the
 launchers accept CPU tensors; each kernel then runs in numpy, where bf16 math is unreliable, so
-kernels convert to fp32 right after loading and the tiled kernel dots in fp32.
+kernels convert to fp32 right after loading or decoding and dot in fp32. The decode kernel builds
+the same lanes there (bf16 lanes for bf16/fp32 x, fp16 for fp16) and scales them in fp32; only the
+GPU's two bf16 multiplies and its MMA are left to the CUDA tests.
 """
 
 from __future__ import annotations
@@ -56,7 +68,7 @@ from .reference import check_mxfp4_matmul_inputs
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 GEMV_MAX_M = 16  # decode path up to here (decode + speculative verification batches)
-DEQUANT_MIN_M = 1024  # dequantize + cuBLAS from here (reasoned, see module docstring)
+DEQUANT_MIN_M = GEMV_MAX_M + 1  # dequantize + cuBLAS from here; "tiled" only when forced (docstring)
 PATHS = ("gemv", "tiled", "dequant")
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -146,11 +158,79 @@ def _mxfp4_dequant_kernel(
     )
 
 
-# ----------------------------------------------------------------------------- gemv (M <= 16)
+# ----------------------------------------------------------------------------- decode (M <= 16)
+@triton.jit
+def _shl(x, S: tl.constexpr):
+    """``x << S`` for S >= 0, ``x >> -S`` otherwise (x unsigned: logical shifts)."""
+    if S >= 0:
+        return x << S
+    else:
+        return x >> (-S)
+
+
+@triton.jit
+def _e2m1_lanes(words, LANE_SHIFT: tl.constexpr):
+    """uint32 ``[R, W]`` words of 8 E2M1 codes -> uint16 ``[R, W, 8]`` float bit patterns, pair order.
+
+    Code i of a word (bits 4i..4i+3; element i, contract order) becomes a 16-bit float with the
+    code's sign at bit 15 and its 3 exponent/mantissa bits at ``LANE_SHIFT + 2 .. LANE_SHIFT``, the
+    bits just below the target's exponent LSB: LANE_SHIFT 6 gives a bf16 equal to the E2M1 value
+    times 2^-126, LANE_SHIFT 9 an fp16 equal to it times 2^-14 (E2M1's subnormal 0.5 lands on the
+    target's subnormal, exactly). Codes i and i+4 sit 16 bits apart in the word and in a 32-bit pair
+    of lanes, so one shift and two masks place two codes at once: 7 shifts and 8 mask/or per word.
+    Output position 2i + h holds code i + 4h (``WORD_ORDER``): each 32-bit pair stays one register,
+    which is what the MMA operand wants; the caller reads x in the same order.
+    """
+    MAG: tl.constexpr = (0x7 << LANE_SHIFT) | (0x7 << (LANE_SHIFT + 16))
+    SGN: tl.constexpr = 0x80008000
+    # Lanes (code i, code i + 4) for i = 0..3: magnitude shifted by LANE_SHIFT - 4i, sign by 12 - 4i.
+    p0 = (_shl(words, LANE_SHIFT) & MAG) | ((words << 12) & SGN)
+    p1 = (_shl(words, LANE_SHIFT - 4) & MAG) | ((words << 8) & SGN)
+    p2 = (_shl(words, LANE_SHIFT - 8) & MAG) | ((words << 4) & SGN)
+    p3 = (_shl(words, LANE_SHIFT - 12) & MAG) | (words & SGN)
+    lo = tl.join(tl.join(p0, p2), tl.join(p1, p3))  # [R, W, 2, 2]: [j, g] -> pair 2j + g
+    lanes = tl.join((lo & 0xFFFF).to(tl.uint16), (lo >> 16).to(tl.uint16))  # [R, W, 2, 2, 2]
+    return tl.reshape(lanes, [words.shape[0], words.shape[1], 8])
+
+
+@triton.jit
+def _decode_words_tile(
+    words,  # [BLOCK_N, BLOCK_KB * 4] int32: 4 words (32 codes) per 32-element block
+    scale_bytes,  # [BLOCK_N, BLOCK_KB] uint8 E8M0
+    BLOCK_N: tl.constexpr,
+    BLOCK_KB: tl.constexpr,
+    LANE_SHIFT: tl.constexpr,  # 6: bf16 lanes, 9: fp16 lanes (see _e2m1_lanes)
+    BF16_MATH: tl.constexpr,  # scale in bf16 (GPU, bf16 dot); else in fp32, then cast to DOT_DTYPE
+    DOT_DTYPE: tl.constexpr,
+):
+    """Exact weights ``[BLOCK_N, BLOCK_KB * 32]`` in DOT_DTYPE, K in ``WORD_ORDER`` within each word.
+
+    E8M0 255 (NaN) decodes to inf/NaN weights; the kernel turns such columns NaN (``scale_max``).
+    """
+    lanes = _e2m1_lanes(words.to(tl.uint32, bitcast=True), LANE_SHIFT)  # [BN, BKB*4, 8]
+    lanes = tl.reshape(lanes, [BLOCK_N, BLOCK_KB, 32])
+    if BF16_MATH:
+        # E8M0 -> bf16 2^(e-127): the byte is bf16's exponent field (bf16 has fp32's exponent range),
+        # and max(e << 7, 0x40) turns byte 0 into the subnormal 2^-127 (mantissa bit 6) in one op;
+        # 255 reads as inf (the caller turns its column NaN). lane * 2^126 is the exact E2M1 value,
+        # times 2^(e-127) the exact weight: two power-of-two bf16 multiplies (packed 2-wide).
+        bits = tl.maximum(scale_bytes.to(tl.uint16) << 7, 0x40).to(tl.uint16)
+        scale = bits.to(tl.bfloat16, bitcast=True)
+        two126 = tl.full([1, 1, 1], 2.0**126, tl.bfloat16)
+        w = (lanes.to(tl.bfloat16, bitcast=True) * two126) * scale[:, :, None]
+    else:
+        if LANE_SHIFT == 9:  # fp16 lane: its subnormal (code 0.5) widens to a normal fp32, exactly
+            v = lanes.to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+        else:  # bf16 lane (interpreter only): widened by a shift, as the interpreter's bf16 cast drops subnormals
+            v = (lanes.to(tl.uint32) << 16).to(tl.float32, bitcast=True) * 2.0**126
+        w = (v * _e8m0_to_f32(scale_bytes)[:, :, None]).to(DOT_DTYPE)
+    return tl.reshape(w, [BLOCK_N, BLOCK_KB * 32])
+
+
 @triton.jit
 def _mxfp4_gemv_kernel(
     x_ptr,  # [M, K] activations, unit stride along K
-    wq_ptr,  # [N, K_pad/2] uint8
+    wq_ptr,  # [N, K_pad/8] int32: the packed bytes viewed as little-endian words
     ws_ptr,  # [N, K_pad/32] uint8
     bias_ptr,  # [N] (read only if HAS_BIAS)
     out_ptr,  # [M, N] x dtype (written when not WRITE_PARTIAL)
@@ -160,12 +240,15 @@ def _mxfp4_gemv_kernel(
     K,
     KB,  # K_pad / 32
     stride_xm,
-    stride_wn,
+    stride_wn,  # in words
     stride_sn,
     stride_om,
     HAS_BIAS: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    LANE_SHIFT: tl.constexpr,
+    BF16_MATH: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,  # x's dtype on GPU; fp32 in the interpreter
+    BLOCK_M: tl.constexpr,  # next_power_of_2(M): the MMA pads it, x is read only for real rows
     BLOCK_N: tl.constexpr,
     BLOCK_KB: tl.constexpr,  # 32-element blocks per loop step
 ):
@@ -176,41 +259,43 @@ def _mxfp4_gemv_kernel(
     split_k = tl.num_programs(1)
     kb_begin = (pid_k * KB) // split_k
     kb_end = ((pid_k + 1) * KB) // split_k
+    k_end = tl.minimum(kb_end * 32, K)  # x is only K wide; never read another split's columns
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_byte = tl.arange(0, 16)
-    offs_elem = tl.arange(0, 32)
+    offs_word = tl.arange(0, BLOCK_KB * 4)
+    offs_blk = tl.arange(0, BLOCK_KB)
+    offs_k = tl.arange(0, BLOCK_KB * 32)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    w_row = wq_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn  # [BN, 1, 1]
+    w_row = wq_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
     s_row = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_sn  # [BN, 1]
+    x_row = x_ptr + offs_m[:, None] * stride_xm  # [BM, 1]
 
-    # Per-block partials stay apart until the end: within a step every reduction is then over
-    # the 16 bytes one thread loaded (no cross-thread shuffles in the loop).
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_KB], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    scale_max = tl.zeros([BLOCK_N, BLOCK_KB], dtype=tl.uint8)  # 255 anywhere -> NaN column
     for kb_start in range(kb_begin, kb_end, BLOCK_KB):
-        kb = kb_start + tl.arange(0, BLOCK_KB)  # [BKB]
-        kb_mask = kb < kb_end
-        w_bytes = tl.load(
-            w_row + kb[None, :, None] * 16 + offs_byte[None, None, :],
-            mask=n_mask[:, None, None] & kb_mask[None, :, None],
-            other=0,
-        ).to(tl.int32)  # [BN, BKB, 16]
-        w_even = _e2m1_times_2m14(w_bytes & 0xF)[None, :, :, :]  # [1, BN, BKB, 16]
-        w_odd = _e2m1_times_2m14(w_bytes >> 4)[None, :, :, :]
-        offs_k = kb[:, None] * 32 + offs_elem[None, :]  # [BKB, 32]
-        x = tl.load(
-            x_ptr + offs_m[:, None, None] * stride_xm + offs_k[None, :, :],
-            mask=m_mask[:, None, None] & (offs_k < K)[None, :, :] & kb_mask[None, :, None],
-            other=0.0,
-        ).to(tl.float32)  # [BM, BKB, 32]; K..K_pad-1 read as 0 (x is only K wide)
-        x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_KB, 16, 2]))  # [BM, BKB, 16] each
-        block_sums = tl.sum(x_even[:, None, :, :] * w_even + x_odd[:, None, :, :] * w_odd, axis=3)  # [BM, BN, BKB]
-        scale = _e8m0_to_f32(tl.load(s_row + kb[None, :], mask=n_mask[:, None] & kb_mask[None, :], other=127))
-        # Scaling whole blocks costs 2 multiplies per 32 weights instead of 1 per weight.
-        acc += (block_sums * 16384.0) * scale[None, :, :]
-    acc = tl.sum(acc, axis=2)  # [BM, BN]
+        word = kb_start * 4 + offs_word
+        words = tl.load(
+            w_row + word[None, :], mask=n_mask[:, None] & (word < kb_end * 4)[None, :], other=0
+        )  # [BN, BKB*4]: 16 contiguous bytes per block and row
+        kb = kb_start + offs_blk
+        # Masked blocks read scale 127 (1.0): their codes are 0 and 0 * 1.0 stays 0, never NaN.
+        scale_bytes = tl.load(s_row + kb[None, :], mask=n_mask[:, None] & (kb < kb_end)[None, :], other=127)
+        k = kb_start * 32 + offs_k
+        x = tl.load(x_row + k[None, :], mask=m_mask[:, None] & (k < k_end)[None, :], other=0.0)  # [BM, BK]
+        # The weights come in WORD_ORDER (position 2i + h of a word = element i + 4h): x likewise.
+        x = tl.permute(tl.reshape(x, [BLOCK_M, BLOCK_KB * 4, 2, 4]), (0, 1, 3, 2))
+        x = tl.reshape(x, [BLOCK_M, BLOCK_KB * 32])
+        w = _decode_words_tile(words, scale_bytes, BLOCK_N, BLOCK_KB, LANE_SHIFT, BF16_MATH, DOT_DTYPE)
+        if DOT_DTYPE == tl.float32:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w), acc)
+        scale_max = tl.maximum(scale_max, scale_bytes)
+    # E8M0 255 is NaN: the twin's whole column is NaN (NaN * 0 included), whatever x is.
+    nan_col = tl.max(scale_max, axis=1) == 255
+    acc = tl.where(nan_col[None, :], float("nan"), acc)
 
     mn_mask = m_mask[:, None] & n_mask[None, :]
     if WRITE_PARTIAL:
@@ -303,26 +388,44 @@ def _mxfp4_tiled_kernel(
 
 # ----------------------------------------------------------------------------- configs
 # Only the interpreter-safe single configs are used without a GPU: @triton.autotune with more
-# than one config benchmarks with do_bench, which needs CUDA. The GPU lists are starting points
-# for H100 (not tuned on hardware in this repo yet; see benchmarks/README.md).
+# than one config benchmarks with do_bench, which needs CUDA.
 _GEMV_INTERP = dict(BLOCK_KB=2)
 _TILED_INTERP = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_KB=2, GROUP_N=4)
 
 
 def _gemv_gpu_configs():
+    """Three candidates per warp count, reasoned for H100/H200 (132 SMs); the tuner keeps the fastest.
+
+    One warp per 32 output features (``gemv_block_n`` / 32, see ``_prune_gemv``): each warp's MMA
+    tile then spans 4 n8 tiles, so the activation fragment it reads (and reorders, WORD_ORDER) serves
+    32 weight rows; compiled for sm_90 that is ~4.9 instructions per weight in the loop against ~5.5
+    at 16 features per warp, and 110-140 registers without spills. A step loads BLOCK_N * BLOCK_KB *
+    16 bytes of codes; with num_stages - 1 steps in flight and the many small programs per SM this
+    leaves 40-60 KB of weights in flight per SM, more than HBM3e needs (4.8 TB/s x ~1 us / 132 SMs).
+    """
+    per_warps = {1: ((4, 3), (4, 4), (8, 3)), 2: ((4, 3), (4, 4), (8, 3)), 4: ((4, 3), (4, 4), (2, 4))}
     return [
-        triton.Config({"BLOCK_KB": kb}, num_warps=w, num_stages=s) for kb in (4, 8, 16) for w in (4, 8) for s in (2, 4)
+        triton.Config({"BLOCK_KB": kb}, num_warps=w, num_stages=s) for w, cfgs in per_warps.items() for kb, s in cfgs
     ]
 
 
+def _prune_gemv(configs, named_args, **kwargs):
+    """Keep the configs with one warp per 32 output features (BLOCK_N is chosen by the launcher)."""
+    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+    kept = [c for c in configs if block_n is None or c.num_warps == max(1, block_n // 32)]
+    return kept or configs[:1]
+
+
 def _tiled_gpu_configs():
+    # Every 128-row config is gone: on the H200 (Triton 3.6) the tuner picked (128, 128, 2, w8, s3)
+    # at M >= 256 and it returned inf / run-to-run different results there (cause not found without
+    # a GPU; results/2026-12-04-h200/kernel_check.json). The rest were correct where measured. The
+    # tiled path is opt-in (force_path="tiled") until that is understood; M > 16 runs "dequant".
     shapes = [  # BLOCK_M, BLOCK_N, BLOCK_KB, warps, stages
         (32, 64, 4, 4, 4),
         (32, 128, 4, 4, 4),
         (64, 128, 2, 4, 4),
         (64, 128, 4, 8, 3),
-        (128, 128, 2, 8, 3),
-        (128, 256, 2, 8, 3),
         (64, 256, 2, 8, 3),
     ]
     return [
@@ -332,7 +435,7 @@ def _tiled_gpu_configs():
 
 
 def _prune_tiled(configs, named_args, **kwargs):
-    # A 128-row tile for a 32-row prefill chunk only multiplies padding.
+    # A 64-row tile for a 32-row prefill chunk only multiplies padding.
     m_bucket = named_args["M_BUCKET"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, m_bucket)]
     return kept or configs[:1]
@@ -342,9 +445,12 @@ if INTERPRET:
     _gemv_launch = _mxfp4_gemv_kernel
     _tiled_launch = _mxfp4_tiled_kernel
 else:
-    _gemv_launch = triton.autotune(_gemv_gpu_configs(), key=["N", "KB", "BLOCK_M", "BLOCK_N", "WRITE_PARTIAL"])(
-        _mxfp4_gemv_kernel
-    )
+    # The autotuner adds every tensor argument's dtype to the key (x: bf16/fp16/fp32).
+    _gemv_launch = triton.autotune(
+        _gemv_gpu_configs(),
+        key=["N", "KB", "BLOCK_M", "BLOCK_N", "WRITE_PARTIAL"],
+        prune_configs_by={"early_config_prune": _prune_gemv},
+    )(_mxfp4_gemv_kernel)
     _tiled_launch = triton.autotune(
         _tiled_gpu_configs(),
         key=["M_BUCKET", "N", "KB", "DOT_DTYPE"],
@@ -360,24 +466,38 @@ def _num_sms(device_index: int | None) -> int:
 
 
 def gemv_block_n(m: int) -> int:
-    """Rows per program for the decode kernel (BLOCK_M = next_power_of_2(m) activations)."""
+    """Output features per program of the decode kernel: 32 per 4 activation rows, 32..128.
+
+    Every program reads its M rows of x for the whole K range from L2, (N / BLOCK_N) * M * K * 2
+    bytes in all against N * K / 2 of codes: 32 features per 4 rows keeps that at <= 1/2 of the weight
+    bytes, and small M gets small programs (even load per SM, fewer K-splits). One warp per 32.
+    """
     if INTERPRET:
         return 32
-    # The [BLOCK_M, BLOCK_N, BLOCK_KB, 16] product tile lives in registers: fewer rows per
-    # program as more activation rows share each decoded weight.
-    return 64 if m <= 2 else (32 if m <= 4 else 16)
+    return 32 if m <= 4 else 64 if m <= 8 else 128
 
 
 def gemv_split_k(n: int, kb: int, block_n: int, num_sms: int) -> int:
-    """Splits of K so that tiles * splits >= 4 programs per SM, each split >= 8 blocks (256 K).
+    """K-splits so that tiles * splits >= 2 programs per SM, spread evenly; each split >= 8 blocks.
 
-    E.g. H100 (132 SMs), down 14336->4096 at BLOCK_N 64: 64 tiles -> 9 splits of ~50 blocks;
-    gate_up 4096->28672: 448 tiles -> 2 splits. Fewer than 4 programs per SM leaves too few
-    bytes in flight to cover HBM latency; the cap of 32 bounds the partial-sum traffic.
+    Splitting costs a second launch (the fixed-order reduction), so none when the row tiles alone
+    give 2 programs per SM (8B gate_up at BLOCK_N 32: 896 tiles). Otherwise the split count with
+    the most even load per SM, counted as programs / (SMs * ceil(programs / SMs)), smallest first
+    among those within 10% of the best. E.g. 132 SMs, down 14336->4096 at BLOCK_N 32: 128 tiles ->
+    3 splits (384 programs, 2.9 per SM); o 4096->4096 at BLOCK_N 64: 64 tiles -> 6 splits.
     """
     tiles = triton.cdiv(n, block_n)
-    want = triton.cdiv(4 * num_sms, tiles)
-    return max(1, min(want, kb // 8, 32))
+    most = max(1, min(kb // 8, 32))
+    if tiles >= 2 * num_sms or most == 1:
+        return 1
+
+    def evenness(s: int) -> float:
+        programs = tiles * s
+        return programs / (num_sms * triton.cdiv(programs, num_sms))
+
+    candidates = [s for s in range(1, most + 1) if tiles * s >= 2 * num_sms] or [most]
+    best = max(evenness(s) for s in candidates)
+    return min(s for s in candidates if evenness(s) >= 0.9 * best)
 
 
 def _check_device(x: torch.Tensor, who: str) -> None:
@@ -449,17 +569,18 @@ def mxfp4_matmul_triton(
 ) -> torch.Tensor:  # [..., N] x.dtype
     """Triton ``x @ W.T + bias``; same contract as ``mxfp4_matmul_torch``, CUDA (or interpreter) only.
 
-    ``force_path`` in ``("gemv", "tiled", "dequant")`` overrides the M-based choice; ``split_k``
-    overrides the decode kernel's split heuristic (1 = no split, fused epilogue).
-    Example: x ``[4, 4096]`` bf16, packed ``[14336, 2048]``, scales ``[14336, 128]`` -> ``[4, 14336]``
-    bf16 through the gemv path: BLOCK_M 4, BLOCK_N 32, so on an H100 (132 SMs) 448 row tiles x 2
-    K-splits (``gemv_split_k``), then the split reduction.
+    ``force_path`` in ``("gemv", "tiled", "dequant")`` overrides the M-based choice (``gemv`` up to
+    16 rows, ``dequant`` above; ``tiled`` only when forced); ``split_k`` overrides the decode
+    kernel's split heuristic (1 = no split, fused epilogue).
+    Example: x ``[4, 14336]`` bf16, packed ``[4096, 7168]``, scales ``[4096, 448]`` -> ``[4, 4096]``
+    bf16 through the gemv path: BLOCK_N 32, so on an H200 (132 SMs) 128 row tiles x 3 K-splits
+    (``gemv_split_k``), then the split reduction.
     """
     x2d, n, k = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_matmul_triton")
     m = x2d.shape[0]
     if force_path is not None and force_path not in PATHS:
         raise ValueError(f"mxfp4_matmul_triton: force_path must be one of {PATHS} or None, got {force_path!r}")
-    path = force_path or ("gemv" if m <= GEMV_MAX_M else "tiled" if m < DEQUANT_MIN_M else "dequant")
+    path = force_path or ("gemv" if m <= GEMV_MAX_M else "dequant")
     if path == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"mxfp4_matmul_triton: the gemv path takes M <= {GEMV_MAX_M} rows, got M={m}")
     if split_k is not None and (path != "gemv" or int(split_k) < 1):
@@ -477,6 +598,18 @@ def mxfp4_matmul_triton(
     else:
         _run(path, x2d, packed, scales, bias, out, m, n, k, kb, split_k, dev)
     return out.reshape(*x.shape[:-1], n)
+
+
+def _as_words(packed: torch.Tensor) -> torch.Tensor:
+    """``packed`` [N, K_pad/2] uint8 as int32 [N, K_pad/8] (no copy): 4 codes-bytes per load lane.
+
+    K_pad/2 is a multiple of 16, so rows stay whole words; a view whose storage offset is not a
+    multiple of 4 bytes cannot be reinterpreted and is copied (rare: slices of a larger buffer).
+    """
+    try:
+        return packed.view(torch.int32)
+    except RuntimeError:
+        return packed.clone().view(torch.int32)
 
 
 def _run(path, x2d, packed, scales, bias, out, m, n, k, kb, split_k, dev):
@@ -516,15 +649,15 @@ def _run(path, x2d, packed, scales, bias, out, m, n, k, kb, split_k, dev):
             **meta,
         )
         return
-    block_m = triton.next_power_of_2(m)
     block_n = gemv_block_n(m)
     splits = int(split_k) if split_k is not None else gemv_split_k(n, kb, block_n, _num_sms(dev))
     write_partial = splits > 1
     part = torch.empty(splits, m, n, dtype=torch.float32, device=out.device) if write_partial else out
     meta = dict(_GEMV_INTERP) if INTERPRET else {}
+    dtype = x2d.dtype
     _gemv_launch[(triton.cdiv(n, block_n), splits)](
         x2d,
-        packed,
+        _as_words(packed),
         scales,
         bias_arg,
         out,
@@ -534,12 +667,15 @@ def _run(path, x2d, packed, scales, bias, out, m, n, k, kb, split_k, dev):
         k,
         kb,
         x2d.stride(0),
-        packed.stride(0),
+        packed.stride(0) // 4,
         scales.stride(0),
         out.stride(0),
         HAS_BIAS=has_bias,
         WRITE_PARTIAL=write_partial,
-        BLOCK_M=block_m,
+        LANE_SHIFT=6 if dtype == torch.bfloat16 else 9,  # fp16 lanes for fp16/fp32 x: no fp32 subnormals
+        BF16_MATH=dtype == torch.bfloat16 and not INTERPRET,
+        DOT_DTYPE=tl.float32 if INTERPRET else _TL_DTYPE[dtype],
+        BLOCK_M=triton.next_power_of_2(m),
         BLOCK_N=block_n,
         **meta,
     )
