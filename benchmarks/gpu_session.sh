@@ -386,16 +386,25 @@ def gemv_kernel_stats():
         for cache in mt._mxfp4_gemv_kernel.device_caches.values():
             for kern in list(cache[0].values()):
                 md = kern.metadata
-                consts = {k: v for k, v in (getattr(md, "constants", None) or {}).items() if str(k).isupper()}
+                names, consts = mt._mxfp4_gemv_kernel.arg_names, {}
+                for key_, v in (getattr(getattr(kern, "src", None), "constants", None) or {}).items():
+                    idx = key_[0] if isinstance(key_, tuple) and key_ else key_
+                    name = names[idx] if isinstance(idx, int) and idx < len(names) else str(key_)
+                    if name.startswith("BLOCK"):
+                        consts[name] = v
                 row = dict(n_regs=getattr(kern, "n_regs", None), n_spills=getattr(kern, "n_spills", None),
                            shared=getattr(md, "shared", None), warps=getattr(md, "num_warps", None),
                            stages=getattr(md, "num_stages", None), consts=str(consts)[:200])
                 stats.append(row)
                 if len(hists) < 2 and device == "cuda":
                     try:
-                        sass = kern.asm["sass"]
-                        ops = collections.Counter(m.group(1).split(".")[0] for m in
-                                                  re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+                        # Triton's get_sass: one "control-codes<TAB>INSTR operands;" line per instruction
+                        ops = collections.Counter()
+                        for line in kern.asm["sass"].splitlines():
+                            toks = line.split("\t", 1)[-1].split() if "\t" in line else []
+                            toks = toks[1:] if toks and toks[0].startswith("@") else toks
+                            if toks and re.match(r"[A-Z]", toks[0]):
+                                ops[toks[0].rstrip(";")] += 1
                         hists[f"kernel{len(hists)} regs{row['n_regs']} {row['consts']}"] = dict(ops.most_common(40))
                     except Exception as e:  # noqa: BLE001
                         hists[f"kernel{len(hists)}"] = f"no SASS: {type(e).__name__}: {str(e)[:200]}"
