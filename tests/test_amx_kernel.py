@@ -133,3 +133,13 @@ def test_amx_is_found_where_the_cpu_lists_it():
     if "amx_bf16" not in flags or "amx_tile" not in flags:
         pytest.skip("this CPU lists no AMX-BF16")
     assert cpu_ops.amx_available()
+
+
+@needs_amx
+def test_repacked_layout_unpacks_to_the_canonical_bytes():
+    """The inspection path reads an AMX layer's canonical bytes back from its repacked ones."""
+    _, packed, scales, _ = _random_case(1, 37, 200, seed=11, dtype=torch.float32, with_bias=False)
+    repacked = cpu_ops.amx_repack(packed, scales)
+    assert repacked.shape == (3, 7, 272) and repacked.numel() == 3 * 7 * 272
+    back_packed, back_scales = cpu_ops.amx_unpack(repacked, 37)
+    assert torch.equal(back_packed, packed) and torch.equal(back_scales, scales)
