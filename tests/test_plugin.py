@@ -219,6 +219,49 @@ def test_a_round_without_drafts_samples_plainly_and_picks_the_same_tokens(greedy
     assert calls[-1] == 2  # a round with drafts is verified by the rejection sampler
 
 
+@pytest.mark.parametrize("with_draft_probs", [False, True], ids=["one-hot-drafts", "draft-probs"])
+def test_recovered_tokens_are_drawn_for_drafted_requests_only_with_the_same_result(monkeypatch, with_draft_probs):
+    """patches.py #11: in a specqd worker, the rejection sampler's vocabulary-wide exponentials are
+    drawn for drafted requests only. Seeded requests draw from their own generators, so every
+    recovered token is the one vLLM's own code picks."""
+    from vllm.platforms import current_platform
+    from vllm.v1.sample import rejection_sampler
+
+    from vllm_specqd.adapter import patches
+    from vllm_specqd.adapter.plugin import register
+
+    register()
+    current_platform.register_triton_kernel_overrides()
+    drafts = [[3, 1], [], [7], [], [2, 2, 5], []]
+    num_draft = [len(d) for d in drafts]
+    tokens, vocab = sum(num_draft), 1000
+    cu = torch.tensor(num_draft).cumsum(0).int()
+    draft_ids = torch.tensor(sum(drafts, []), dtype=torch.int32)
+    target_probs = torch.randn(tokens, vocab, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    draft_probs = torch.rand(tokens, vocab).softmax(-1) if with_draft_probs else None
+    draws = []
+
+    def recovered(specqd_worker: bool):
+        monkeypatch.setattr(patches, "_specqd_runner_built", specqd_worker)
+        generators = {i: torch.Generator().manual_seed(100 + i) for i in range(len(drafts))}
+        metadata = _sampling_metadata(len(drafts), greedy=False)
+        metadata = type(metadata)(**{**metadata.__dict__, "generators": generators})
+        shapes = []
+        real_exponential = torch.Tensor.exponential_
+        monkeypatch.setattr(
+            torch.Tensor, "exponential_", lambda t, *a, **k: shapes.append(t.shape) or real_exponential(t, *a, **k)
+        )
+        out = rejection_sampler.sample_recovered_tokens(
+            max(num_draft), num_draft, cu, draft_ids, draft_probs, target_probs, metadata, torch.device("cpu")
+        )
+        monkeypatch.setattr(torch.Tensor, "exponential_", real_exponential)
+        draws.append(shapes[0])  # the batch-wide draw
+        return out
+
+    assert torch.equal(recovered(specqd_worker=True), recovered(specqd_worker=False))
+    assert draws == [(3, vocab), (len(drafts), vocab)]
+
+
 def test_package_version():
     assert vllm_specqd.__version__ == md.version("vllm-specqd")
 

@@ -151,6 +151,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.engine.arg_utils:EngineArgs", "add_cli_args", "engine/arg_utils.py:934"),
     Internal("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm", "model_executor/layers/utils.py:470"),
     Internal(RUNNER, "_sample", "v1/worker/gpu_model_runner.py:3437"),
+    Internal("vllm.v1.sample.rejection_sampler", "sample_recovered_tokens", "v1/sample/rejection_sampler.py:678"),
     Internal("vllm.v1.spec_decode.metadata:SpecDecodeMetadata", "max_spec_len", "v1/spec_decode/metadata.py:27"),
 )
 
