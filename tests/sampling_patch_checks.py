@@ -4,52 +4,14 @@ Run by tests/test_plugin.py in a fresh interpreter (see there why); runs alone t
 ``pytest tests/sampling_patch_checks.py``.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-
-def _sampling_metadata(batch: int, greedy: bool):
-    from vllm.v1.sample.logits_processor import LogitsProcessors
-    from vllm.v1.sample.metadata import SamplingMetadata
-
-    return SamplingMetadata(
-        temperature=None if greedy else torch.full((batch,), 0.8),
-        all_greedy=greedy,
-        all_random=not greedy,
-        top_p=None,
-        top_k=None,
-        generators={},
-        max_num_logprobs=None,
-        no_penalties=True,
-        prompt_token_ids=None,
-        frequency_penalties=torch.zeros(batch),
-        presence_penalties=torch.zeros(batch),
-        repetition_penalties=torch.ones(batch),
-        output_token_ids=[[] for _ in range(batch)],
-        allowed_token_ids_mask=None,
-        bad_words_token_ids={},
-        logitsprocs=LogitsProcessors(),
-        spec_token_ids=[[] for _ in range(batch)],
-    )
-
-
-def _spec_metadata(drafts: list[list[int]]):
-    """vLLM's metadata for one round (its make_dummy with the logit rows the runner would compute):
-    request i's draft rows, then its bonus row, one after the other."""
-    import dataclasses
-
-    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
-
-    dummy = SpecDecodeMetadata.make_dummy(drafts, device=torch.device("cpu"))
-    ends = dummy.cu_num_sampled_tokens.long()
-    starts = ends - torch.tensor([len(d) + 1 for d in drafts])
-    target = [row for start, d in zip(starts.tolist(), drafts) for row in range(start, start + len(d))]
-    return dataclasses.replace(
-        dummy,
-        target_logits_indices=torch.tensor(target, dtype=torch.int32),
-        bonus_logits_indices=(ends - 1).int(),
-        logits_indices=torch.arange(int(ends[-1]), dtype=torch.int32),
-    )
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_sampler_cpu import round_metadata, sampling_metadata  # noqa: E402  vLLM's metadata for one round
 
 
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
@@ -80,7 +42,7 @@ def test_a_round_without_drafts_samples_plainly_and_picks_the_same_tokens(greedy
     runner = SimpleNamespace(
         vllm_config=SimpleNamespace(additional_config={"specqd": {"num_speculative_tokens": 2}} if specqd else {}),
         input_batch=SimpleNamespace(
-            sampling_metadata=_sampling_metadata(batch, greedy), update_async_output_token_ids=lambda: None
+            sampling_metadata=sampling_metadata(batch, greedy), update_async_output_token_ids=lambda: None
         ),
         sampler=sampler,
         rejection_sampler=counted_rejection,
@@ -89,7 +51,7 @@ def test_a_round_without_drafts_samples_plainly_and_picks_the_same_tokens(greedy
         _get_spec_decode_draft_probs=lambda metadata: None,
     )
     logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(1))
-    no_drafts = _spec_metadata([[] for _ in range(batch)])
+    no_drafts = round_metadata([[] for _ in range(batch)])
 
     torch.manual_seed(7)
     got = GPUModelRunner._sample(runner, logits.clone(), no_drafts).sampled_token_ids
@@ -99,7 +61,7 @@ def test_a_round_without_drafts_samples_plainly_and_picks_the_same_tokens(greedy
     assert torch.equal(got, want)
     assert calls == ([] if specqd else [0])
 
-    drafts = _spec_metadata([[1, 2], [], [3], [], []])
+    drafts = round_metadata([[1, 2], [], [3], [], []])
     logits = torch.randn(batch + 3, vocab)
     assert GPUModelRunner._sample(runner, logits, drafts).sampled_token_ids.shape == (batch, 3)
     assert calls[-1] == 2  # a round with drafts is verified by the rejection sampler
@@ -130,7 +92,7 @@ def test_recovered_tokens_are_drawn_for_drafted_requests_only_with_the_same_resu
     def recovered(specqd_worker: bool):
         monkeypatch.setattr(patches, "_specqd_runner_built", specqd_worker)
         generators = {i: torch.Generator().manual_seed(100 + i) for i in range(len(drafts))}
-        metadata = _sampling_metadata(len(drafts), greedy=False)
+        metadata = sampling_metadata(len(drafts), greedy=False)
         metadata = type(metadata)(**{**metadata.__dict__, "generators": generators})
         shapes = []
         real_exponential = torch.Tensor.exponential_
