@@ -41,17 +41,17 @@ Its expected gain is ``sum_{j<=g} q_ij`` (``q``: the product of the request's n-
 second :class:`AcceptanceModel`), and it needs no draft pass. Whole-batch options are compared by
 expected tokens per second (:meth:`AdaptivePolicy._with_ngram`): MXFP4 drafts only, or n-gram
 proposals for the requests whose g extra verified tokens pay at the batch's plain rate with a
-margin (``ngram_margin``: the per-token cost is fitted over few token counts and ran low at
-concurrency 64, where sending proposals lost 14%) (or only
-those of them expected to commit at least what their MXFP4 drafts would), with the MXFP4 choice
-re-made over the other requests and the n-gram tokens priced into the step. Warm-up rounds
+margin (or only those of them expected to commit at least what their MXFP4 drafts would), with the
+MXFP4 choice re-made over the other requests and the n-gram tokens priced into the step. The margin
+(``ngram_margin``) is there because the per-token cost is fitted over few token counts and ran low
+at concurrency 64, where sending proposals without it lost 14%. Warm-up rounds
 alternate between the two; exploring rounds also send the proposals of requests that chose no
 MXFP4 drafts, so both estimates keep being measured.
 
-**Re-probing**: a request that got k = 0 for ``reprobe_after`` steps in a row, and whose own first-draft
-acceptance is below the batch-wide one or the prior (else it is off for cost, which a probe cannot
-change), gets
-k = 1 once (unless the batch is so costly to draft that even full acceptance would not pay),
+**Re-probing**: a request that got k = 0 for ``reprobe_after`` steps in a row, and whose own
+first-draft acceptance is below the batch-wide one or the prior (else it is off for cost, which a
+probe cannot change), gets k = 1 once (unless the batch is so costly to draft that even full
+acceptance would not pay),
 so an acceptance that collapsed (e.g. high-temperature sampling) can be seen to recover. Each
 probe that does not turn drafting back on doubles that request's wait (up to
 ``max_reprobe_after``); drafting again resets it. Due probes are batched: they run in a round that
@@ -435,6 +435,7 @@ class AdaptivePolicy:
         the requests would otherwise put a draft pass into most rounds. While no acceptance could make
         drafting pay (``may_pay`` false: a compute-bound batch), due probes wait for one that could."""
         due, overdue = [], False
+        healthy = max(self.acceptance.batch_wide[0], self.settings.prior_acceptance)
         for i, slot in enumerate(slots):
             if caps[i] == 0:
                 continue
@@ -444,7 +445,6 @@ class AdaptivePolicy:
                 continue
             off = self._off_steps.get(slot.req_id, 0) + 1
             self._off_steps[slot.req_id] = off
-            healthy = max(self.acceptance.batch_wide[0], self.settings.prior_acceptance)
             if self.acceptance.of(slot.req_id)[0] >= healthy - PROBE_ACCEPTANCE_GAP:
                 continue
             wait = self._probe_wait.get(slot.req_id, self.settings.reprobe_after)
