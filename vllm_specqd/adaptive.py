@@ -1,62 +1,9 @@
 """Adaptive speculation: how many level-1 draft tokens each request gets, decided per step.
 
-Engine-free: the adapter feeds measurements in and applies the :class:`Decision` it gets back.
-
-**Cost model** (measured online, no profile run):
-
-* one target step (everything between two drafting rounds: scheduling, the forward pass, sampling)
-  costs ``a + b * tokens`` seconds, ``tokens`` = the step's scheduled tokens;
-* one level-1 draft position (a forward pass plus its sampling) costs ``c + d * rows`` seconds,
-  ``rows`` = the rows the pass runs: the whole batch, or (``passes_run_drafting_rows_only``, a
-  shared-KV draft with no inner level) only the requests still drafting, so that a round of m passes
-  drafting n tokens in all costs ``m * c + d * n``.
-
-Both lines are exponentially weighted least-squares fits (:class:`LineFit`). While the observed
-x barely varies the slope leans on a prior, so a fit over one batch size still prices extra tokens
-instead of calling them free: for the draft, the cost per row of its linears measured when the
-engine starts (``set_draft_row_cost``; a kernel whose cost barely grows with the rows, such as the
-AMX one, would otherwise look as dear per row as per pass and never draft under load); for the
-target, half the mean cost per token.
-
-**Acceptance** (:class:`AcceptanceModel`): per request and draft position j, an EMA of
-P(draft j accepted | drafts 1..j-1 accepted). A new request starts from the batch-wide estimate
-of each position, which starts at ``prior_acceptance`` and is a running mean over its first
-observations (then an EMA), so the warm-up rounds' outcomes count at once.
-
-**Decision** (:meth:`AdaptivePolicy.decide`): request i drafting k_i tokens commits in
-expectation ``1 + sum_{j<=k_i} p_ij`` tokens, ``p_ij`` = the product of its first j acceptances.
-A round runs ``m = max_i k_i`` draft passes, so for each m in 0..K the best k_i <= m are a prefix
-of the (i, j) items sorted by p_ij (the target cost and the drafting-rows pass cost are linear in
-tokens), and the (m, prefix) with the most expected tokens per second wins. The batch drafts
-only if that beats k = 0 for everyone by ``min_gain`` (relative); else every k_i is 0.
-
-**Exploring deeper positions**: a position is measured only when it is drafted, so an estimate
-that happens to start low (a few unlucky warm-up outcomes) would keep it out of the drafts for
-good. Every ``explore_every`` rounds each drafting request drafts one token more than chosen
-(within its cap), so every estimate one past the chosen depth keeps being measured.
-
-**N-gram proposals straight to the target** (a shared-KV draft with an n-gram inner level): a
-request whose context's suffix occurred before has an n-gram proposal of g tokens, free to make.
-Its expected gain is ``sum_{j<=g} q_ij`` (``q``: the product of the request's n-gram acceptances, a
-second :class:`AcceptanceModel`), and it needs no draft pass. Whole-batch options are compared by
-expected tokens per second (:meth:`AdaptivePolicy._with_ngram`): MXFP4 drafts only, or n-gram
-proposals for the requests whose g extra verified tokens pay at the batch's plain rate with a
-margin (or only those of them expected to commit at least what their MXFP4 drafts would), with the
-MXFP4 choice re-made over the other requests and the n-gram tokens priced into the step. The margin
-(``ngram_margin``) is there because the per-token cost is fitted over few token counts and ran low
-at concurrency 64, where sending proposals without it lost 14%. Warm-up rounds
-alternate between the two; exploring rounds also send the proposals of requests that chose no
-MXFP4 drafts, so both estimates keep being measured.
-
-**Re-probing**: a request that got k = 0 for ``reprobe_after`` steps in a row, and whose own
-first-draft acceptance is below the batch-wide one or the prior (else it is off for cost, which a
-probe cannot change), gets k = 1 once (unless the batch is so costly to draft that even full
-acceptance would not pay),
-so an acceptance that collapsed (e.g. high-temperature sampling) can be seen to recover. Each
-probe that does not turn drafting back on doubles that request's wait (up to
-``max_reprobe_after``); drafting again resets it. Due probes are batched: they run in a round that
-drafts anyway, or once a quarter of the batch is due (or one is a full wait late), since any probe
-costs a draft pass over the whole batch.
+Engine-free: ``adapter/adaptive_drafter.py`` feeds measurements in and applies the :class:`Decision`
+it gets back. The cost model, the acceptance estimates, the decision rule, exploration, n-gram
+proposals sent straight to the target and re-probing are explained in docs/design.md, "Adaptive
+speculation".
 """
 
 from __future__ import annotations
@@ -342,7 +289,7 @@ class AdaptivePolicy:
     def _best_k(
         self, slots: Sequence[RequestSlot], caps: np.ndarray, ngram: tuple[int, float] = (0, 0.0)
     ) -> tuple[np.ndarray, tuple[float, float]]:
-        """Per request k maximising expected committed tokens per second (see the module docstring).
+        """Per request k maximising expected committed tokens per second (docs/design.md, "Adaptive speculation").
 
         ``ngram``: (tokens, expected gain) of the n-gram proposals this step sends anyway."""
         rows, max_k = len(slots), self.settings.max_k

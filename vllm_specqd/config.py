@@ -43,15 +43,13 @@ LM_HEADS = ("shared", "mxfp4")
 KV_CACHE_MODES = ("shared", "separate")
 NGRAM_METHOD, MODEL_METHOD = "ngram", "draft_model"  # the inner levels' "method" in the user's dict
 
-# Chosen by measurement (README, "Choosing the scale rule"): on 12 HumanEval
-# prompts, K=6, the bundled model's mean acceptance length was 4.51 with "mse"
-# vs 4.03 with the spec's FLOOR rule; both are plain MXFP4 bytes.
+# "mse": its draft is accepted more often than the spec's FLOOR rule's, and both are plain MXFP4
+# bytes (docs/design.md, "MXFP4 conventions").
 DEFAULT_SCALE_RULE = "mse"
-# How the level-1 draft picks tokens for sampled (temperature > 0) requests.
-# Measured (README, "Greedy vs probabilistic draft"): a probabilistic draft that
-# hands vLLM's rejection sampler its probabilities accepted 2.65 tokens/step at
-# T=1 vs 1.78 for a greedy (one-hot) draft, so it is the default. Inner levels
-# verify the draft's greedy choices, so with `inner` the default is greedy.
+# How the level-1 draft picks tokens for sampled (temperature > 0) requests. A probabilistic draft
+# hands vLLM's rejection sampler its probabilities and is accepted more often than a greedy
+# (one-hot) one. Inner levels verify the draft's greedy choices, so with `inner` it is greedy
+# (docs/design.md, "The MXFP4 draft, made in memory").
 DEFAULT_DRAFT_SAMPLE_METHOD = "probabilistic"
 DEFAULT_DRAFT_SAMPLE_METHOD_WITH_INNER = "greedy"
 DEFAULT_CPU_KERNEL = "w4a8"
@@ -59,8 +57,8 @@ DEFAULT_LM_HEAD = "mxfp4"
 DEFAULT_KV_CACHE = "shared"
 DEFAULT_LM_HEAD_RESCORE_TOP_K = 8
 ADAPTIVE_POLICIES = ("cost", "random")  # "random": the adversarial test policy (k uniform per request and step)
-# On by default, by measurement (README, "Adaptive speculation"): served, at every concurrency
-# measured, adaptive was faster than fixed K on both models and both machines.
+# On by default: served, it was faster than fixed K at every concurrency measured (docs/design.md,
+# "Adaptive speculation").
 DEFAULT_ADAPTIVE = True
 DEFAULT_MIN_GAIN = 0.0
 DEFAULT_REPROBE_AFTER = 8
