@@ -112,42 +112,31 @@ def project(results: dict, c1: float | None, c2: float | None = None, c_source: 
         c2_used = _c2_for(results, c1, c2)
         if c2 is None and c2_used is not None:
             lines.append(f"Small-model level: c2 = c x small layers / target layers = {c2_used:.3g} (assumed).")
-        headers = [
-            "method",
-            "E[tokens/target step]",
-            "draft cost per round (passes x c)",
-            "projected speedup",
-            "paper (measured there)",
-        ]
-        rows = [
-            [
-                r["method"],
-                f"{expected_tokens_per_round(r['levels']['1']['per_position']):.2f}",
-                *_speedup_cell(r, c1, c2_used),
-                PAPER.get(r["method"], "-"),
-            ]
-            for r in records
-        ]
+        cost_headers = ["draft cost per round (passes x c)", "projected speedup"]
+
+        def cost_cells(record: dict) -> list[str]:
+            return list(_speedup_cell(record, c1, c2_used))
+
     else:
         lines.append(
             "**NO c WAS MEASURED** (no GPU run of benchmarks/bench_decode_step.py was given): the columns are "
             "HYPOTHETICAL values of c. Small-model levels use c x small layers / target layers."
         )
-        headers = [
-            "method",
-            "E[tokens/target step]",
-            *[f"c={c:g} (hypothetical)" for c in HYPOTHETICAL_C],
-            "paper (measured there)",
+        cost_headers = [f"c={c:g} (hypothetical)" for c in HYPOTHETICAL_C]
+
+        def cost_cells(record: dict) -> list[str]:
+            return [_speedup_cell(record, c, _c2_for(results, c, c2))[1] for c in HYPOTHETICAL_C]
+
+    headers = ["method", "E[tokens/target step]", *cost_headers, "paper (measured there)"]
+    rows = [
+        [
+            r["method"],
+            f"{expected_tokens_per_round(r['levels']['1']['per_position']):.2f}",
+            *cost_cells(r),
+            PAPER.get(r["method"], "-"),
         ]
-        rows = [
-            [
-                r["method"],
-                f"{expected_tokens_per_round(r['levels']['1']['per_position']):.2f}",
-                *[_speedup_cell(r, c, _c2_for(results, c, c2))[1] for c in HYPOTHETICAL_C],
-                PAPER.get(r["method"], "-"),
-            ]
-            for r in records
-        ]
+        for r in records
+    ]
     lines.append(markdown_table(headers, rows))
     lines.append(
         "n-gram levels are priced at 0 (host cost ignored). The paper's figures are end-to-end measurements "
