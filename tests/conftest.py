@@ -12,7 +12,7 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from engine_harness import Workload, run_engine  # noqa: E402
+from engine_harness import K, Workload, run_engine, specqd_spec  # noqa: E402
 
 from vllm_specqd.bench.datasets import chat_questions, humaneval_prompts, render_chat  # noqa: E402
 
@@ -110,11 +110,7 @@ def reference_run(model_dir):
     )
 
 
-LEVEL1_SPEC = {
-    "method": "specqd",
-    "num_speculative_tokens": 6,
-    "adaptive": False,
-}  # engine_harness.K; fixed K, defaults otherwise
+LEVEL1_SPEC = specqd_spec(K)  # fixed K, defaults otherwise
 LEVEL1_INSPECTED_LAYER = "model.layers.0.self_attn.qkv_proj"
 
 

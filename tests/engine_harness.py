@@ -22,10 +22,37 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_specqd.bench.methods import NGRAM_LOOKUP
 from vllm_specqd.bench.offline import environment  # noqa: F401  (the test modules import it from here)
 from vllm_specqd.level_report import LevelReport
 
 K = 6  # level-1 draft tokens used across the engine tests
+
+
+def specqd_spec(k: int = K, inner: dict | None = None, **fields) -> dict:
+    """A specqd ``speculative_config`` with a fixed k (adaptive off), the defaults otherwise;
+    ``inner``: the level below level 1; ``fields``: more top-level fields (``draft``, ...)."""
+    spec = {"method": "specqd", "num_speculative_tokens": k, "adaptive": False, **fields}
+    if inner is not None:
+        spec["inner"] = inner
+    return spec
+
+
+def ngram_level(k: int, **lookup) -> dict:
+    """An n-gram inner level proposing ``k`` tokens (vLLM's prompt-lookup defaults unless ``lookup``)."""
+    return {"method": "ngram", "num_speculative_tokens": k, **lookup}
+
+
+def three_levels(small_model_dir: Path, **level1) -> dict:
+    """MXFP4 self-draft (K) <- the small model, MXFP4 (k=3) <- n-gram lookup (k=2, the benchmark's lookup)."""
+    small = {
+        "method": "draft_model",
+        "model": str(small_model_dir),
+        "quantization": "mxfp4",
+        "num_speculative_tokens": 3,
+        "inner": ngram_level(2, **NGRAM_LOOKUP),
+    }
+    return specqd_spec(K, small, **level1)
 
 
 @dataclass
@@ -148,6 +175,23 @@ def same_distribution_pvalue(a: list[int], b: list[int], min_count: int = 10) ->
     if rows[0][-1] + rows[1][-1] == 0:
         rows = [row[:-1] for row in rows]
     return float(chi2_contingency(rows).pvalue)
+
+
+def token_at(tokens: list[int], position: int) -> int:
+    """The token at ``position`` of a completion; -1 where it stopped (EOS) before."""
+    return tokens[position] if position < len(tokens) else -1
+
+
+def assert_same_token_distribution(
+    reference: EngineRun, run: EngineRun, position: int, label: str = "", workload: str = "sampled"
+) -> None:
+    """Chi-square test: the token at ``position`` of each request's first completion follows one
+    distribution in ``run`` and in ``reference`` (p > 1e-3)."""
+    ref = [token_at(out[0], position) for out in reference.outputs[workload]]
+    got = [token_at(out[0], position) for out in run.outputs[workload]]
+    pvalue = same_distribution_pvalue(ref, got)
+    where = f"{label}, token" if label else "token"
+    assert pvalue > 1e-3, f"{where} {position + 1}: chi-square p={pvalue:.2e}"
 
 
 def drafts_by_prompt(run: EngineRun, workload: str) -> dict[tuple[int, int], list[int]]:

@@ -20,7 +20,15 @@ acceptance floor below catches that. "separate" on such a target is a config err
 
 import pytest
 from conftest import sampled_workload
-from engine_harness import Workload, environment, mean_acceptance_length, run_engine, same_distribution_pvalue
+from engine_harness import (
+    Workload,
+    assert_same_token_distribution,
+    environment,
+    mean_acceptance_length,
+    ngram_level,
+    run_engine,
+    specqd_spec,
+)
 from hybrid_model import LAYER_TYPES, NUM_LAYERS, SLIDING_WINDOW, build_hybrid_model
 
 from vllm_specqd.config import SpecQDConfigError
@@ -69,18 +77,12 @@ def reference(hybrid_model_dir):
 
 @pytest.fixture(scope="module")
 def poisoned_one_level(hybrid_model_dir):
-    return _run(hybrid_model_dir, {"method": "specqd", "num_speculative_tokens": K, "adaptive": False}, POISON)
+    return _run(hybrid_model_dir, specqd_spec(K), POISON)
 
 
 @pytest.fixture(scope="module")
 def ngram(hybrid_model_dir):
-    spec = {
-        "method": "specqd",
-        "num_speculative_tokens": K,
-        "adaptive": False,
-        "inner": {"method": "ngram", "num_speculative_tokens": 2},
-    }
-    return _run(hybrid_model_dir, spec)
+    return _run(hybrid_model_dir, specqd_spec(K, ngram_level(2)))
 
 
 def test_poisoned_one_level_is_token_identical(reference, poisoned_one_level):
@@ -96,15 +98,7 @@ def test_ngram_levels_are_token_identical(reference, ngram):
 def test_sampling_is_exact_in_distribution(request, reference, engine, position):
     """Shared KV keeps sampling exact: the poisoned draft's proposals are far from the target's
     distribution, so only a correct rejection step gives the target's token distribution."""
-    run = request.getfixturevalue(engine)
-
-    def token_at(tokens):
-        return tokens[position] if position < len(tokens) else -1
-
-    ref = [token_at(out[0]) for out in reference.outputs["sampled"]]
-    got = [token_at(out[0]) for out in run.outputs["sampled"]]
-    pvalue = same_distribution_pvalue(ref, got)
-    assert pvalue > 1e-3, f"{engine}, token {position + 1}: chi-square p={pvalue:.2e}"
+    assert_same_token_distribution(reference, request.getfixturevalue(engine), position, engine)
 
 
 def test_the_target_really_is_hybrid(poisoned_one_level, ngram):
@@ -147,7 +141,7 @@ def _engine_config(model_dir, spec):
 
 
 def test_separate_kv_on_a_hybrid_target_is_a_config_error(hybrid_model_dir):
-    spec = {"method": "specqd", "num_speculative_tokens": K, "adaptive": False, "draft": {"kv_cache": "separate"}}
+    spec = specqd_spec(K, draft={"kv_cache": "separate"})
     with pytest.raises(SpecQDConfigError, match=r"'draft.kv_cache' = 'separate'.*Use 'draft.kv_cache': 'shared'"):
         _engine_config(hybrid_model_dir, spec)
     shared = _engine_config(hybrid_model_dir, {**spec, "draft": {"kv_cache": "shared"}})
@@ -155,12 +149,12 @@ def test_separate_kv_on_a_hybrid_target_is_a_config_error(hybrid_model_dir):
 
 
 def test_separate_kv_on_a_plain_target_is_fine(model_dir):
-    spec = {"method": "specqd", "num_speculative_tokens": K, "adaptive": False, "draft": {"kv_cache": "separate"}}
+    spec = specqd_spec(K, draft={"kv_cache": "separate"})
     assert _engine_config(model_dir, spec).additional_config["specqd"]["draft"]["kv_cache"] == "separate"
 
 
 def test_model_inner_levels_on_a_hybrid_target_are_a_config_error(hybrid_model_dir, small_model_dir):
     inner = {"method": "draft_model", "model": str(small_model_dir), "num_speculative_tokens": 2}
-    spec = {"method": "specqd", "num_speculative_tokens": K, "adaptive": False, "inner": inner}
+    spec = specqd_spec(K, inner)
     with pytest.raises(SpecQDConfigError, match="'inner' levels with method 'draft_model' are not supported"):
         _engine_config(hybrid_model_dir, spec)

@@ -9,7 +9,7 @@ end mid-round (small max_tokens) and use n > 1.
 """
 
 import pytest
-from engine_harness import K, Workload, environment, mean_acceptance_length, run_engine
+from engine_harness import K, Workload, environment, mean_acceptance_length, ngram_level, run_engine, specqd_spec
 
 pytestmark = pytest.mark.engine
 
@@ -65,18 +65,12 @@ def reference(model_dir):
 
 @pytest.fixture(scope="module")
 def poisoned_one_level(model_dir):
-    return _run(model_dir, {"method": "specqd", "num_speculative_tokens": K, "adaptive": False}, POISON)
+    return _run(model_dir, specqd_spec(K), POISON)
 
 
 @pytest.fixture(scope="module")
 def poisoned_ngram(model_dir):
-    spec = {
-        "method": "specqd",
-        "num_speculative_tokens": K,
-        "adaptive": False,
-        "inner": {"method": "ngram", "num_speculative_tokens": 3},
-    }
-    return _run(model_dir, spec, POISON)
+    return _run(model_dir, specqd_spec(K, ngram_level(3)), POISON)
 
 
 @pytest.mark.parametrize("workload", ["prefix", "forks", "prefix_again"])
