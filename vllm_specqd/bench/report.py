@@ -13,6 +13,7 @@ from pathlib import Path
 from vllm_specqd.bench.methods import SAME_GEMM_BASELINE
 
 MiB = 2**20
+DECISION_BUDGET_SHARE = 0.01  # the adaptive policy's decision may cost this share of step time
 
 OFFLINE_COLUMNS = {
     "method": "speculative method (see the method list below)",
@@ -237,6 +238,12 @@ def notes(meta: dict, records: list[dict]) -> list[str]:
             out.append(f"{r['method']} diverges from `none`: {where}.")
         if r.get("adaptive"):
             out.append(f"{r['method']}, the adaptive policy's decisions over the timed run: {r['adaptive']['summary']}")
+            share = r["adaptive"].get("decision_share")
+            if share is not None and share >= DECISION_BUDGET_SHARE:
+                out.append(
+                    f"**{r['method']}: deciding took {share:.2%} of step time, over its "
+                    f"{DECISION_BUDGET_SHARE:.0%} budget** (benchmarks/bench_adaptive_decision.py times the policy alone)."
+                )
     for r in records:
         check = r.get("memory", {}).get("kv_capacity_check", "")
         if check.startswith("MISMATCH"):
