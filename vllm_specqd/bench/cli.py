@@ -28,11 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("--model", default=None, help="target checkpoint dir (default: the bundled SmolLM2-135M)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="target checkpoint dir, or a prepare-model name such as qwen2.5-coder-1.5b (default: the bundled "
+        "SmolLM2-135M)",
+    )
     p.add_argument(
         "--small-model",
         default=None,
-        help="same-tokenizer small model for specqd-small (default: a layer cut of the bundled model)",
+        help="same-tokenizer small model for specqd-small, a dir or a prepare-model name such as "
+        "qwen2.5-coder-0.5b (default: a layer cut of the bundled model)",
     )
     p.add_argument(
         "--small-layers",
@@ -107,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _model_dir(model: str | None, parser) -> str | None:
+    """A checkpoint directory, or a model prepare-model knows by name (e.g. qwen2.5-coder-1.5b): its cached dir."""
+    from vllm_specqd import model_prep
+
+    if model is None or Path(model).expanduser().exists() or model not in model_prep.MODELS:
+        return model
+    try:
+        return str(model_prep.prepare_model(model=model, quiet=True))
+    except (FileNotFoundError, model_prep.ChecksumError) as error:
+        parser.error(f"{model}: {error}")
+
+
 def _num_layers(model_dir: str | None) -> int | None:
     if model_dir is None:
         return None
@@ -146,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_specqd.bench.offline import default_models, set_engine_env_defaults
 
     set_engine_env_defaults(args.verbose)
+    args.model, args.small_model = _model_dir(args.model, parser), _model_dir(args.small_model, parser)
     target, small = default_models(args.model, any(m.needs_small_model for m in methods), args.small_layers)
     small = args.small_model or small
     prompts = datasets.load_prompts(args.dataset, args.num_prompts, target)
