@@ -3,17 +3,16 @@
 # check, kernel and decode-step timings, summary) are Python modules in benchmarks/gpu/, whose
 # __init__.py lists the steps, output files and knobs; this driver keeps the budget, runs each phase
 # under `timeout` and logs everything to $OUT/session.log. Needs python3 with torch, triton, pytest
-# and numpy; no vLLM, nothing installed (benchmarks/gpu imports kernels/ as vllm_specqd.kernels).
+# and numpy; no vLLM, nothing installed.
 #     OUT=/some/dir bash benchmarks/gpu_session.sh                          # budget 420 s
 #     OUT=/some/dir SPECQD_SESSION_SHORT=1 bash benchmarks/gpu_session.sh   # budget 280 s, ~3-4 min
 #     OUT=/some/dir SPECQD_SESSION_SMOKE=1 bash benchmarks/gpu_session.sh   # no GPU: plumbing only
 # Sourced (tests/test_gpu_session.py), it only sets the settings and defines the budget functions.
+
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 REPO=$PWD
-OUT=${OUT:-$REPO/gpu_session_out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+mkdir -p "${OUT:=$REPO/gpu_session_out}" && OUT=$(cd "$OUT" && pwd)
 SHORT=${SPECQD_SESSION_SHORT:-0}
 SMOKE=${SPECQD_SESSION_SMOKE:-0}
 export SPECQD_SESSION_SHORT=$SHORT SPECQD_SESSION_SMOKE=$SMOKE
@@ -25,7 +24,8 @@ NCPU=$(nproc 2>/dev/null || echo 4)
 SHARDS=${SPECQD_TEST_SHARDS:-$((NCPU >= 8 ? 6 : (NCPU >= 4 ? 2 : 1)))}
 WORKERS=${SPECQD_PRECOMPILE_WORKERS:-$((NCPU >= 14 ? 12 : (NCPU > 2 ? NCPU - 2 : 1)))}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TRITON_CACHE_DIR=$WORK/triton_cache PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# Every python3 of the session imports kernels/ as vllm_specqd.kernels (benchmarks/gpu/site/sitecustomize.py).
+export TRITON_CACHE_DIR=$WORK/triton_cache PYTHONPATH="$REPO:$REPO/benchmarks/gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 T0=$SECONDS
 
 left() { echo $((BUDGET - (SECONDS - T0))); }

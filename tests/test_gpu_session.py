@@ -188,6 +188,34 @@ def test_kernels_import_from_the_checkout_only_through_benchmarks_gpu(tmp_path):
     assert Path(r.stdout.strip()) == REPO / "kernels" / "__init__.py"
 
 
+def test_session_pythonpath_serves_the_kernels_to_every_process(tmp_path):
+    """A venv that sees this environment's packages but has no vllm_specqd installed, as on the GPU
+    machine: with the driver's PYTHONPATH any python process imports the kernels (sitecustomize), and
+    the sitecustomize it shadows still runs."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True
+    ).stdout.strip()
+    (Path(purelib) / "main_env.pth").write_text("".join(f"{p}\n" for p in site.getsitepackages()))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("print('shadowed sitecustomize ran')\n")
+    code = "import vllm_specqd.kernels as K; print(K.__file__)"
+
+    def run(*paths: Path) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SPECQD_", "TRITON_", "PYTHON"))}
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in paths)
+        return subprocess.run([python, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    without = run(REPO, other)
+    assert "No module named 'vllm_specqd.kernels'" in without.stderr
+    r = run(REPO, REPO / "benchmarks" / "gpu" / "site", other)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["shadowed sitecustomize ran", str(REPO / "kernels" / "__init__.py")]
+
+
 def test_every_phase_imports_without_cuda_or_an_install(tmp_path):
     code = f"""
         import importlib

@@ -35,6 +35,8 @@ Triton interpreter, CPU twins; checks only that the session's plumbing works).
 
 Importing this package makes ``vllm_specqd.kernels`` importable from ``kernels/`` without installing
 anything (``layout``): the lent machine has torch, Triton, pytest and numpy, but no vLLM and no network.
+The driver also puts ``benchmarks/gpu/site`` on PYTHONPATH, whose ``sitecustomize`` imports this package
+in every Python process of the session, the subprocesses that tests start included.
 """
 
 from .layout import install
