@@ -26,6 +26,7 @@ from vllm.logger import init_logger
 
 from vllm_specqd.adapter import vllm_internals as internals
 from vllm_specqd.adapter.pass_timer import PassTimer
+from vllm_specqd.adapter.target_step import request_draft_cap
 from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, Decision, Outcome, RequestSlot
 from vllm_specqd.config import AdaptiveSpec
 from vllm_specqd.level_report import AdaptiveReport
@@ -144,7 +145,7 @@ class AdaptiveDrafter:
         positions = sampled_positions.tolist()
         ngram = [len(p) for p in ngram_proposals] if ngram_proposals is not None else [0] * rows
         slots = [
-            RequestSlot(req_id, 0 if discarded[i] else self._cap(runner, req_id, positions[i] + 1), ngram[i])
+            RequestSlot(req_id, 0 if discarded[i] else self._draft_cap(runner, req_id, positions[i] + 1), ngram[i])
             for i, req_id in enumerate(req_ids)
         ]
         decision = self.policy.decide(slots)
@@ -153,15 +154,8 @@ class AdaptiveDrafter:
         self._draft_started = time.perf_counter()
         return decision
 
-    def _cap(self, runner, req_id: Hashable, context_len: int) -> int:
-        """Drafts the next step can use: it feeds positions context_len - 1 .. context_len - 1 + k,
-        which must stay below max_model_len, and commits at most k + 1 of the tokens left."""
-        cap = min(self.policy.settings.max_k, self.max_model_len - context_len)
-        budget = internals.generation_budget(runner, req_id)
-        if budget is not None:
-            num_prompt_tokens, max_tokens = budget
-            cap = min(cap, max_tokens - (context_len - num_prompt_tokens) - 1)
-        return max(0, cap)
+    def _draft_cap(self, runner, req_id: Hashable, context_len: int) -> int:
+        return request_draft_cap(runner, req_id, self.policy.settings.max_k, context_len, self.max_model_len)
 
     def _observe_step(self, now: float, tokens: int) -> None:
         """The time since the last round ended: one target step over ``tokens`` scheduled tokens."""

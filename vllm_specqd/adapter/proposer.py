@@ -1,54 +1,49 @@
 """SpecQDProposer: vLLM's DraftModelProposer with an in-memory MXFP4 self-draft.
 
-One phase per function, as vLLM calls them: :meth:`load_model` (the draft, the inner levels),
+One phase per method, as vLLM calls them: :meth:`load_model` (the draft, the inner levels),
 :meth:`initialize_attn_backend` (where each level's KV lives), :meth:`propose` (one round).
-A round for K level-1 tokens takes one of three paths:
-
-* shared KV, one level: K single-token passes over the target's own KV (``_propose_shared_kv``);
-* separate KV, one level: vLLM's own loop (a first pass that catches the draft's KV up, then one
-  pass per token);
-* inner levels: a first pass gives d1 (``_first_pass``), then the speculative chain gives
-  d2..dK (``_draft_rest``). Greedy drafting makes d1..dK exactly what the MXFP4 draft alone gives.
-
-With ``adaptive`` on, each round first asks :class:`AdaptiveDrafter` for every request's k
-(0..K); the round runs max(k) passes (none when every k is 0 and nothing must catch up) and
-returns per-request lists cut to each k. With a shared KV and an n-gram inner level, each request
-may instead send its n-gram proposal straight to the target (``_ngram_proposals``): the policy
-weighs it against the MXFP4 drafts, and only the requests drafting with MXFP4 run passes.
-
-Every vLLM internal it needs goes through ``vllm_internals``; docs/design.md draws the rounds.
+A round takes one of the paths of :class:`RoundPath`, picked by :meth:`_pick_path`; docs/design.md
+draws each. Every vLLM internal it needs goes through ``vllm_internals``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import enum
 import os
-from collections.abc import Hashable
 
-import numpy as np
 import torch
 import torch.nn as nn
 from vllm.compilation.backends import set_model_tag
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
+from vllm_specqd.adapter import draft_rounds as rounds
 from vllm_specqd.adapter import vllm_internals as internals
 from vllm_specqd.adapter.adaptive_drafter import AdaptiveDrafter
 from vllm_specqd.adapter.draft_builder import DRAFT_PREFIX, build_mxfp4_draft, mxfp4_layers
 from vllm_specqd.adapter.engine_config import model_levels_on_hybrid_target_error, separate_kv_on_hybrid_target_error
 from vllm_specqd.adapter.inner_models import load_inner_model
 from vllm_specqd.adapter.level_stats import LevelStatsPublisher
+from vllm_specqd.adapter.target_step import TargetStep
 from vllm_specqd.adapter.window_model import VllmWindowModel
+from vllm_specqd.adaptive import Decision
 from vllm_specqd.config import ModelLevel, NgramLevel, SpecQDConfigError, from_dict
-from vllm_specqd.multilevel import RequestContext, SpeculativeLevel, build_chain
-from vllm_specqd.ngram import NgramProposer, find_ngram_continuation
+from vllm_specqd.multilevel import SpeculativeLevel, build_chain
+from vllm_specqd.ngram import NgramProposer
 
 # Under "vllm." so vLLM's logging config (handlers, level, process prefix) applies.
 logger = init_logger("vllm." + __name__)
 
 # Debug/test hook: append every round's level-1 drafts as JSON lines to this file.
 TRACE_ENV = "VLLM_SPECQD_TRACE_DRAFTS"
+
+
+class RoundPath(enum.Enum):
+    NO_DRAFTS = "adaptive chose k = 0 for every request: no pass"
+    CHAIN = "a first pass gives d1, the speculative chain of inner levels d2..dK"
+    SHARED_KV = "K single-token passes over the target's own KV (QSpec)"
+    VLLM_LOOP = "vLLM's own loop: a first pass catching the draft's separate KV up, then one pass per token"
 
 
 class SpecQDProposer(DraftModelProposer):
@@ -75,7 +70,7 @@ class SpecQDProposer(DraftModelProposer):
                 self.specqd.num_speculative_tokens,
                 min_passes=int(catch_up),
                 max_model_len=vllm_config.model_config.max_model_len,
-                passes_run_drafting_rows_only=not catch_up,  # _propose_shared_kv's limits
+                passes_run_drafting_rows_only=not catch_up,  # _shared_kv_round's limits
             )
         if runner is not None:
             internals.on_request_removed(runner, self._forget_request)
@@ -202,13 +197,6 @@ class SpecQDProposer(DraftModelProposer):
         window_model.layer_names = list(layer_names)
         window_model.kv_groups = bindings
 
-    def _block_tables(self, cad) -> dict[int, torch.Tensor]:  # KV cache group id -> [num_reqs, max_blocks]
-        """Each KV cache group's block table for this step's batch. vLLM hands the drafter one
-        group's (``cad``); with one group that is all there is."""
-        if len(self.kv_group_ids) == 1:
-            return {self.kv_group_ids[0]: cad.block_table_tensor}
-        return internals.group_block_tables(self.runner, self.kv_group_ids, cad.num_reqs)
-
     # ------------------------------------------------------------------ drafting
 
     def propose(
@@ -218,335 +206,79 @@ class SpecQDProposer(DraftModelProposer):
         target_positions: torch.Tensor,  # [num_tokens]
         target_hidden_states: torch.Tensor,  # [num_tokens, hidden]
         next_token_ids: torch.Tensor,  # [batch_size]
-        token_indices_to_sample: torch.Tensor | None,
+        token_indices_to_sample: torch.Tensor | None,  # [batch_size]
         common_attn_metadata,
         sampling_metadata,
         mm_embed_inputs=None,
         num_rejected_tokens_gpu: torch.Tensor | None = None,  # [batch_size]
         slot_mappings=None,
-    ) -> torch.Tensor | list[list[int]]:  # [batch_size, num_speculative_tokens], or per-row lists (adaptive)
-        self.stats.start_timing()
-        trace_path = os.environ.get(TRACE_ENV)
-        if trace_path:
-            next_positions = self._next_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
-        decision = ngram = None
-        if self.adaptive is not None:
-            sampled = self._sampled_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
-            if self.ngram_direct is not None:
-                ngram = self._ngram_proposals(
-                    target_token_ids, target_positions, next_token_ids, common_attn_metadata, num_rejected_tokens_gpu
-                )
-            decision = self.adaptive.decide(
-                self.runner, sampled, common_attn_metadata, num_rejected_tokens_gpu, ngram_proposals=ngram
-            )
-            num_speculative_tokens = decision.passes
-        if decision is not None and decision.passes == 0:
-            internals.begin_round(self, self.specqd.num_speculative_tokens)  # clears last round's draft probs
-            drafts = [[] for _ in decision.k]
-            self.stats.publish()
-        elif self.chain is not None and (decision is not None or num_speculative_tokens > 1):
-            drafts = self._propose_multilevel(
-                num_speculative_tokens,
-                target_token_ids,
-                target_positions,
-                target_hidden_states,
-                next_token_ids,
-                token_indices_to_sample,
-                common_attn_metadata,
-                num_rejected_tokens_gpu,
-                mm_embed_inputs,
-                limits=decision.k if decision is not None else None,
-            )
-        elif self.shared_kv:
-            self.stats.first_passes += max(1, num_speculative_tokens)
-            self.stats.publish()
-            drafts = self._propose_shared_kv(
-                num_speculative_tokens,
-                target_positions,
-                next_token_ids,
-                common_attn_metadata,
-                sampling_metadata,
-                num_rejected_tokens_gpu,
-                limits=[0 if sent else k for k, sent in zip(decision.k, decision.ngram)] if decision else None,
-            )
-        else:
-            self.stats.first_passes += max(1, num_speculative_tokens)  # vLLM's loop: K passes
-            self.stats.publish()
-            drafts = super().propose(
-                num_speculative_tokens,
-                target_token_ids,
-                target_positions,
-                target_hidden_states,
-                next_token_ids,
-                token_indices_to_sample,
-                common_attn_metadata,
-                sampling_metadata,
-                mm_embed_inputs,
-                num_rejected_tokens_gpu,
-                slot_mappings,
-            )
-        if decision is not None:
-            drafts = self.adaptive.finish(drafts, decision, ngram)
-        if trace_path:
-            self._trace(trace_path, next_positions, drafts)
-        return drafts
-
-    def _propose_shared_kv(
-        self,
-        num_speculative_tokens: int,
-        target_positions: torch.Tensor,  # [num_tokens]
-        next_token_ids: torch.Tensor,  # [batch_size]
-        cad,
-        sampling_metadata,
-        num_rejected_tokens_gpu: torch.Tensor | None,  # [batch_size]
-        limits: list[int] | None = None,  # [batch_size] adaptive: drafts each row keeps
-    ) -> torch.Tensor:  # [batch_size, K]
-        """K single-token passes per request over the target's own KV (QSpec).
-
-        The committed context's KV is the target's, exact; pass j writes the slot of position
-        p + 1 + j only, which the next verification rewrites before attending to it.
-        With ``limits``, pass j runs only the rows that keep more than j drafts (the entries of
-        the others stay 0 and are cut away): a round where few requests draft costs few rows.
-        """
-        internals.begin_round(self, num_speculative_tokens)
-        positions = self._sampled_positions(target_positions, cad, num_rejected_tokens_gpu)
-        self.level1_model.bind_batch({}, self._block_tables(cad))
-        passes = max(1, num_speculative_tokens)
-        if limits is None:
-            return self._shared_kv_passes_over_batch(passes, next_token_ids, positions, sampling_metadata)
-        batch = next_token_ids.shape[0]
-        drafts = torch.zeros(batch, passes, dtype=torch.int64, device=next_token_ids.device)
-        probs = None
-        kept = torch.tensor(limits, dtype=torch.int64)
-        tokens = next_token_ids
-        for step in range(passes):
-            rows = torch.nonzero(kept > step).flatten()
-            if rows.numel() == 0:
-                break
-            rows_dev = rows.to(next_token_ids.device)
-            hidden = self.level1_model.decode_step(
-                tokens[rows_dev], positions[rows_dev] + step, self.max_model_len, rows=rows
-            )
-            step_tokens, step_probs = internals.sample_draft_tokens(
-                self, hidden, internals.sampling_metadata_for_rows(sampling_metadata, rows_dev)
-            )
-            drafts[rows_dev, step] = step_tokens.to(torch.int64)
-            if step_probs is not None:
-                if probs is None:
-                    probs = step_probs.new_zeros(batch, passes, step_probs.shape[-1])
-                probs[rows_dev, step] = step_probs
-            tokens = drafts[:, step]
-        if probs is not None:
-            internals.keep_draft_probs(self, probs)
-        return drafts
-
-    def _shared_kv_passes_over_batch(
-        self,
-        passes: int,
-        next_token_ids: torch.Tensor,  # [batch_size]
-        positions: torch.Tensor,  # [batch_size] of the sampled token
-        sampling_metadata,
-    ) -> torch.Tensor:  # [batch_size, passes]
-        tokens, drafts, probs = next_token_ids, [], []
-        for step in range(passes):
-            hidden = self.level1_model.decode_step(tokens, positions + step, self.max_model_len)
-            tokens, step_probs = internals.sample_draft_tokens(self, hidden, sampling_metadata)
-            drafts.append(tokens)
-            if step_probs is not None:
-                probs.append(step_probs)
-        if probs:
-            internals.keep_draft_probs(self, torch.stack(probs, dim=1).contiguous())
-        return torch.stack(drafts, dim=1)
-
-    def _ngram_proposals(
-        self, target_token_ids, target_positions, next_token_ids, cad, num_rejected_tokens_gpu
-    ) -> list[list[int]]:  # [batch_size] up to K tokens each
-        """Each request's n-gram continuation of its committed context (empty for discarded rows)."""
-        level = self.ngram_direct
-        contexts = self._committed_contexts(
-            target_token_ids, target_positions, next_token_ids, cad, num_rejected_tokens_gpu
-        )
-        discarded = internals.discarded_rows(self.runner, len(contexts))
-        k = self.specqd.num_speculative_tokens
-        return [
-            []
-            if discarded[i]
-            else find_ngram_continuation(context, level.prompt_lookup_min, level.prompt_lookup_max, k).tolist()
-            for i, context in enumerate(contexts)
-        ]
-
-    @staticmethod
-    def _sampled_positions(target_positions, cad, num_rejected_tokens_gpu) -> torch.Tensor:  # [batch_size]
-        """Position of the token the target just sampled: one past each request's last kept row."""
-        last_kept = cad.query_start_loc[1:].long() - 1
-        if num_rejected_tokens_gpu is not None:
-            last_kept = last_kept - num_rejected_tokens_gpu.long()
-        return target_positions[last_kept].long() + 1
-
-    @staticmethod
-    def _accepted_rows(cad, num_rejected_tokens_gpu) -> list[tuple[int, int]]:
-        """Per request, the [lo, hi) rows of the target's input that it kept this step."""
-        qsl = cad.query_start_loc_cpu.tolist()
-        num_reqs = len(qsl) - 1
-        rejected = num_rejected_tokens_gpu.tolist() if num_rejected_tokens_gpu is not None else [0] * num_reqs
-        return [(qsl[i], qsl[i + 1] - rejected[i]) for i in range(num_reqs)]
-
-    def _next_positions(self, target_positions, cad, num_rejected_tokens_gpu) -> list[int]:
-        """Position of the token the target just sampled, per request."""
-        positions = target_positions.tolist()
-        return [positions[hi - 1] + 1 for _, hi in self._accepted_rows(cad, num_rejected_tokens_gpu)]
-
-    def _trace(self, path: str, next_positions: list[int], drafts: torch.Tensor | list[list[int]]) -> None:
-        req_ids = internals.batch_req_ids(self.runner, len(next_positions))
-        discarded = internals.discarded_rows(self.runner, len(next_positions))
-        rows = drafts.tolist() if isinstance(drafts, torch.Tensor) else drafts
-        self._trace_rounds += 1
-        with open(path, "a") as f:
-            for i, (pos, row) in enumerate(zip(next_positions, rows)):
-                if not discarded[i]:
-                    entry = {"req": req_ids[i], "pos": pos, "drafts": row, "round": self._trace_rounds}
-                    f.write(json.dumps(entry) + "\n")
-
-    def _propose_multilevel(
-        self,
-        num_speculative_tokens,
-        target_token_ids,
-        target_positions,
-        target_hidden_states,
-        next_token_ids,
-        token_indices_to_sample,
-        common_attn_metadata,
-        num_rejected_tokens_gpu,
-        mm_embed_inputs,
-        limits: list[int] | None = None,
-    ) -> torch.Tensor | list[list[int]]:
-        internals.begin_round(self, num_speculative_tokens)
-        contexts = self._committed_contexts(
-            target_token_ids, target_positions, next_token_ids, common_attn_metadata, num_rejected_tokens_gpu
-        )
-        first_tokens = self._first_pass(
+    ) -> torch.Tensor | list[list[int]]:  # [batch_size, K], or per-request lists (adaptive)
+        step = TargetStep(
             target_token_ids,
             target_positions,
             target_hidden_states,
             next_token_ids,
             token_indices_to_sample,
             common_attn_metadata,
-            mm_embed_inputs,
+            sampling_metadata,
             num_rejected_tokens_gpu,
+            mm_embed_inputs,
+            slot_mappings,
         )
-        return self._draft_rest(contexts, first_tokens, num_speculative_tokens, common_attn_metadata, limits)
-
-    def _committed_contexts(
-        self, target_token_ids, target_positions, next_token_ids, cad, num_rejected_tokens_gpu
-    ) -> list[np.ndarray]:
-        """Per request: every token up to and including the one the target just sampled.
-
-        The runner has not yet booked this step's tokens (the drafter runs
-        before bookkeeping), so the tail comes from the target's own inputs:
-        the booked tokens before the first input position + the accepted input rows + next token.
-        """
-        tokens = target_token_ids.tolist()
-        positions = target_positions.tolist()
-        next_tokens = next_token_ids.tolist()
-        contexts = []
-        for i, (lo, hi) in enumerate(self._accepted_rows(cad, num_rejected_tokens_gpu)):
-            context = np.concatenate(
-                [
-                    internals.committed_token_ids(self.runner, i, positions[lo]),
-                    np.asarray(tokens[lo:hi], dtype=np.int64),
-                    np.asarray([next_tokens[i]], dtype=np.int64),
-                ]
+        self.stats.start_timing()
+        decision = ngram = None
+        passes = num_speculative_tokens
+        if self.adaptive is not None:
+            if self.ngram_direct is not None:
+                level, k = self.ngram_direct, self.specqd.num_speculative_tokens
+                ngram = rounds.ngram_proposals(self.runner, step, level.prompt_lookup_min, level.prompt_lookup_max, k)
+            decision = self.adaptive.decide(
+                self.runner, step.sampled_positions, step.attn_metadata, step.num_rejected, ngram
             )
-            assert positions[hi - 1] == len(context) - 2, "target rows must be contiguous positions"
-            contexts.append(context)
-        return contexts
-
-    def _first_pass(
-        self,
-        target_token_ids,
-        target_positions,
-        target_hidden_states,
-        next_token_ids,
-        token_indices_to_sample,
-        common_attn_metadata,
-        mm_embed_inputs,
-        num_rejected_tokens_gpu,
-    ) -> torch.Tensor:  # [batch_size] d1 per request
-        """The round's first level-1 pass, which gives d1; inner models catch their own KV up.
-
-        With a shared KV the MXFP4 draft runs only the token the target just sampled; with a
-        separate KV it runs vLLM's first pass over the target's whole input (its KV must follow).
-        """
-
-        def vllm_first_pass_inputs() -> internals.FirstPassInputs:
-            return internals.first_pass_inputs(
-                self,
-                target_token_ids,
-                next_token_ids,
-                target_positions,
-                target_hidden_states,
-                token_indices_to_sample,
-                common_attn_metadata,
-                num_rejected_tokens_gpu,
-            )
-
-        if self.shared_kv:
-            positions = self._sampled_positions(target_positions, common_attn_metadata, num_rejected_tokens_gpu)
-            self.level1_model.bind_batch({}, self._block_tables(common_attn_metadata))
-            hidden = self.level1_model.decode_step(next_token_ids, positions, self.max_model_len)
-            inputs = vllm_first_pass_inputs() if self.inner_window_models else None
-        else:
-            inputs = vllm_first_pass_inputs()
-            hidden = internals.run_first_pass(self, inputs, mm_embed_inputs)[inputs.sample_rows]
-        for window_model in self.inner_window_models:
-            window_model.forward_in_one_group(inputs.input_ids, inputs.positions, inputs.cad)
-        self.stats.first_passes += 1
-        return internals.greedy_sample(self, hidden)
-
-    def _useful_draft_tokens(self, req_id: Hashable, context_len: int, k: int) -> int:
-        """How many of d2..dK the next target step can use.
-
-        Windows stay below max_model_len (vLLM clamps its own draft positions
-        the same way), and a request that may generate only m more tokens can
-        use at most m - 1 drafts, d1 included.
-        """
-        useful = min(k - 1, self.max_model_len - context_len)
-        budget = internals.generation_budget(self.runner, req_id)
-        if budget is not None:
-            num_prompt_tokens, max_tokens = budget
-            useful = min(useful, max_tokens - (context_len - num_prompt_tokens) - 2)
-        return max(0, useful)
-
-    def _draft_rest(
-        self, contexts: list[np.ndarray], first_tokens: torch.Tensor, k: int, cad, limits: list[int] | None = None
-    ) -> torch.Tensor | list[list[int]]:
-        """d2..dK: the speculative chain continues every request's context + d1.
-
-        ``limits`` (adaptive): request i's drafts, d1 included; the rows come back as lists cut to them.
-        """
-        req_ids: list[Hashable] = internals.batch_req_ids(self.runner, len(contexts))
-        row_of = {req_id: i for i, req_id in enumerate(req_ids)}
-        block_tables = self._block_tables(cad)
-        for window_model in [self.chain.model, *self.inner_window_models]:
-            window_model.bind_batch(row_of, block_tables)
-        discarded = internals.discarded_rows(self.runner, len(contexts))
-        first = first_tokens.tolist()
-        requests, wanted = [], []
-        for i, (req_id, context) in enumerate(zip(req_ids, contexts)):
-            for level in self.chain.chain():
-                level.mark_kv_valid(req_id, context)
-            useful = 0 if discarded[i] else self._useful_draft_tokens(req_id, len(context), k)
-            wanted.append(useful if limits is None else max(0, min(useful, limits[i] - 1)))
-            requests.append(RequestContext(req_id, np.append(context, first[i])))
-            self.stats.count_round(req_id, len(context), discarded[i])
-        self.stats.forget_missing(req_ids)
-        rest = self.chain.propose(requests, wanted)
-        if limits is not None:
+            passes = decision.passes
+        path = self._pick_path(decision, passes)
+        if path is RoundPath.NO_DRAFTS:
+            internals.begin_round(self, self.specqd.num_speculative_tokens)  # clears last round's draft probs
+            drafts = [[] for _ in decision.k]
             self.stats.publish()
-            return [[first[i], *rest[i]][: limits[i]] for i in range(len(contexts))]
-        drafts = [[first[i], *rest[i]] + [first[i]] * (k - 1 - len(rest[i])) for i in range(len(contexts))]
-        self.stats.publish()
-        return torch.tensor(drafts, dtype=first_tokens.dtype, device=first_tokens.device)
+        elif path is RoundPath.CHAIN:
+            drafts = rounds.chain_round(self, step, passes, decision.k if decision is not None else None)
+        elif path is RoundPath.SHARED_KV:
+            self.stats.first_passes += max(1, passes)
+            self.stats.publish()
+            limits = [0 if sent else k for k, sent in zip(decision.k, decision.ngram)] if decision else None
+            drafts = rounds.shared_kv_round(self, step, passes, limits)
+        else:
+            self.stats.first_passes += max(1, passes)
+            self.stats.publish()
+            drafts = super().propose(
+                passes,
+                step.token_ids,
+                step.positions,
+                step.hidden_states,
+                step.next_token_ids,
+                step.token_indices_to_sample,
+                step.attn_metadata,
+                step.sampling_metadata,
+                step.mm_embed_inputs,
+                step.num_rejected,
+                step.slot_mappings,
+            )
+        if decision is not None:
+            drafts = self.adaptive.finish(drafts, decision, ngram)
+        trace_path = os.environ.get(TRACE_ENV)
+        if trace_path:
+            self._trace_rounds += 1
+            rounds.trace_round(trace_path, self.runner, self._trace_rounds, step, drafts)
+        return drafts
+
+    def _pick_path(self, decision: Decision | None, passes: int) -> RoundPath:
+        if decision is not None and decision.passes == 0:
+            return RoundPath.NO_DRAFTS
+        # With one fixed token to draft the chain has nothing to speed up.
+        if self.chain is not None and (decision is not None or passes > 1):
+            return RoundPath.CHAIN
+        return RoundPath.SHARED_KV if self.shared_kv else RoundPath.VLLM_LOOP
 
 
 def _describe(level: NgramLevel | ModelLevel) -> str:
