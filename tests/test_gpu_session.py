@@ -168,6 +168,14 @@ def test_finder_serves_a_package_dir_table(tmp_path):
             sys.modules.pop(name, None)
 
 
+def test_install_appends_once_or_goes_first(monkeypatch):
+    monkeypatch.setattr(sys, "meta_path", [m for m in sys.meta_path if not isinstance(m, layout.PackageDirFinder)])
+    finder = layout.install()
+    assert sys.meta_path[-1] is finder and layout.install() is finder
+    assert layout.install(first=True) is finder
+    assert sys.meta_path[0] is finder and sum(m is finder for m in sys.meta_path) == 1
+
+
 def _bare_python(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """``python -S``: this environment's packages on PYTHONPATH, but no .pth files, so no editable
     install of vllm_specqd; the checkout is on the path, as on the lent GPU machine. No CUDA."""
@@ -215,7 +223,12 @@ def test_session_pythonpath_serves_the_kernels_to_every_process(tmp_path):
 
     without = run(REPO, other)
     assert "No module named 'vllm_specqd.kernels'" in without.stderr
-    r = run(REPO, REPO / "benchmarks" / "gpu" / "site", other)
+    # Another copy of the package ahead on the path: the session still imports this checkout.
+    stale = tmp_path / "stale"
+    for pkg in ("vllm_specqd", "vllm_specqd/kernels"):
+        (stale / pkg).mkdir(parents=True)
+        (stale / pkg / "__init__.py").write_text("")
+    r = run(stale, REPO, REPO / "benchmarks" / "gpu" / "site", other)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["shadowed sitecustomize ran", str(REPO / "kernels" / "__init__.py")]
 

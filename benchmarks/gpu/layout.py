@@ -46,13 +46,22 @@ class PackageDirFinder(importlib.abc.MetaPathFinder):
         )
 
 
-def install(pyproject: Path = REPO / "pyproject.toml") -> PackageDirFinder:
-    """Append the checkout's finder to ``sys.meta_path`` once; returns it."""
-    for finder in sys.meta_path:
-        if isinstance(finder, PackageDirFinder):
-            return finder
-    finder = PackageDirFinder(package_dirs(pyproject))
-    sys.meta_path.append(finder)
+def install(pyproject: Path = REPO / "pyproject.toml", first: bool = False) -> PackageDirFinder:
+    """Add the checkout's finder to ``sys.meta_path`` once (``first``: ahead of every finder); returns it.
+
+    Appended, an installed ``vllm_specqd`` still wins; first, the checkout wins over anything on the path
+    (the GPU session's processes: ``site/sitecustomize.py``)."""
+    finder = next((f for f in sys.meta_path if isinstance(f, PackageDirFinder)), None)
+    if finder is None:
+        finder = PackageDirFinder(package_dirs(pyproject))
+    elif first and sys.meta_path[0] is not finder:
+        sys.meta_path.remove(finder)
+    else:
+        return finder
+    if first:
+        sys.meta_path.insert(0, finder)
+    else:
+        sys.meta_path.append(finder)
     return finder
 
 

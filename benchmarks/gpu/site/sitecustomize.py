@@ -1,9 +1,10 @@
-"""Every Python process of a GPU session imports ``vllm_specqd.kernels`` from the checkout.
+"""Every Python process of a GPU session imports ``vllm_specqd`` and its kernels from this checkout.
 
-benchmarks/gpu_session.sh puts this folder on PYTHONPATH, so Python's ``site`` imports this module at
-start-up in the session's own processes and in the ones they start (pytest's workers, the
-interpreter test's subprocess): ``import benchmarks.gpu`` adds the checkout's package-dir finder
-(``benchmarks/gpu/layout.py``). It then runs the ``sitecustomize`` it shadows, if there is one.
+benchmarks/gpu_session.sh puts this folder on PYTHONPATH. Python's ``site`` then imports this module at
+start-up in every process of the session, the ones that tests start included (pytest's workers, the
+interpreter test's subprocess), and it puts the checkout's package-dir finder
+(``benchmarks/gpu/layout.py``) ahead of every other finder: what the session measures is this checkout,
+whatever else is installed or on the path. It then runs the ``sitecustomize`` it shadows, if any.
 """
 
 import importlib.util
@@ -15,7 +16,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
 if _REPO not in sys.path:
     sys.path.append(_REPO)
 
-import benchmarks.gpu  # noqa: E402, F401  (installs the finder)
+from benchmarks.gpu import layout  # noqa: E402
+
+layout.install(first=True)  # this checkout's vllm_specqd, whatever else is installed or on the path
 
 
 def _run_shadowed() -> None:
