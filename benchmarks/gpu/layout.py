@@ -3,8 +3,9 @@
 pyproject.toml ships ``kernels/`` as ``vllm_specqd.kernels`` (``[tool.setuptools] package-dir``). An
 installed or editable package resolves that name; a bare checkout on ``sys.path`` does not, and the
 lent GPU machine has torch and Triton but neither vLLM nor this package (nor a network to install it
-from). :func:`install` appends a finder that serves each ``package-dir`` entry from the checkout, as
-setuptools' editable finder does. It comes after every other finder, so an installed copy still wins.
+from). :func:`install` adds a finder that serves each ``package-dir`` entry from the checkout, as
+setuptools' editable finder does: after every other finder when this package is imported (an installed
+copy still wins), ahead of them in the GPU session's processes (``site/sitecustomize.py``).
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(PROPOSER, "_determine_batch_execution_and_padding", "v1/spec_decode/llm_base_proposer.py:1771"),
     Internal(PROPOSER, "build_model_inputs_first_pass", "v1/spec_decode/llm_base_proposer.py:957"),
     Internal(PROPOSER, "_get_slot_mapping", "v1/spec_decode/llm_base_proposer.py:403"),
+    Internal(PROPOSER, "dummy_run", "v1/spec_decode/llm_base_proposer.py:1618"),  # overridden: one forward
     # The model runner's state, read while drafting.
     Internal(RUNNER, "input_batch", "v1/worker/gpu_model_runner.py:714"),
     Internal("vllm.v1.worker.gpu_input_batch:InputBatch", "token_ids_cpu", "v1/worker/gpu_input_batch.py:137"),
