@@ -32,7 +32,17 @@ import torch
 from .reference import check_mxfp4_matmul_inputs
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("mxfp4_cpu.cpp", "gemm_body.h", "vec_avx2.h", "vec_avx512.h", "quantize.h", "bf16_gemm.h", "amx_bf16.h")
+SOURCES = (
+    "mxfp4_cpu.cpp",
+    "gemm_body.h",
+    "vec_avx2.h",
+    "vec_avx512.h",
+    "quantize.h",
+    "bf16_gemm.h",
+    "amx_bf16.h",
+    "multirow.h",
+    "multirow_layout.h",
+)
 ISA_ENV = "VLLM_SPECQD_CPU_ISA"
 CACHE_ENV = "VLLM_SPECQD_CACHE"
 ACT_BITS = (8, 16)
@@ -136,6 +146,10 @@ def _register_fake() -> None:
     def _(x, w, bias):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("specqd::mxfp4_linear_multirow")
+    def _(x, codes, tile_scales, n, bias, isa, large_m):
+        return x.new_empty(x.shape[0], n)
+
 
 def cpu_isas(emulate_avx512: bool = False) -> list[str]:
     """ISA paths this CPU can run, best first, e.g. ``["avx512vnni", "avx512bw", "avx2"]``."""
@@ -236,6 +250,94 @@ def mxfp4_linear_amx_cpu(
         raise ValueError(f"mxfp4_linear_amx: x must be float32 or bfloat16, got {x.dtype}")
     x2d, n, _ = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_linear_amx")
     return mxfp4_linear_amx_repacked(x2d, amx_repack(packed, scales), n, bias).reshape(*x.shape[:-1], n)
+
+
+# Rows above which the multi-row kernel hands over to exact dequantization + one GEMM (oneDNN/MKL).
+# Chosen by measurement (benchmarks/README.md, bench_kernels.py --cpu "large-M" rows).
+LARGE_M_ROWS = 64
+
+
+def multirow_repack(
+    packed: torch.Tensor,  # [N, K_pad/2] uint8, canonical MXFP4
+    scales: torch.Tensor,  # [N, K_pad/32] uint8, E8M0
+) -> tuple[torch.Tensor, torch.Tensor]:  # codes [ceil(N/16), K_pad/32, 256], tile_scales [ceil(N/16), K_pad/32, 16]
+    """The multi-row kernel's weight layout (``multirow.h``): same bytes, regrouped per 16 features and block.
+
+    Example: packed ``[40, 48]`` and scales ``[40, 3]`` (N=40, K=96) give codes ``[3, 3, 256]`` and
+    tile_scales ``[3, 3, 16]``; features 40..47 are padding (code 0, scale byte 0).
+    """
+    return getattr(torch.ops, load_native()).multirow_repack(packed.contiguous(), scales.contiguous())
+
+
+def multirow_unpack(
+    codes: torch.Tensor,  # [T, B, 256] uint8
+    tile_scales: torch.Tensor,  # [T, B, 16] uint8
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # packed [N, K_pad/2], scales [N, K_pad/32]
+    """Inverse of ``multirow_repack``: the canonical bytes (chunk c byte 4f+i holds elements 8c+i | 8c+4+i << 4)."""
+    tiles, nblocks, _ = codes.shape
+    c = codes.reshape(tiles, nblocks, 4, 16, 4)  # [tile, block, chunk, feature, i]
+    nibbles = torch.stack((c & 0x0F, c >> 4), dim=4)  # [tile, block, chunk, feature, low/high, i]
+    elements = nibbles.permute(0, 3, 1, 2, 4, 5).reshape(tiles * 16, nblocks * 32)  # k = 32b + 8c + 4hi + i
+    packed = (elements[:, 0::2] | (elements[:, 1::2] << 4))[:n]
+    scales = tile_scales.permute(0, 2, 1).reshape(tiles * 16, nblocks)[:n]
+    return packed.contiguous(), scales.contiguous()
+
+
+def mxfp4_linear_multirow_repacked(
+    x: torch.Tensor,  # [..., K] float32 | bfloat16
+    codes: torch.Tensor,  # multirow_repack(packed, scales)[0]
+    tile_scales: torch.Tensor,  # multirow_repack(packed, scales)[1]
+    n: int,  # output features N
+    bias: torch.Tensor | None = None,  # [N] float32 | bfloat16
+    isa: str = "auto",
+    large_m: int = LARGE_M_ROWS,
+    emulate_avx512: bool = False,
+) -> torch.Tensor:  # [..., N] in x.dtype
+    """``x @ W.T + bias`` with W decoded once per call and reused by every row (``multirow.h``).
+
+    Activations are quantized per 32-element block to int8 as in the w4a8 kernel; each row's result is
+    bit-identical to ``reference.mxfp4_matmul_multirow_torch`` on every ISA, whatever the other rows
+    of the call. More than ``large_m`` rows (negative: never) run exact dequantization + one GEMM
+    instead (twin: ``reference.mxfp4_matmul_large_m_torch``). Example: ``x`` ``[4, 1536]`` bf16 with
+    ``W`` ``[8960, 1536]`` repacked to codes ``[560, 48, 256]`` gives ``[4, 8960]`` bf16.
+    """
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"mxfp4_linear_multirow: x must be float32 or bfloat16, got {x.dtype}")
+    if x.device.type != "cpu":
+        raise ValueError(f"mxfp4_linear_multirow: tensors must be on the CPU, got {x.device}")
+    op = getattr(torch.ops, load_native(emulate_avx512)).mxfp4_linear_multirow
+    y = op(x.reshape(-1, x.shape[-1]).contiguous(), codes, tile_scales, n, bias, isa, large_m)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def mxfp4_linear_multirow_cpu(
+    x: torch.Tensor,  # [..., K] float32 | bfloat16
+    packed: torch.Tensor,  # [N, K_pad/2] uint8, canonical MXFP4
+    scales: torch.Tensor,  # [N, K_pad/32] uint8, E8M0
+    bias: torch.Tensor | None = None,  # [N]
+    isa: str = "auto",
+    large_m: int = LARGE_M_ROWS,
+    emulate_avx512: bool = False,
+) -> torch.Tensor:  # [..., N] in x.dtype
+    """``mxfp4_linear_multirow_repacked`` on canonical bytes (repacks every call: for tests, not hot paths)."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"mxfp4_linear_multirow: x must be float32 or bfloat16, got {x.dtype}")
+    x2d, n, _ = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_linear_multirow")
+    codes, tile_scales = multirow_repack(packed, scales)
+    y = mxfp4_linear_multirow_repacked(x2d, codes, tile_scales, n, bias, isa, large_m, emulate_avx512)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def multirow_dequant(
+    codes: torch.Tensor,  # [T, B, 256] uint8
+    tile_scales: torch.Tensor,  # [T, B, 16] uint8
+    n: int,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:  # [N, K] dtype
+    """The large-M path's exact dequantization: equals ``dequantize_mxfp4`` of the canonical bytes (fp32 or bf16)."""
+    return getattr(torch.ops, load_native()).multirow_dequant(codes, tile_scales, n, k, dtype)
 
 
 def bf16_linear_cpu(

@@ -5,6 +5,9 @@
   activations per 32-element block to int8 or int16 before an exact integer dot per block.
 * ``mxfp4_matmul_bf16_act_torch``: twin of the AMX kernel (``cpu/amx_bf16.h``): activations rounded
   to bf16, weights decoded exactly, exact products summed in fp32.
+* ``mxfp4_matmul_multirow_torch``: bit-exact twin of the multi-row kernel (``cpu/multirow.h``): int8
+  activations per 32-block, exact integer block dots, the kernel's fp32 operations in its order.
+* ``mxfp4_matmul_large_m_torch``: twin of its many-row path (exact dequantization + one GEMM).
 
 The kernels live in ``triton_mxfp4.py`` and ``cpu/``; ``__init__.py`` dispatches. No vLLM here.
 
@@ -212,6 +215,72 @@ def mxfp4_bf16_act_error_bound(
     if out_dtype == torch.bfloat16:
         bound = bound + y.abs() * 2.0**-8
     return bound
+
+
+def _e8m0_exponent_field(scales: torch.Tensor) -> torch.Tensor:  # uint8 [...] -> float32 [...]
+    """The kernels' ``byte << 23`` read as fp32: 2^(byte - 127), except byte 0 -> 0 and 255 -> inf."""
+    return (scales.to(torch.int32) << 23).view(torch.float32)
+
+
+def mxfp4_matmul_multirow_torch(
+    x: torch.Tensor,  # [..., K] float32 | bfloat16
+    packed: torch.Tensor,  # [N, K_pad/2] uint8
+    scales: torch.Tensor,  # [N, K_pad/32] uint8
+    bias: torch.Tensor | None = None,  # [N] float32 | bfloat16
+) -> torch.Tensor:  # [..., N] in x.dtype
+    """Bit-exact twin of ``cpu_ops.mxfp4_linear_multirow_cpu`` (M up to its ``large_m``).
+
+    Per row and 32-block b: int8 ``q`` and ``sx = amax / 127 / 2`` as ``quantize_activations_torch``;
+    ``dot_b = sum q * 2 E2M1`` (exact); then in fp32, blocks in order from ``acc = 0``:
+    ``acc = fma(dot_b * sx_b, sw_b, acc)`` with ``sw = 2^(e - 127)`` (byte 0 -> 0, 255 -> inf); then
+    ``acc + bias`` rounded once to x.dtype. The fma is evaluated in float64 and rounded to fp32:
+    the product of an fp32 value and a power of two is exact there, and rounding a float64 sum of two
+    24-bit numbers to fp32 gives the fp32-rounded sum (53 >= 2 * 24 + 2). Example: ``x`` ``[3, 40]``
+    with ``W`` ``[8, 40]`` (packed ``[8, 32]``, scales ``[8, 2]``) gives ``[3, 8]``, two fma steps per output.
+    """
+    x2d, n, k = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_matmul_multirow_torch")
+    q, sx = quantize_activations_torch(x2d, 8)  # [M, B, 32] int64, [M, B] fp32 = amax / 127
+    sx = sx * 0.5  # fp32, as the kernel: amax / 127 * 0.5f
+    codes = unpack_fp4(packed).long().reshape(n, -1, BLOCK_SIZE)  # [N, B, 32]
+    w2 = torch.tensor(_TWICE_E2M1, dtype=torch.int64)[codes]
+    dots = torch.einsum("mbk,nbk->mnb", q, w2).float()  # exact: |dot| <= 32 * 127 * 12 < 2^24
+    sw = _e8m0_exponent_field(scales).double()  # [N, B]
+    acc = torch.zeros(x2d.shape[0], n, dtype=torch.float32)
+    for b in range(dots.shape[-1]):
+        t = dots[:, :, b] * sx[:, b : b + 1]  # fp32 product, rounded as the kernel's VMULPS
+        acc = (acc.double() + t.double() * sw[:, b]).float()
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def large_m_gemm_dtype(x_dtype: torch.dtype, cpu_has_avx512_bf16: bool) -> torch.dtype:
+    """The many-row path's GEMM dtype: bf16 for bf16 x where the CPU has AVX-512 BF16, else fp32."""
+    return torch.bfloat16 if x_dtype == torch.bfloat16 and cpu_has_avx512_bf16 else torch.float32
+
+
+def mxfp4_matmul_large_m_torch(
+    x: torch.Tensor,  # [..., K] float32 | bfloat16
+    packed: torch.Tensor,  # [N, K_pad/2] uint8
+    scales: torch.Tensor,  # [N, K_pad/32] uint8
+    bias: torch.Tensor | None = None,  # [N]
+    gemm_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:  # y [..., N] float64, sum |x w| [..., N] float64
+    """Twin of the multi-row kernel's many-row path in float64: the exact value its GEMM rounds, and a scale.
+
+    The path computes ``linear(x.to(g), dequantize_mxfp4(W).to(g), bias.to(g))`` with ``g = gemm_dtype``;
+    the dequantization is exact (an E2M1 value times a power of two is an fp32 and a bf16 number), so
+    it differs from this only by the GEMM's fp32 accumulation, ``|path - twin| <= (K + 8) * 2^-24 *
+    sum |x_k w_k|`` (``mxfp4_bf16_act_error_bound`` with K_pad/2 replaced by K), plus its roundings to g and x.dtype.
+    """
+    x2d, n, k = check_mxfp4_matmul_inputs(x, packed, scales, bias, who="mxfp4_matmul_large_m_torch")
+    w = dequantize_mxfp4(packed, scales, k=k, dtype=torch.float32).to(gemm_dtype).double()
+    xg = x2d.to(gemm_dtype).double()
+    y = xg @ w.T
+    if bias is not None:
+        y = y + bias.to(gemm_dtype).double()
+    abs_terms = xg.abs() @ w.abs().T
+    return y.reshape(*x.shape[:-1], n), abs_terms.reshape(*x.shape[:-1], n)
 
 
 def bf16_linear_torch(

@@ -6,6 +6,11 @@
 //   specqd::mxfp4_linear_amx(x[M,K] fp32|bf16, repacked, N, bias?) -> y[M,N]   AMX tiles, bf16 activations (amx_bf16.h)
 //   specqd::amx_available() -> bool    AMX-TILE + AMX-BF16 present and granted by the kernel
 //   specqd::bf16_linear(x[M,K] bf16, w[N,K] bf16, bias[N]?) -> y[M,N] bf16   few-row bf16 GEMM (bf16_gemm.h)
+//   specqd::multirow_repack(packed, scales) -> (u8 [ceil(N/16), Kp/32, 256], u8 [ceil(N/16), Kp/32, 16])
+//   specqd::mxfp4_linear_multirow(x[M,K] fp32|bf16, codes, tile_scales, N, bias?, isa, large_m) -> y[M,N]
+//                                      weights decoded once per call for all rows (multirow.h); rows
+//                                      above large_m: exact dequantize + one GEMM (at::linear)
+//   specqd::multirow_dequant(codes, tile_scales, N, K, dtype) -> W[N,K]   the exact dequantization
 //   specqd::cpu_isas() -> str          ISAs this CPU can run, best first
 //   specqd::resolve_isa(name) -> str   the ISA "auto" (or a name) resolves to, honouring VLLM_SPECQD_CPU_ISA
 //   specqd::stream_read(buf u8) -> int reads every byte once with vector loads (bandwidth ceiling)
@@ -70,6 +75,14 @@ using T512 = __m512;
 using T128i = __m128i;
 #endif
 
+// int8 activations of the multi-row kernel (multirow.h), quantized per 32-element block.
+struct MultirowRows {
+  const int8_t* q;     // [M][nblocks * 32]  int8, natural K order, zero-padded to K_pad
+  const int32_t* off;  // [M][nblocks]       -12 * sum(q) of the block
+  const float* sx;     // [M][nblocks]       amax / 127 / 2 (0 for an all-zero block)
+  int64_t nblocks;
+};
+
 // Where a GEMM writes: y[m, n] = acc + bias[n], stored as fp32 or bf16 (round to nearest even).
 struct OutputRows {
   void* data;
@@ -94,6 +107,10 @@ namespace avx2 {
 #include "gemm_body.h"
 #include "quantize.h"
 #include "bf16_gemm.h"
+#define SPECQD_MR_BITS 256
+#include "multirow.h"
+#undef SPECQD_MR_BITS
+#include "multirow_layout.h"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -109,6 +126,9 @@ namespace avx512bw {
 #define SPECQD_VNNI 0
 #include "vec_avx512.h"
 #include "gemm_body.h"
+#define SPECQD_MR_BITS 512
+#include "multirow.h"
+#undef SPECQD_MR_BITS
 #undef SPECQD_VNNI
 }  // namespace avx512bw
 #pragma GCC pop_options
@@ -123,6 +143,9 @@ namespace avx512vnni {
 #define SPECQD_VNNI 1
 #include "vec_avx512.h"
 #include "gemm_body.h"
+#define SPECQD_MR_BITS 512
+#include "multirow.h"
+#undef SPECQD_MR_BITS
 #undef SPECQD_VNNI
 }  // namespace avx512vnni
 #pragma GCC pop_options
@@ -412,6 +435,160 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
   return y;
 }
 
+// ---------------------------------------------------------------------------- multi-row kernel
+
+void multirow_any(Isa isa, const uint8_t* codes, const uint8_t* tile_scales, const MultirowRows& xq, int64_t m,
+                  int64_t n, int64_t t_begin, int64_t t_end, const OutputRows& out) {
+  switch (isa) {
+    case Isa::avx2:
+      return avx2::mr::gemm_tiles(codes, tile_scales, xq, m, n, t_begin, t_end, out);
+    case Isa::avx512bw:
+      return avx512bw::mr::gemm_tiles(codes, tile_scales, xq, m, n, t_begin, t_end, out);
+    case Isa::avx512vnni:
+      return avx512vnni::mr::gemm_tiles(codes, tile_scales, xq, m, n, t_begin, t_end, out);
+  }
+}
+
+constexpr int64_t kMrTile = 16;
+
+void check_multirow_layout(const char* who, const at::Tensor& codes, const at::Tensor& tile_scales, int64_t n,
+                           int64_t nblocks) {
+  const int64_t tiles = (n + kMrTile - 1) / kMrTile;
+  TORCH_CHECK(codes.device().is_cpu() && tile_scales.device().is_cpu(), who, ": all tensors must be on the CPU");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 3 && codes.size(0) == tiles &&
+                  codes.size(1) == nblocks && codes.size(2) == 256,
+              who, ": codes must be multirow_repack's contiguous uint8 [", tiles, ", ", nblocks, ", 256] for N=", n,
+              ", got ", codes.scalar_type(), " ", codes.sizes());
+  TORCH_CHECK(tile_scales.scalar_type() == at::kByte && tile_scales.is_contiguous() && tile_scales.dim() == 3 &&
+                  tile_scales.size(0) == tiles && tile_scales.size(1) == nblocks && tile_scales.size(2) == 16,
+              who, ": tile_scales must be multirow_repack's contiguous uint8 [", tiles, ", ", nblocks, ", 16], got ",
+              tile_scales.scalar_type(), " ", tile_scales.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> multirow_repack(const at::Tensor& packed, const at::Tensor& scales) {
+  const char* who = "specqd::multirow_repack";
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 2 &&
+                  packed.is_contiguous() && packed.size(1) % 16 == 0,
+              who, ": packed must be contiguous uint8 [N, K_pad/2] on the CPU, got ", packed.sizes());
+  const int64_t n = packed.size(0), nblocks = packed.size(1) / 16, tiles = (n + kMrTile - 1) / kMrTile;
+  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == at::kByte && scales.is_contiguous() &&
+                  scales.dim() == 2 && scales.size(0) == n && scales.size(1) == nblocks,
+              who, ": scales must be contiguous uint8 [", n, ", ", nblocks, "], got ", scales.sizes());
+  at::Tensor codes = at::empty({tiles, nblocks, 256}, packed.options());
+  at::Tensor tile_scales = at::empty({tiles, nblocks, 16}, packed.options());
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const uint8_t* s = scales.data_ptr<uint8_t>();
+  uint8_t* c = codes.data_ptr<uint8_t>();
+  uint8_t* ts = tile_scales.data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) { avx2::mr_layout::repack(p, s, n, nblocks, t0, t1, c, ts); });
+  return {codes, tile_scales};
+}
+
+// Features [16 t0, min(n, 16 t1)) of W as rows of `w` ([rows, k], fp32 or bf16), split over threads.
+void dequant_range(const at::Tensor& codes, const at::Tensor& tile_scales, int64_t n, int64_t k, int64_t t0,
+                   int64_t t1, at::Tensor& w) {
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const uint8_t* ts = tile_scales.data_ptr<uint8_t>();
+  at::parallel_for(t0, t1, 4, [&](int64_t a, int64_t b) {
+    if (w.scalar_type() == at::kFloat)
+      avx2::mr_layout::dequant_tiles<float>(c, ts, n, k, t0, a, b, w.data_ptr<float>());
+    else
+      avx2::mr_layout::dequant_tiles<c10::BFloat16>(c, ts, n, k, t0, a, b, w.data_ptr<c10::BFloat16>());
+  });
+}
+
+at::Tensor multirow_dequant(const at::Tensor& codes, const at::Tensor& tile_scales, int64_t n, int64_t k,
+                            at::ScalarType dtype) {
+  const char* who = "specqd::multirow_dequant";
+  TORCH_CHECK(k >= 1 && n >= 0, who, ": need N >= 0 and K >= 1, got N=", n, " K=", k);
+  check_multirow_layout(who, codes, tile_scales, n, (k + 31) / 32);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, who, ": dtype must be float32 or bfloat16");
+  TORCH_CHECK(cpu_has(Isa::avx2), who, " needs an x86-64 CPU with AVX2 and FMA");
+  at::Tensor w = at::empty({n, k}, codes.options().dtype(dtype));
+  dequant_range(codes, tile_scales, n, k, 0, (n + kMrTile - 1) / kMrTile, w);
+  return w;
+}
+
+// oneDNN runs bf16 GEMMs natively only with AVX-512 BF16 (or AMX); elsewhere fp32 is the faster GEMM.
+bool cpu_has_avx512_bf16() {
+#ifdef SPECQD_EMULATE_AVX512
+  return false;
+#else
+  __builtin_cpu_init();
+  return cpu_has(Isa::avx512bw) && __builtin_cpu_supports("avx512bf16");
+#endif
+}
+
+#ifndef SPECQD_LARGE_M_CHUNK_TILES
+#define SPECQD_LARGE_M_CHUNK_TILES 32
+#endif
+
+// Many rows (prefill, vLLM's profile runs): W dequantized exactly, a chunk of feature tiles at a
+// time, then at::linear (oneDNN / MKL). bf16 x runs a bf16 GEMM where the CPU has AVX-512 BF16,
+// else fp32 (then one rounding to bf16). Only the GEMM's summation order differs from exact math.
+at::Tensor large_m_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tile_scales, int64_t n,
+                          const c10::optional<at::Tensor>& bias) {
+  const int64_t m = x.size(0), k = x.size(1), tiles = (n + kMrTile - 1) / kMrTile;
+  const at::ScalarType gemm_type =
+      x.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16() ? at::kBFloat16 : at::kFloat;
+  const at::Tensor xg = x.scalar_type() == gemm_type ? x : x.to(gemm_type);
+  at::Tensor y = at::empty({m, n}, x.options());
+  const int64_t chunk = SPECQD_LARGE_M_CHUNK_TILES;
+  at::Tensor w = at::empty({std::min(n, chunk * kMrTile), k}, x.options().dtype(gemm_type));
+  for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
+    const int64_t t1 = std::min(tiles, t0 + chunk);
+    const int64_t n0 = t0 * kMrTile, rows = std::min(n, t1 * kMrTile) - n0;
+    at::Tensor wc = w.narrow(0, 0, rows);
+    dequant_range(codes, tile_scales, n, k, t0, t1, wc);
+    c10::optional<at::Tensor> bc;
+    if (bias.has_value()) bc = bias->narrow(0, n0, rows).to(gemm_type);
+    y.narrow(1, n0, rows).copy_(at::linear(xg, wc, bc));
+  }
+  return y;
+}
+
+at::Tensor mxfp4_linear_multirow(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& tile_scales,
+                                 int64_t n, const c10::optional<at::Tensor>& bias, const std::string& isa_arg,
+                                 int64_t large_m) {
+  const char* who = "specqd::mxfp4_linear_multirow";
+  TORCH_CHECK(x.device().is_cpu(), who, ": all tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              who, ": x must be a contiguous float32 or bfloat16 [M, K] tensor, got ", x.scalar_type(), " ", x.sizes());
+  const int64_t m = x.size(0), k = x.size(1), nblocks = (k + 31) / 32;
+  TORCH_CHECK(k >= 1, who, ": x must have K >= 1 columns");
+  check_multirow_layout(who, codes, tile_scales, n, nblocks);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->is_contiguous() &&
+                    (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16),
+                who, ": bias must be a contiguous float32 or bfloat16 [", n, "] tensor, got ", bias->scalar_type(),
+                " ", bias->sizes());
+  }
+  const Isa isa = parse_isa(isa_arg);  // also refuses CPUs without AVX2
+  if (large_m >= 0 && m > large_m) return large_m_linear(x, codes, tile_scales, n, bias);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+
+  thread_local std::vector<int8_t> q_buf;
+  thread_local std::vector<int32_t> off_buf;
+  thread_local std::vector<float> sx_buf;
+  const size_t row_blocks = static_cast<size_t>(m * nblocks);
+  int8_t* q = scratch(q_buf, row_blocks * 32);
+  int32_t* off = scratch(off_buf, row_blocks);
+  float* sx = scratch(sx_buf, row_blocks);
+  // One quantizer for every ISA, so the int8 rows (and hence the results) are the same everywhere.
+  if (x.scalar_type() == at::kFloat)
+    avx2::mr::quantize_rows<float>(x.data_ptr<float>(), m, k, nblocks, q, off, sx);
+  else
+    avx2::mr::quantize_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), m, k, nblocks, q, off, sx);
+  const MultirowRows xq{q, off, sx, nblocks};
+  const OutputRows out = output_rows(y, x, bias);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const uint8_t* ts = tile_scales.data_ptr<uint8_t>();
+  at::parallel_for(0, (n + kMrTile - 1) / kMrTile, 1,
+                   [&](int64_t t0, int64_t t1) { multirow_any(isa, c, ts, xq, m, n, t0, t1, out); });
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_mxfp4(const at::Tensor& w, const std::string& rule_name) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(),
               "specqd::quantize_mxfp4: w must be a contiguous 2-D CPU tensor, got ", w.sizes());
@@ -502,6 +679,9 @@ SPECQD_DEFINE_OPS {
   m.def("resolve_isa(str name) -> str");
   m.def("stream_read(Tensor buf) -> int");
   m.def("quantize_mxfp4(Tensor w, str rule) -> (Tensor, Tensor)");
+  m.def("multirow_repack(Tensor packed, Tensor scales) -> (Tensor, Tensor)");
+  m.def("mxfp4_linear_multirow(Tensor x, Tensor codes, Tensor tile_scales, int n, Tensor? bias, str isa, int large_m) -> Tensor");
+  m.def("multirow_dequant(Tensor codes, Tensor tile_scales, int n, int k, ScalarType dtype) -> Tensor");
 }
 
 SPECQD_CPU_OPS {
@@ -511,6 +691,9 @@ SPECQD_CPU_OPS {
   m.impl("bf16_linear", &bf16_linear);
   m.impl("stream_read", &stream_read);
   m.impl("quantize_mxfp4", &quantize_mxfp4);
+  m.impl("multirow_repack", &multirow_repack);
+  m.impl("mxfp4_linear_multirow", &mxfp4_linear_multirow);
+  m.impl("multirow_dequant", &multirow_dequant);
 }
 
 SPECQD_ANY_OPS {
