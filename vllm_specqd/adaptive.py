@@ -20,7 +20,9 @@ PROBE_BATCH_SHARE = 0.25  # share of the batch that must be due before a round r
 # the prior, if the whole batch collapsed): then its acceptance is what keeps it off. Off for cost alone
 # (a busy batch), a probe measures nothing new.
 PROBE_ACCEPTANCE_GAP = 0.1
-POLICIES = ("cost", "random")  # "random": adversarial test policy, k uniform in 0..cap per request and step
+# "random": adversarial test policy, k uniform in 0..cap per request and step. "off": k = 0 always (a
+# speculative engine that never drafts: what it costs to have speculation on and idle).
+POLICIES = ("cost", "random", "off")
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,9 @@ class AdaptivePolicy:
         ngram_len = np.fromiter((min(s.ngram, c) for s, c in zip(slots, caps.tolist())), dtype=np.int64, count=rows)
         use_ngram = np.zeros(rows, dtype=bool)
         explore = self.settings.explore_every > 0 and (self.stats.steps + 1) % self.settings.explore_every == 0
-        if self.settings.policy == "random":
+        if self.settings.policy == "off":
+            k, expected = np.zeros(rows, dtype=np.int64), (rows + 0.0, 0.0)
+        elif self.settings.policy == "random":
             k = self._rng.integers(0, caps + 1) if rows else caps
             use_ngram = (ngram_len > 0) & (self._rng.random(rows) < 0.5)
             expected = (rows + 0.0, 0.0)
@@ -253,12 +257,12 @@ class AdaptivePolicy:
                     use_ngram = (ngram_len > 0) & (k == 0)
             k = self._explore(caps * ~use_ngram, k, explore)
         k = np.where(use_ngram, ngram_len, k)
-        probes_may_pay = (
+        probes_may_pay = self.settings.policy != "off" and (
             self.settings.policy == "random" or not self.target.ready or self._drafting_could_pay(rows, caps)
         )
         k, probes = self._reprobe(slots, caps, k, probes_may_pay)
         draft_k = np.where(use_ngram, 0, k)
-        passes = max(int(draft_k.max()), self.settings.min_passes) if rows else 0
+        passes = max(int(draft_k.max()), self.settings.min_passes) if rows and self.settings.policy != "off" else 0
         decision = Decision(
             k=k.tolist(),
             ngram=use_ngram.tolist(),

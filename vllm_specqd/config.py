@@ -56,7 +56,8 @@ DEFAULT_CPU_KERNEL = "w4a8"
 DEFAULT_LM_HEAD = "mxfp4"
 DEFAULT_KV_CACHE = "shared"
 DEFAULT_LM_HEAD_RESCORE_TOP_K = 8
-ADAPTIVE_POLICIES = ("cost", "random")  # "random": the adversarial test policy (k uniform per request and step)
+# "random": the adversarial test policy (k uniform per request and step); "off": never draft (idle cost).
+ADAPTIVE_POLICIES = ("cost", "random", "off")
 # On by default: served, it was faster than fixed K at every concurrency measured (docs/design.md,
 # "Adaptive speculation").
 DEFAULT_ADAPTIVE = True
