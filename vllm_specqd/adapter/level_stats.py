@@ -97,6 +97,8 @@ class LevelStatsPublisher:
         for depth, level in enumerate(self.chain.chain() if self.chain is not None else [], start=1):
             # Inner models run every first pass too (their KV must follow the target's).
             levels[depth].forward_passes = self.first_passes + level.stats.forward_passes
+            if depth + 1 not in levels:  # the innermost level is a model: nobody proposes to it
+                break
             s = level.stats
             levels[depth + 1] = replace(
                 levels[depth + 1],

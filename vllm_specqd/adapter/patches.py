@@ -1,6 +1,6 @@
 """Every monkeypatch vllm-specqd applies to vLLM, in one place.
 
-Each patch names the vLLM 0.32.0 file and line it wraps. Patches 1-5 and 9-11
+Each patch names the vLLM 0.32.0 file and line it wraps. Patches 1-5 and 9-12
 wrap the original (never copy it) and are no-ops unless the engine was configured with
 ``method: specqd`` (9 also with ``VLLM_SPECQD_BF16_GEMM=all``), so every other
 config behaves exactly as before. Patches 6
@@ -314,6 +314,36 @@ def _patch_recovered_tokens_for_drafted_rows_only() -> None:
     _wrap(rejection_sampler, "sample_recovered_tokens", make, "recovered_tokens")
 
 
+# --------------------------------------------------------------------------
+# 12. vllm/v1/worker/gpu_model_runner.py:7028
+#    `GPUModelRunner.maybe_add_kv_sharing_layers_to_kv_cache_groups` adds each
+#    KV-sharing layer (a shared-KV draft layer) to its target layer's KV cache
+#    group by name. When that group holds layers with different page sizes (a
+#    small-model inner level whose head_dim or KV heads differ from the
+#    target's), its spec is per layer and the shared layer has none: the runner
+#    raised KeyError at :6739. specqd workers give each such layer its target's
+#    spec (vllm_internals.give_shared_layers_their_targets_spec).
+def _patch_shared_layer_specs() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_specqd.adapter.vllm_internals import give_shared_layers_their_targets_spec
+
+    def make(original):
+        def maybe_add_kv_sharing_layers_to_kv_cache_groups(self, kv_cache_config):
+            original(self, kv_cache_config)
+            if _specqd_settings(self.vllm_config):
+                give_shared_layers_their_targets_spec(self, kv_cache_config)
+
+        return maybe_add_kv_sharing_layers_to_kv_cache_groups
+
+    _wrap(
+        GPUModelRunner,
+        "maybe_add_kv_sharing_layers_to_kv_cache_groups",
+        make,
+        "shared_layer_specs",
+    )
+
+
 def apply_all() -> None:
     _patch_cli_speculative_config()
     _patch_create_speculative_config()
@@ -326,3 +356,4 @@ def apply_all() -> None:
     _patch_cpu_bf16_gemm()
     _patch_plain_sampling_without_drafts()
     _patch_recovered_tokens_for_drafted_rows_only()
+    _patch_shared_layer_specs()

@@ -22,7 +22,7 @@ from vllm_specqd.adapter import draft_rounds as rounds
 from vllm_specqd.adapter import vllm_internals as internals
 from vllm_specqd.adapter.adaptive_drafter import AdaptiveDrafter
 from vllm_specqd.adapter.draft_builder import DRAFT_PREFIX, build_mxfp4_draft, mxfp4_layers
-from vllm_specqd.adapter.engine_config import model_levels_on_hybrid_target_error, separate_kv_on_hybrid_target_error
+from vllm_specqd.adapter.engine_config import separate_kv_on_hybrid_target_error
 from vllm_specqd.adapter.inner_models import load_inner_model
 from vllm_specqd.adapter.level_stats import LevelStatsPublisher
 from vllm_specqd.adapter.target_step import TargetStep
@@ -53,7 +53,7 @@ class SpecQDProposer(DraftModelProposer):
         self.specqd = from_dict(vllm_config.additional_config["specqd"])
         self.shared_kv = self.specqd.draft.kv_cache == "shared"
         self.chain: SpeculativeLevel | None = None
-        self.kv_group_ids: list[int] = []  # the KV cache groups level 1's layers are in
+        self.kv_group_ids: list[int] = []  # the KV cache groups every level's layers are in
         self.inner_window_models: list[VllmWindowModel] = []  # level 2, 3, ... (model levels only)
         self.stats = LevelStatsPublisher(vllm_config)
         self._trace_rounds = 0
@@ -165,29 +165,30 @@ class SpecQDProposer(DraftModelProposer):
         num_groups = len(internals.layers_by_kv_cache_group(kv_cache_config, draft_layers))
         if num_groups > 1 and not self.shared_kv:
             raise SpecQDConfigError(separate_kv_on_hybrid_target_error(f"{num_groups} KV cache groups"))
-        if num_groups > 1 and self.inner_window_models:
-            raise SpecQDConfigError(model_levels_on_hybrid_target_error(f"{num_groups} KV cache groups"))
         if num_groups > 1:
             level1 = internals.attention_bindings_by_group(self, kv_cache_config, kernel_block_sizes)
         else:
             super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
             level1 = [internals.attention_binding(self)]
         self._bind(self.level1_model, sorted(draft_layers), level1)
-        self.kv_group_ids = [binding.kv_cache_gid for binding in level1]
+        group_ids = {binding.kv_cache_gid for binding in level1}
         kv_bytes = 0 if self.shared_kv else internals.kv_bytes_per_token(self.vllm_config, draft_layers)
         self.stats.set_level(1, kv_bytes_per_token=kv_bytes)
         for level, window_model in enumerate(self.inner_window_models, start=2):
-            binding = internals.attention_binding_for(
+            # A small model's layers sit in the target's group (one spec per layer where pages differ)
+            # or, where their attention kind differs, in group(s) of their own: a binding per group.
+            bindings = internals.attention_bindings_for(
                 self, window_model.layer_names, kv_cache_config, kernel_block_sizes
             )
-            if binding.kv_cache_gid != level1[0].kv_cache_gid:
-                raise RuntimeError(
-                    f"specqd: {window_model.name}'s KV layers landed in a different KV cache group "
-                    "than the MXFP4 draft's; inner models need the target's KV block layout."
-                )
-            self._bind(window_model, window_model.layer_names, [binding])
+            self._bind(window_model, window_model.layer_names, bindings)
+            window_model.first_pass_kv = internals.first_pass_kv(self)
+            window_model.block_table_of = lambda gid, num_reqs: internals.group_block_tables(
+                self.runner, [gid], num_reqs
+            )[gid]
+            group_ids.update(binding.kv_cache_gid for binding in bindings)
             kv_bytes = internals.kv_bytes_per_token(self.vllm_config, window_model.layer_names)
             self.stats.set_level(level, kv_bytes_per_token=kv_bytes)
+        self.kv_group_ids = sorted(group_ids)  # every level's: each round reads these block tables
         self.stats.publish(busy=False, force=True)  # what each level adds, before any request
 
     @staticmethod

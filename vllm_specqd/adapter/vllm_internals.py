@@ -85,6 +85,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.kv_cache_interface:SlidingWindowSpec", "sliding_window", "v1/kv_cache_interface.py:851"),
     Internal("vllm.v1.kv_cache_interface:KVCacheSpec", "page_size_bytes", "v1/kv_cache_interface.py:218"),
     Internal("vllm.v1.kv_cache_interface:KVCacheSpec", "block_size", "v1/kv_cache_interface.py:169"),
+    Internal("vllm.v1.kv_cache_interface:UniformTypeKVCacheSpecs", "kv_cache_specs", "v1/kv_cache_interface.py:1232"),
+    Internal(RUNNER, "shared_kv_cache_layers", "v1/worker/gpu_model_runner.py:861"),
     # Layers.
     Internal("vllm.model_executor.layers.linear:LinearBase", "prefix", "model_executor/layers/linear.py:285"),
     Internal("vllm.model_executor.layers.linear:LinearBase", "quant_method", "model_executor/layers/linear.py:289"),
@@ -152,6 +154,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.engine.arg_utils:EngineArgs", "add_cli_args", "engine/arg_utils.py:934"),
     Internal("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm", "model_executor/layers/utils.py:470"),
     Internal(RUNNER, "_sample", "v1/worker/gpu_model_runner.py:3437"),
+    Internal(RUNNER, "maybe_add_kv_sharing_layers_to_kv_cache_groups", "v1/worker/gpu_model_runner.py:7028"),
     Internal("vllm.v1.sample.rejection_sampler", "sample_recovered_tokens", "v1/sample/rejection_sampler.py:678"),
     Internal("vllm.v1.spec_decode.metadata:SpecDecodeMetadata", "max_spec_len", "v1/spec_decode/metadata.py:27"),
 )
@@ -229,25 +232,43 @@ def layers_by_kv_cache_group(kv_cache_config, layer_names) -> dict[int, list[str
     return groups
 
 
+def attention_bindings_for(
+    proposer: DraftModelProposer, layer_names, kv_cache_config, kernel_block_sizes
+) -> list[AttentionBinding]:
+    """Attention groups for the given layers, one binding per KV cache group they are in.
+
+    vLLM's SpecDecodeBaseProposer.initialize_attn_backend asserts that every layer it binds is in
+    one KV cache group (validate_same_kv_cache_group, llm_base_proposer.py:1687, called at :1723):
+    a hybrid target (sliding-window and full attention) has several, and a small model whose
+    attention kind differs from the target's gets its own. It runs here once per group, over that
+    group's layers (:func:`attention_binding_for`), so each gets its own metadata builders, block
+    size and sliding window; the proposer's fields are restored after each.
+    """
+    by_group = layers_by_kv_cache_group(kv_cache_config, layer_names)
+    return [attention_binding_for(proposer, names, kv_cache_config, kernel_block_sizes) for names in by_group.values()]
+
+
 def attention_bindings_by_group(
     proposer: DraftModelProposer, kv_cache_config, kernel_block_sizes
 ) -> list[AttentionBinding]:
-    """The draft's attention groups, one binding per KV cache group its layers are in.
-
-    vLLM's SpecDecodeBaseProposer.initialize_attn_backend asserts that every draft layer is in one
-    KV cache group (validate_same_kv_cache_group, llm_base_proposer.py:1687, called at :1723): a
-    hybrid target (sliding-window and full attention) has several. It runs here once per group,
-    over that group's layers (:func:`attention_binding_for`), so each gets its own metadata
-    builders, block size and sliding window. vLLM's fields (:1727, :1767-1768) end with every
-    group's attention groups and the first group's id and block size.
+    """The draft's attention groups, one binding per KV cache group its layers are in
+    (:func:`attention_bindings_for`). vLLM's fields (llm_base_proposer.py:1727, :1767-1768) end
+    with every group's attention groups and the first group's id and block size.
     """
-    by_group = layers_by_kv_cache_group(kv_cache_config, proposer._draft_attn_layer_names)
-    bindings = [
-        attention_binding_for(proposer, names, kv_cache_config, kernel_block_sizes) for names in by_group.values()
-    ]
+    bindings = attention_bindings_for(proposer, proposer._draft_attn_layer_names, kv_cache_config, kernel_block_sizes)
     proposer.draft_attn_groups = [group for binding in bindings for group in binding.groups]
     proposer.kv_cache_gid, proposer.block_size = bindings[0].kv_cache_gid, bindings[0].block_size
     return bindings
+
+
+def first_pass_kv(proposer: DraftModelProposer) -> tuple[int, int]:
+    """(KV cache group id, block size) of the metadata in vLLM's first drafting pass.
+
+    The runner hands a DraftModelProposer the common metadata of KV cache group 0 (the first
+    group's, gpu_model_runner.py:2517-2545), and set_inputs_first_pass recomputes its slot mapping
+    with the drafter's block size (llm_base_proposer.py:935-943, block_size set at :1768).
+    """
+    return 0, proposer.block_size
 
 
 def kv_bytes_per_token(vllm_config: VllmConfig, layer_names) -> int:
@@ -461,6 +482,38 @@ def sharing_target_kv_while(vllm_config: VllmConfig, draft_layer_names: set[str]
         yield
     finally:
         enable_shared_kv_writes(vllm_config, draft_layer_names)
+
+
+def give_shared_layers_their_targets_spec(runner, kv_cache_config) -> int:
+    """In a KV cache group with per-layer specs, give each KV-sharing layer its target layer's spec;
+    returns how many it gave.
+
+    Layers of one attention type whose pages differ in size (a small-model inner level with
+    another head_dim or KV-head count than the target's) share one KV cache group whose spec is a
+    UniformTypeKVCacheSpecs, one spec per layer (kv_cache_specs, v1/kv_cache_interface.py:1232;
+    get_kv_cache_groups, v1/core/kv_cache_utils.py:2189). A shared-KV draft layer had no spec when
+    specs were collected (gpu_model_runner.py:7161-7172): it joins its target's group by name only
+    (runner.shared_kv_cache_layers, gpu_model_runner.py:861; v1/worker/utils.py:803-805), and the
+    runner and the drafter look every layer of a group up in kv_cache_specs (gpu_model_runner.py:6739,
+    :2457; v1/spec_decode/llm_base_proposer.py:1742): KeyError. The layer reads and writes its
+    target's KV tensor (gpu_model_runner.py:7008), so its spec is the target's. This runs on the
+    worker's own copy of the config (:7071), after the engine core sized the cache from it
+    (v1/core/kv_cache_utils.py:1588), so the group's summed page size, which now counts the shared
+    layers too, is read by nobody.
+    """
+    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+
+    given = 0
+    for group in kv_cache_config.kv_cache_groups:
+        specs = group.kv_cache_spec
+        if not isinstance(specs, UniformTypeKVCacheSpecs):
+            continue
+        in_group = set(group.layer_names)
+        for layer, target in runner.shared_kv_cache_layers.items():
+            if layer in in_group and layer not in specs.kv_cache_specs and target in specs.kv_cache_specs:
+                specs.kv_cache_specs[layer] = specs.kv_cache_specs[target]
+                given += 1
+    return given
 
 
 def enable_shared_kv_writes(vllm_config: VllmConfig, draft_layer_names: set[str]) -> None:
