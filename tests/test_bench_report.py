@@ -258,6 +258,7 @@ def test_markdown_table_and_cells():
         },
         "target_passes_per_generated_token": 0.22,
         "cost_ratio_c": 0.31,
+        "engine_start_s": 41.26,
         "memory": {
             "added_weight_bytes": 2 * report.MiB,
             "cpu_dequantized_copy_bytes": 0,
@@ -272,6 +273,7 @@ def test_markdown_table_and_cells():
         "1",
         "12.3",
         "0.50x",
+        "41.3",
         "no (1/4 differ)",
         "4.50",
         "0.58",

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results directory (default: results/bench-<timestamp>)")
     p.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
     p.add_argument("--verbose", action="store_true", help="keep vLLM's INFO logs")
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="run every engine with enforce_eager (default: vLLM's default mode, torch.compile, for all methods)",
+    )
     served = p.add_argument_group("served mode")
     served.add_argument("--served", action="store_true", help="benchmark `vllm serve` subprocesses instead")
     served.add_argument("--concurrency", default="1,4,16,64", help="comma list of concurrent request counts")
@@ -95,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample chat prompts at this temperature (seeded per request; code prompts stay greedy and are "
         "the ones compared with none): with --dataset both, the mixed greedy/sampled workload",
     )
+    served.add_argument(
+        "--load",
+        choices=("prompts", "random"),
+        default="prompts",
+        help="prompts: the --dataset prompts through the OpenAI client; random: vLLM's own load generator "
+        "(`vllm bench serve --dataset-name random`, --random-input-len tokens in, --max-tokens out, ignore_eos)",
+    )
+    served.add_argument("--random-input-len", type=int, default=64)
     proj = p.add_argument_group("projection (no engine is started)")
     proj.add_argument(
         "--project-from",
@@ -172,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "mode": "served" if args.served else "offline",
+        "engine_mode": "eager (enforce_eager)" if args.eager else "compiled (torch.compile, vLLM's default)",
         "model": target,
         "small_model": small,
         "target_layers": _num_layers(target),
@@ -223,6 +237,7 @@ def _offline(args, methods, prompts, target, small, out_dir, meta, methods_doc):
         args.inner_k,
         args.specqd_draft,
         args.specqd_adaptive,
+        eager=args.eager,
     )
     records = run_methods(methods, prompts, settings)
     return _finish(
@@ -255,6 +270,9 @@ def _served(args, methods, prompts, target, small, out_dir, meta, methods_doc):
         args.specqd_draft,
         args.chat_temperature,
         args.specqd_adaptive,
+        eager=args.eager,
+        load=args.load,
+        random_input_len=args.random_input_len,
     )
     meta["chat_temperature"] = args.chat_temperature
     records = serve_methods(methods, prompts, settings)

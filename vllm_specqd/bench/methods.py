@@ -50,6 +50,8 @@ METHODS: dict[str, Method] = {
         Method("specqd-1-separate-kv", "specqd, one level, the draft's own KV", ("MXFP4 self-draft",)),
         # num_speculative_tokens is the maximum: each round drafts 0..K per request (vllm_specqd/adaptive.py).
         Method("specqd-adaptive", "specqd, one level, adaptive k per request and step", ("MXFP4 self-draft",)),
+        # Speculation configured but never drafting: what a specqd engine costs when nobody drafts.
+        Method("specqd-off", "specqd, adaptive policy forced off (never drafts)", ("MXFP4 self-draft",)),
         Method("specqd-ngram", "specqd, two levels: MXFP4 self-draft <- n-gram", ("MXFP4 self-draft", None)),
         Method(
             "specqd-adaptive-ngram",
@@ -137,6 +139,8 @@ def speculative_config(
     base = method.name.partition(":")[0]
     if base in ("specqd-adaptive", "specqd-adaptive-ngram"):
         config["adaptive"] = {"enabled": True, **(specqd_adaptive or {})}
+    elif base == "specqd-off":
+        config["adaptive"] = {"enabled": True, "policy": "off"}
     else:
         config["adaptive"] = False  # a fixed-K method (adaptive is on by default)
     if base == "specqd-1-separate-kv":

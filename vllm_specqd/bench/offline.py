@@ -39,6 +39,7 @@ class RunSettings:
     inner_k: int | None = None
     specqd_draft: dict | None = None
     specqd_adaptive: dict | None = None
+    eager: bool = False  # enforce_eager; vLLM's default (and users') is torch.compile
 
 
 def set_engine_env_defaults(verbose: bool) -> None:
@@ -81,7 +82,7 @@ def _start_engine(settings: RunSettings, spec_config: dict | None):
     return LLM(
         model=settings.model_dir,
         dtype=settings.dtype,
-        enforce_eager=True,
+        enforce_eager=settings.eager,
         max_model_len=settings.max_model_len,
         max_num_seqs=settings.batch_size,
         disable_log_stats=False,  # get_metrics() needs the stat loggers

@@ -1,17 +1,20 @@
-"""Served runner: per method, a `vllm serve` subprocess swept over concurrency levels with the OpenAI client.
+"""Served runner: per method, a `vllm serve` subprocess swept over concurrency levels.
 
-Per concurrency level c: max(num_prompts, c) greedy completions requests
-(prompts reused in order), at most c in flight; output tokens/s = completion
-tokens / wall time of the level; latency per request end to end. vLLM's
-level-1 counters come from /metrics and the levels below from the server's
-specqd level report, both read before and after each level: deltas of that
-level alone.
+Two loads. ``prompts`` (the default): per concurrency level c, max(num_prompts, c) completions
+requests with the OpenAI client (prompts reused in order), at most c in flight; output tokens/s =
+completion tokens / wall time of the level; latency per request end to end. ``random``: vLLM's own
+load generator, ``vllm bench serve --dataset-name random`` with max(64, 2c) prompts of random
+tokens and ``--ignore-eos`` (its output tokens/s and latencies; no texts, so no identity check).
+vLLM's level-1 counters come from /metrics and the levels below from the server's specqd level
+report, both read before and after each level: deltas of that level alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass
@@ -22,7 +25,7 @@ from tqdm.auto import tqdm
 from vllm_specqd.bench.datasets import Prompt
 from vllm_specqd.bench.methods import Method, baseline_name, speculative_config_for
 from vllm_specqd.bench.preload import engine_env
-from vllm_specqd.bench.server_process import scrape_metrics, start_server, stop_server, wait_healthy
+from vllm_specqd.bench.server_process import scrape_metrics, start_server, stop_server, vllm_command, wait_healthy
 from vllm_specqd.bench.spec_stats import (
     ACCEPTED_PER_POS,
     NUM_ACCEPTED,
@@ -52,19 +55,14 @@ class ServeSettings:
     specqd_draft: dict | None = None
     chat_temperature: float = 0.0  # chat prompts are sampled at this temperature (seeded); code stays greedy
     specqd_adaptive: dict | None = None
+    eager: bool = False  # --enforce-eager; vLLM's default (and users') is torch.compile
+    load: str = "prompts"  # or "random": `vllm bench serve --dataset-name random`
+    random_input_len: int = 64
 
     def serve_flags(self) -> list[str]:
-        return [
-            "--dtype",
-            self.dtype,
-            "--enforce-eager",
-            "--max-model-len",
-            str(self.max_model_len),
-            "--max-num-seqs",
-            str(max(self.concurrency)),
-            "--seed",
-            "0",
-        ]
+        flags = ["--dtype", self.dtype, "--max-model-len", str(self.max_model_len)]
+        flags += ["--max-num-seqs", str(max(self.concurrency)), "--seed", "0"]
+        return flags + (["--enforce-eager"] if self.eager else [])
 
 
 def parse_prometheus(text: str) -> SpecCounters:
@@ -178,6 +176,42 @@ def run_level(server, stats_dir: Path, prompts: list[Prompt], settings: ServeSet
     }
 
 
+def run_level_random(server, stats_dir: Path, settings: ServeSettings, concurrency: int, result_path: Path) -> dict:
+    """One concurrency level of vLLM's own random load (`vllm bench serve`), its JSON kept at ``result_path``."""
+    num_prompts = max(64, 2 * concurrency)
+    command = vllm_command(
+        "bench", "serve", "--base-url", server.base_url, "--model", server.model, "--tokenizer", server.model,
+        "--dataset-name", "random", "--random-input-len", str(settings.random_input_len),
+        "--random-output-len", str(settings.max_tokens), "--num-prompts", str(num_prompts),
+        "--max-concurrency", str(concurrency), "--ignore-eos", "--seed", "0",
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+        "--save-result", "--result-dir", str(result_path.parent), "--result-filename", result_path.name,
+    )  # fmt: skip
+    before, levels_before = parse_prometheus(scrape_metrics(server)), server_report(stats_dir)
+    done = subprocess.run(command, capture_output=True, text=True, env=engine_env(), timeout=REQUEST_TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"vllm bench serve exited with {done.returncode}: {done.stderr[-2000:]}")
+    levels_after = server_report(stats_dir)
+    counters = parse_prometheus(scrape_metrics(server)) - before
+    result = json.loads(result_path.read_text())
+    generated = result["total_output_tokens"]
+    return {
+        "concurrency": concurrency,
+        "num_requests": num_prompts,
+        "wall_s": result["duration"],
+        "output_tokens": generated,
+        "output_tokens_per_s": result["output_throughput"],
+        "latency_s": {q: result[f"{q}_e2el_ms"] / 1e3 for q in ("mean", "p50", "p90", "p99")},
+        "ttft_ms": {"mean": result["mean_ttft_ms"], "p50": result["median_ttft_ms"]},
+        "tpot_ms": {"mean": result["mean_tpot_ms"], "p50": result["median_tpot_ms"]},
+        "level1": level1_acceptance(counters),
+        "inner_levels": inner_levels(levels_after, levels_before),
+        "target_passes_per_generated_token": target_passes(counters, generated, num_prompts) / generated,
+        "counters": counters.to_dict(),
+        "texts": None,  # random prompts, ignore_eos: nothing to compare
+    }
+
+
 def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings) -> dict:
     spec = speculative_config_for(method, settings)
     record = {
@@ -208,7 +242,11 @@ def serve_method(method: Method, prompts: list[Prompt], settings: ServeSettings)
         asyncio.run(_send_all(server.base_url, server.model, [prompts[0].text], 8, 1))  # warm-up
         for concurrency in tqdm(settings.concurrency, desc=f"{method.name} concurrency", leave=False, position=1):
             try:
-                level = run_level(server, stats_dir, prompts, settings, concurrency)
+                if settings.load == "random":
+                    result = settings.out_dir / f"vllm-bench-serve-{method.name}-c{concurrency}.json"
+                    level = run_level_random(server, stats_dir, settings, concurrency, result)
+                else:
+                    level = run_level(server, stats_dir, prompts, settings, concurrency)
             except Exception as error:  # a failed level must not cost the others
                 level = {"concurrency": concurrency, "error": f"{type(error).__name__}: {error}"}
             record["concurrency_levels"].append(level)
@@ -238,6 +276,8 @@ def compare_with_baseline(records: list[dict]) -> None:
             if base is None or "error" in level or "error" in base:
                 continue
             level["speedup_vs_none"] = level["output_tokens_per_s"] / base["output_tokens_per_s"]
+            if level.get("texts") is None or base.get("texts") is None:
+                continue
             greedy = level.get("greedy") or [True] * len(level["texts"])
             pairs = [(a, b) for a, b, g in zip(level["texts"], base["texts"], greedy) if g]
             level["num_compared"] = len(pairs)

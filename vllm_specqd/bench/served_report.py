@@ -9,6 +9,7 @@ SERVED_COLUMNS = {
     "conc.": "requests in flight at once (each level sends max(num_prompts, conc.) requests)",
     "out tok/s": "completion tokens of the level / its wall time",
     "speedup": "out tok/s / out tok/s of the baseline (`none`; without it in the run, `none-specqd-gemm`) at the same concurrency",
+    "start s": "`vllm serve` start-up until /health answers (load, MXFP4 cast, compile, profile, KV cache)",
     "identical": "completion texts equal to those of the baseline (`none`; without it in the run, `none-specqd-gemm`) at the same concurrency",
     "p50 / p90 latency s": "end-to-end request latency percentiles",
     "L1 acc. len": "level-1 mean accepted length over the level (from /metrics deltas)",
@@ -34,6 +35,7 @@ def served_rows(record: dict) -> list[list[str]]:
             {
                 "out tok/s": fmt(lv["output_tokens_per_s"], ".1f"),
                 "speedup": fmt(lv.get("speedup_vs_none")),
+                "start s": fmt(record.get("server_start_s"), ".1f"),
                 "identical": "n/a"
                 if identical is None
                 else (
