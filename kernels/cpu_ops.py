@@ -45,6 +45,8 @@ SOURCES = (
 )
 ISA_ENV = "VLLM_SPECQD_CPU_ISA"
 CACHE_ENV = "VLLM_SPECQD_CACHE"
+# Extra compiler flags, for tuning the kernels' compile-time constants (e.g. "-DSPECQD_MR_ROWS=8").
+CFLAGS_ENV = "VLLM_SPECQD_KERNEL_CFLAGS"
 ACT_BITS = (8, 16)
 
 logger = logging.getLogger("vllm.vllm_specqd.kernels")
@@ -88,7 +90,7 @@ def _build(emulate_avx512: bool) -> str:
         raise NativeKernelUnavailable("building it needs " + " and ".join(missing))
     from torch.utils import cpp_extension
 
-    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-Wno-psabi"]
+    flags = ["-O3", "-std=c++17", "-fno-math-errno", "-Wno-psabi", *os.environ.get(CFLAGS_ENV, "").split()]
     name = "specqd_mxfp4_cpu"
     if emulate_avx512:
         flags += ["-DSPECQD_EMULATE_AVX512", "-mavx2", "-mfma"]

@@ -32,11 +32,12 @@ from vllm_specqd.mxfp4 import SCALE_RULES
 MAX_SPECULATIVE_TOKENS = 16
 QUANTIZATIONS = ("mxfp4",)
 DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
-# How MXFP4 linears run on CPU: the native kernel with int16 or int8 activations (per 32-block),
-# the AMX kernel (bf16 activations; its cost barely grows with the rows), "auto" (AMX where the
-# CPU has it, else w4a8), or a once-dequantized copy through vLLM's GEMM (a debugging aid: it
-# costs a full-precision copy).
-CPU_KERNELS = ("auto", "amx", "w4a8", "w4a16", "dequantized")
+# How MXFP4 linears run on CPU (vllm_specqd/kernels/__init__.py): "multirow" (int8 activations,
+# each weight block decoded once per call for every row), the AMX kernel (bf16 activations), the
+# per-row native kernels with int8 or int16 activations, "auto" (AMX where the CPU has it, else
+# multirow), or a once-dequantized copy through vLLM's GEMM (a debugging aid: it costs a
+# full-precision copy).
+CPU_KERNELS = ("auto", "multirow", "amx", "w4a8", "w4a16", "dequantized")
 LM_HEADS = ("shared", "mxfp4")
 # "shared": the draft reads the target's KV for the committed context and writes only the slots of
 # the positions it drafts (QSpec); "separate": its own KV layers, caught up by a first pass each round.

@@ -138,22 +138,23 @@ static inline MI row_dot(const MI* w, const int8_t* xb, int32_t off) {
 }
 
 // Rows [m0, m0 + R) against one tile (features [n0, n0 + 16) clipped to n). `codes` / `scales`
-// point at the tile's block 0.
+// point at the tile's block 0. With two vectors per tile (AVX2) each half makes its own pass over
+// the blocks, so only R accumulators and one block's 8 weight vectors are live (16 ymm registers).
 template <int R>
 static void tile_rows(const uint8_t* codes, const uint8_t* scales, const QuantRows& xq, int64_t m0, int64_t n0,
                       int64_t n, const OutputRows& out) {
   const int64_t nb = xq.nblocks;
   const MI mask = mi_set1_8(0x0F);
   const MI table = mi_table(kCodeToU8);
-  MF acc[R][kHalves];
-  for (int r = 0; r < R; ++r)
-    for (int h = 0; h < kHalves; ++h) acc[r][h] = mf_zero();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* cb = codes + b * kTileCodes;
-    for (int line = 0; line < kTileCodes; line += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(cb + kPrefetchBytes + line), _MM_HINT_T0);
-    if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(scales + b * kTile + kPrefetchBytes / 16), _MM_HINT_T0);
-    for (int h = 0; h < kHalves; ++h) {
+  alignas(64) float buf[R][kTile];
+  for (int h = 0; h < kHalves; ++h) {
+    MF acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = mf_zero();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* cb = codes + b * kTileCodes;
+      for (int line = 0; line < kTileCodes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(cb + kPrefetchBytes + line), _MM_HINT_T0);
+      if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(scales + b * kTile + kPrefetchBytes / 16), _MM_HINT_T0);
       MI w[8];
       for (int c = 0; c < 4; ++c) {
         const MI v = mi_load(cb + c * 64 + h * kLanes * 4);
@@ -164,16 +165,14 @@ static void tile_rows(const uint8_t* codes, const uint8_t* scales, const QuantRo
       for (int r = 0; r < R; ++r) {
         const int64_t at = (m0 + r) * nb + b;
         const MF t = mf_mul(mf_cvt(row_dot(w, xq.q + at * kBlock, xq.off[at])), mf_set1(xq.sx[at]));
-        acc[r][h] = mf_fmadd(t, sw, acc[r][h]);
+        acc[r] = mf_fmadd(t, sw, acc[r]);
       }
     }
+    for (int r = 0; r < R; ++r) mf_store(buf[r] + h * kLanes, acc[r]);
   }
   const int cols = static_cast<int>(std::min<int64_t>(kTile, n - n0));
-  alignas(64) float buf[kTile];
-  for (int r = 0; r < R; ++r) {
-    for (int h = 0; h < kHalves; ++h) mf_store(buf + h * kLanes, acc[r][h]);
-    for (int f = 0; f < cols; ++f) out.store(m0 + r, n0 + f, buf[f]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int f = 0; f < cols; ++f) out.store(m0 + r, n0 + f, buf[r][f]);
 }
 
 // The last `rest` (< kRowsMax) rows as one pass of exactly that many.

@@ -19,7 +19,7 @@ import torch
 
 from vllm_specqd.adapter import vllm_internals as internals
 from vllm_specqd.adapter.draft_builder import MXFP4LMHead
-from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod, canonical_mxfp4
+from vllm_specqd.adapter.mxfp4_linear import MXFP4LinearMethod, canonical_mxfp4, kernel_label
 
 
 def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = ()) -> dict:
@@ -50,7 +50,7 @@ def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = (
         # Activation bits of the native CPU kernel per MXFP4 layer ("amx": the AMX kernel; None: neither).
         cpu_act_bits=sorted(
             {
-                "amx" if getattr(m, "specqd_amx_n", None) is not None else getattr(m, "specqd_act_bits", None)
+                kernel_label(m)
                 for m in draft.modules()
                 if isinstance(getattr(m, "quant_method", None), MXFP4LinearMethod) or isinstance(m, MXFP4LMHead)
             },

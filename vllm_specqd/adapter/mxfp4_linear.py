@@ -2,10 +2,12 @@
 
 The draft never loads a checkpoint: its MXFP4 bytes are made from the target's
 weights in memory (``draft_builder.py``), so ``create_weights`` only allocates
-the packed buffers and refuses checkpoint loading. On CUDA ``apply`` runs the
-Triton kernels; on CPU the native kernel (``draft.cpu_kernel``: W4A16 or W4A8),
-the AMX kernel (``amx``: the same bytes repacked once, bf16 activations), or, as a
-debugging aid, a once-dequantized copy through vLLM's CPU GEMM.
+the packed buffers and refuses checkpoint loading. ``apply`` always runs
+``kernels.mxfp4_matmul`` with the layer's ``specqd_kernel``, chosen once by
+:func:`finalize_mxfp4_layer`: None on CUDA (the Triton kernels), on CPU the native
+kernel ``draft.cpu_kernel`` names (``kernels.cpu_kernel``: its weight layout replaces
+the canonical bytes), or, as a debugging aid, a once-dequantized copy through vLLM's
+CPU GEMM (:class:`DequantizedGemm`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,10 @@ from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_specqd.adapter import vllm_internals
-from vllm_specqd.kernels import mxfp4_matmul
+from vllm_specqd.kernels import cpu_kernel, mxfp4_matmul
 from vllm_specqd.mxfp4 import BLOCK_SIZE, dequantize_mxfp4
 
-ACT_BITS = {"w4a16": 16, "w4a8": 8}
-AMX = "amx"
+DEQUANTIZED = "dequantized"
 
 QUANT_NAME = "specqd_mxfp4"
 
@@ -59,6 +60,7 @@ class MXFP4LinearMethod(LinearMethodBase):
             layer.register_parameter(name, param)
             set_weight_attrs(param, {"weight_loader": _refuse_checkpoint_load})
         layer.specqd_in_features = input_size_per_partition
+        layer.specqd_kernel = None  # finalize_mxfp4_layer sets the CPU kernel
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return apply_mxfp4(layer, x, bias)
@@ -66,67 +68,60 @@ class MXFP4LinearMethod(LinearMethodBase):
 
 def apply_mxfp4(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + bias`` for a layer finalized by :func:`finalize_mxfp4_layer`."""
-    amx_n = getattr(layer, "specqd_amx_n", None)
-    if amx_n is not None:  # weight_packed holds the AMX layout; the op asserts its inputs
-        y = torch.ops.specqd.mxfp4_linear_amx(x.reshape(-1, x.shape[-1]).contiguous(), layer.weight_packed, amx_n, bias)
-        return y.reshape(*x.shape[:-1], amx_n)
-    act_bits = getattr(layer, "specqd_act_bits", None)
-    if act_bits is not None:  # CPU native kernel; the op asserts its inputs
-        x2d = x.reshape(-1, x.shape[-1])
-        y = torch.ops.specqd.mxfp4_linear(
-            x2d.contiguous(), layer.weight_packed, layer.weight_scale, bias, act_bits, "auto"
-        )
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    cpu_gemm = vllm_internals.cpu_gemm(layer)
-    if cpu_gemm is not None:  # cpu_kernel "dequantized"
-        return cpu_gemm(x, layer.weight, bias)
-    return mxfp4_matmul(x, layer.weight_packed, layer.weight_scale, bias)
+    return mxfp4_matmul(x, layer.weight_packed, layer.weight_scale, bias, kernel=layer.specqd_kernel)
 
 
-def resolve_cpu_kernel(cpu_kernel: str) -> str:
-    """``"auto"``: ``"amx"`` where this CPU has AMX-BF16, else ``"w4a8"``; ``"amx"`` without AMX is an error."""
-    from vllm_specqd.kernels.cpu_ops import amx_available
+class DequantizedGemm:
+    """``draft.cpu_kernel: "dequantized"``: vLLM's CPU GEMM on a once-dequantized copy (``layer.weight``).
 
-    if cpu_kernel == "auto":
-        return AMX if amx_available() else "w4a8"
-    if cpu_kernel == AMX and not amx_available():
-        raise RuntimeError(
-            "specqd: draft.cpu_kernel 'amx' needs a CPU with AMX-BF16 (Intel Xeon 4th generation, "
-            "Sapphire Rapids, or newer) and a Linux kernel that grants AMX to processes (5.16+); this one "
-            "does not. Use 'auto', 'w4a8' or 'w4a16'."
-        )
-    return cpu_kernel
+    A kernel for ``mxfp4_matmul`` like ``CpuKernel``; the canonical bytes stay in the layer.
+    """
+
+    name = DEQUANTIZED
+    act_bits = None
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        return vllm_internals.cpu_gemm(self.layer)(x, self.layer.weight, bias)
+
+    def canonical(self, packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed, scales
 
 
 def canonical_mxfp4(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's canonical MXFP4 bytes (packed [N, K_pad/2], scales [N, K_pad/32]) whatever its kernel."""
-    amx_n = getattr(layer, "specqd_amx_n", None)
-    if amx_n is None:
+    kernel = getattr(layer, "specqd_kernel", None)
+    if kernel is None:
         return layer.weight_packed, layer.weight_scale
-    from vllm_specqd.kernels.cpu_ops import amx_unpack
-
-    return amx_unpack(layer.weight_packed, amx_n)
+    return kernel.canonical(layer.weight_packed, layer.weight_scale)
 
 
-def finalize_mxfp4_layer(layer: torch.nn.Module, cpu_kernel: str) -> int:
-    """Make an MXFP4 layer ready to run; returns the bytes of any CPU dequantized copy."""
+def kernel_label(layer: torch.nn.Module) -> int | str | None:
+    """What the layer's CPU kernel makes of activations: 8 / 16 (int bits), "amx" (bf16), None (no native kernel)."""
+    kernel = getattr(layer, "specqd_kernel", None)
+    return None if kernel is None else kernel.act_bits
+
+
+def finalize_mxfp4_layer(layer: torch.nn.Module, cpu_kernel_name: str) -> int:
+    """Choose the layer's kernel, once; returns the bytes of any CPU dequantized copy.
+
+    CPU layers get ``kernels.cpu_kernel(cpu_kernel_name)`` and their weights in its layout (the
+    canonical bytes are replaced, so the draft holds one copy); without the native library they
+    keep the canonical bytes and ``mxfp4_matmul`` runs the torch twin.
+    """
+    layer.specqd_kernel = None
     if layer.weight_packed.device.type != "cpu":
         return 0
-    cpu_kernel = resolve_cpu_kernel(cpu_kernel)
-    if cpu_kernel == AMX:
-        from vllm_specqd.kernels.cpu_ops import amx_repack
-
-        # The AMX layout replaces the canonical bytes (same size), so the draft holds one copy.
-        layer.specqd_amx_n = layer.weight_packed.shape[0]
-        repacked = amx_repack(layer.weight_packed.data, layer.weight_scale.data)
-        layer.weight_packed = Parameter(repacked, requires_grad=False)
-        layer.weight_scale = Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
-        return 0
-    if cpu_kernel in ACT_BITS:
-        from vllm_specqd.kernels.cpu_ops import native_available
-
-        if native_available():  # else one warning, and the torch reference runs
-            layer.specqd_act_bits = ACT_BITS[cpu_kernel]
+    if cpu_kernel_name != DEQUANTIZED:
+        n, k = layer.weight_packed.shape[0], layer.specqd_in_features
+        kernel = cpu_kernel(cpu_kernel_name, n, k)
+        if kernel is not None:
+            a, b = kernel.prepare(layer.weight_packed.data, layer.weight_scale.data)
+            layer.weight_packed = Parameter(a, requires_grad=False)
+            layer.weight_scale = Parameter(b, requires_grad=False)
+            layer.specqd_kernel = kernel
         return 0
     weight = dequantize_mxfp4(
         layer.weight_packed, layer.weight_scale, k=layer.specqd_in_features, dtype=layer.params_dtype
@@ -134,6 +129,7 @@ def finalize_mxfp4_layer(layer: torch.nn.Module, cpu_kernel: str) -> int:
     layer.weight = Parameter(weight, requires_grad=False)
     # vLLM's CPU GEMM dispatch repacks `weight` (oneDNN / sgl kernels) and frees it.
     dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+    layer.specqd_kernel = DequantizedGemm(layer)
     return weight.numel() * weight.element_size()
 
 
