@@ -32,7 +32,8 @@ static const int8_t kCodeToS8[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4,
 // E8M0 byte -> 2^(byte - 127) / 2 (the table holds 2 * E2M1), NaN for 255: the format's values
 // (vllm_specqd/mxfp4.py), byte 0 included (2^-128, an fp32 subnormal, exact).
 static inline float half_scale(uint8_t byte) {
-  const uint32_t bits = byte == 0 ? 0x00200000u : byte == 255 ? 0x7FC00000u : static_cast<uint32_t>(byte - 1) << 23;
+  // Bytes 0 and 1 give fp32 subnormals (2^-128, 2^-127); 255 is NaN.
+  const uint32_t bits = byte <= 1 ? 0x00200000u << byte : byte == 255 ? 0x7FC00000u : static_cast<uint32_t>(byte - 1) << 23;
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
