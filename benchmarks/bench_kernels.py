@@ -100,7 +100,7 @@ def _gemv_info(m: int, n: int, k: int, device: str) -> str:
     from vllm_specqd.kernels import triton_mxfp4 as mt
 
     if m > mt.GEMV_MAX_M:
-        return "tiled" if m < mt.DEQUANT_MIN_M else "dequant"
+        return "dequant"
     block_n = mt.gemv_block_n(m)
     return f"gemv/sk{mt.gemv_split_k(n, k // 32, block_n, mt._num_sms(torch.cuda.current_device()))}"
 
@@ -202,9 +202,9 @@ def main(argv=None) -> None:
     p.add_argument("--cpu", action="store_true", help="time on the CPU even if CUDA is present")
     p.add_argument(
         "--force-path",
-        choices=("gemv", "tiled", "dequant"),
+        choices=("gemv", "dequant"),
         default=None,
-        help="CUDA only: force a kernel path (e.g. to find the tiled/dequant crossover)",
+        help="CUDA only: force a kernel path (e.g. to find the gemv/dequant crossover)",
     )
     p.add_argument("--split-k", type=int, default=None, help="CUDA only: force the decode kernel's split-K")
     p.add_argument("--out", default="results/bench_kernels.json", help="JSON output path")

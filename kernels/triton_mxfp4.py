@@ -1,6 +1,6 @@
 """Triton kernels for the MXFP4 weight-only GEMM ``y = x @ W.T + bias`` (W: docs/CONTRACTS.md layout).
 
-Three paths, picked by the number of activation rows M (``force_path`` overrides):
+Two paths, picked by the number of activation rows M (``force_path`` overrides):
 
 * ``"gemv"`` (M <= 16: decode and speculative verification; the name stays from the first kernel).
   Memory bound: the ~N*K/2 code bytes are the whole cost, so each program owns BLOCK_N output
@@ -16,14 +16,7 @@ Three paths, picked by the number of activation rows M (``force_path`` overrides
   bit-identical results run to run (greedy speculative decoding compares draft and target
   tokens, so run-to-run noise is a real cost), and the partials are tiny.
 * ``"dequant"`` (M > 16, prefill). ``mxfp4_dequant_triton`` writes W in x's dtype, then
-  ``torch.addmm`` (cuBLAS). Measured on the H200: faster than the tiled kernel at every M >= 256
-  and reaching bf16 speed from M = 1024.
-* ``"tiled"`` (only when forced). Dequantizes a ``[BLOCK_N, BLOCK_K]`` weight tile in registers
-  and feeds ``tl.dot(W, x.T)``. On the H200 (Triton 3.6) its tuned 128-row config gave inf and
-  run-to-run different results at M >= 256; the cause (a race in the generated code, most likely:
-  only that config, only with more programs than SMs; offsets are int64 or far below 2^31, and the
-  program swizzle is a bijection) was not found without a GPU, so the 128-row configs are gone and
-  nothing routes here by default.
+  ``torch.addmm`` (cuBLAS). Measured on the H200: reaching bf16 speed from M = 1024.
 
 Decode (``_e2m1_lanes``): a little-endian int32 word holds codes 0..7 of 8 consecutive elements
 (element 2i in the low nibble of byte i). Codes i and i+4 are 16 bits apart, so one shift and one
@@ -46,7 +39,7 @@ fp16. fp32 x: the decode kernel dots in fp32 (``input_precision="ieee"``: exact 
 Interpreter (``TRITON_INTERPRET=1``, CPU tensors): Triton 3.9 reads the variable through
 ``triton.knobs.runtime.interpret`` when ``@triton.jit`` runs, i.e. when *this module is
 imported*, not when triton is imported or a kernel launches. So set it before the first import
-of ``vllm_specqd.kernels.mxfp4_triton`` (tests do this in a subprocess). In that mode the
+of ``vllm_specqd.kernels.triton_mxfp4`` (tests do this in a subprocess). In that mode the
 launchers accept CPU tensors; each kernel then runs in numpy, where bf16 math is unreliable, so
 kernels convert to fp32 right after loading or decoding and dot in fp32. The decode kernel builds
 the same lanes there (bf16 lanes for bf16/fp32 x, fp16 for fp16) and scales them in fp32; only the
@@ -67,9 +60,8 @@ from .reference import check_mxfp4_matmul_inputs
 # Read once, at import, because that is when triton decided between JIT and interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
-GEMV_MAX_M = 16  # decode path up to here (decode + speculative verification batches)
-DEQUANT_MIN_M = GEMV_MAX_M + 1  # dequantize + cuBLAS from here; "tiled" only when forced (docstring)
-PATHS = ("gemv", "tiled", "dequant")
+GEMV_MAX_M = 16  # decode path up to here (decode + speculative verification batches); dequant above
+PATHS = ("gemv", "dequant")
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -331,66 +323,10 @@ def _splitk_reduce_kernel(
     tl.store(out_ptr + pid_m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-# ----------------------------------------------------------------------------- tiled (M > 16)
-@triton.jit
-def _mxfp4_tiled_kernel(
-    x_ptr,  # [M, K] activations, unit stride along K
-    wq_ptr,  # [N, K_pad/2] uint8
-    ws_ptr,  # [N, K_pad/32] uint8
-    bias_ptr,  # [N] (read only if HAS_BIAS)
-    out_ptr,  # [M, N] x dtype
-    M,
-    N,
-    K,
-    KB,
-    stride_xm,
-    stride_wn,
-    stride_sn,
-    stride_om,
-    M_BUCKET,  # next_power_of_2(M): autotune key only, so every prefill length is not re-tuned
-    HAS_BIAS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,  # x's dtype on GPU; fp32 in the interpreter
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_KB: tl.constexpr,
-    GROUP_N: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # Consecutive programs walk GROUP_N weight tiles for one activation band, so both stay in L2.
-    pid_n, pid_m = tl.swizzle2d(pid // grid_m, pid % grid_m, grid_n, grid_m, GROUP_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y.T tile: W @ x.T
-    for step in range(tl.cdiv(KB, BLOCK_KB)):
-        kb = step * BLOCK_KB + tl.arange(0, BLOCK_KB)
-        w = _dequant_tile(wq_ptr, ws_ptr, offs_n, kb, N, KB, stride_wn, stride_sn, BLOCK_N, BLOCK_KB)
-        offs_k = step * BLOCK_KB * 32 + tl.arange(0, BLOCK_KB * 32)
-        x_t = tl.load(
-            x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-            mask=(offs_k < K)[:, None] & m_mask[None, :],
-            other=0.0,
-        )  # [BK, BM]
-        if DOT_DTYPE == tl.float32:
-            acc = tl.dot(w, x_t.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w.to(DOT_DTYPE), x_t.to(DOT_DTYPE), acc)
-
-    n_mask = offs_n < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
-
-
 # ----------------------------------------------------------------------------- configs
 # Only the interpreter-safe single configs are used without a GPU: @triton.autotune with more
 # than one config benchmarks with do_bench, which needs CUDA.
 _GEMV_INTERP = dict(BLOCK_KB=2)
-_TILED_INTERP = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_KB=2, GROUP_N=4)
 
 
 def _gemv_gpu_configs():
@@ -416,34 +352,8 @@ def _prune_gemv(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def _tiled_gpu_configs():
-    # Every 128-row config is gone: on the H200 (Triton 3.6) the tuner picked (128, 128, 2, w8, s3)
-    # at M >= 256 and it returned inf / run-to-run different results there (cause not found without
-    # a GPU; results/2026-12-04-h200/kernel_check.json). The rest were correct where measured. The
-    # tiled path is opt-in (force_path="tiled") until that is understood; M > 16 runs "dequant".
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_KB, warps, stages
-        (32, 64, 4, 4, 4),
-        (32, 128, 4, 4, 4),
-        (64, 128, 2, 4, 4),
-        (64, 128, 4, 8, 3),
-        (64, 256, 2, 8, 3),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KB": bkb, "GROUP_N": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bkb, w, s in shapes
-    ]
-
-
-def _prune_tiled(configs, named_args, **kwargs):
-    # A 64-row tile for a 32-row prefill chunk only multiplies padding.
-    m_bucket = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, m_bucket)]
-    return kept or configs[:1]
-
-
 if INTERPRET:
     _gemv_launch = _mxfp4_gemv_kernel
-    _tiled_launch = _mxfp4_tiled_kernel
 else:
     # The autotuner adds every tensor argument's dtype to the key (x: bf16/fp16/fp32).
     _gemv_launch = triton.autotune(
@@ -451,11 +361,6 @@ else:
         key=["N", "KB", "BLOCK_M", "BLOCK_N", "WRITE_PARTIAL"],
         prune_configs_by={"early_config_prune": _prune_gemv},
     )(_mxfp4_gemv_kernel)
-    _tiled_launch = triton.autotune(
-        _tiled_gpu_configs(),
-        key=["M_BUCKET", "N", "KB", "DOT_DTYPE"],
-        prune_configs_by={"early_config_prune": _prune_tiled},
-    )(_mxfp4_tiled_kernel)
 
 
 @functools.cache
@@ -569,9 +474,9 @@ def mxfp4_matmul_triton(
 ) -> torch.Tensor:  # [..., N] x.dtype
     """Triton ``x @ W.T + bias``; same contract as ``mxfp4_matmul_torch``, CUDA (or interpreter) only.
 
-    ``force_path`` in ``("gemv", "tiled", "dequant")`` overrides the M-based choice (``gemv`` up to
-    16 rows, ``dequant`` above; ``tiled`` only when forced); ``split_k`` overrides the decode
-    kernel's split heuristic (1 = no split, fused epilogue).
+    ``force_path`` in ``("gemv", "dequant")`` overrides the M-based choice (``gemv`` up to 16 rows,
+    ``dequant`` above); ``split_k`` overrides the decode kernel's split heuristic (1 = no split,
+    fused epilogue).
     Example: x ``[4, 14336]`` bf16, packed ``[4096, 7168]``, scales ``[4096, 448]`` -> ``[4, 4096]``
     bf16 through the gemv path: BLOCK_N 32, so on an H200 (132 SMs) 128 row tiles x 3 K-splits
     (``gemv_split_k``), then the split reduction.
@@ -621,33 +526,6 @@ def _run(path, x2d, packed, scales, bias, out, m, n, k, kb, split_k, dev):
             torch.addmm(bias.to(x2d.dtype), x2d, w.t(), out=out)
         else:
             torch.mm(x2d, w.t(), out=out)
-        return
-    if path == "tiled":
-        dot_dtype = tl.float32 if INTERPRET else _TL_DTYPE[x2d.dtype]
-        meta = dict(_TILED_INTERP) if INTERPRET else {}
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-        _tiled_launch[grid](
-            x2d,
-            packed,
-            scales,
-            bias_arg,
-            out,
-            m,
-            n,
-            k,
-            kb,
-            x2d.stride(0),
-            packed.stride(0),
-            scales.stride(0),
-            out.stride(0),
-            triton.next_power_of_2(m),
-            HAS_BIAS=has_bias,
-            DOT_DTYPE=dot_dtype,
-            **meta,
-        )
         return
     block_n = gemv_block_n(m)
     splits = int(split_k) if split_k is not None else gemv_split_k(n, kb, block_n, _num_sms(dev))
