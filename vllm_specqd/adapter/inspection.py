@@ -10,10 +10,12 @@ groups, whether the
 draft shares the target's embeddings/lm_head/norms, every MXFP4 layer's
 shapes, the draft's extra weight bytes, and optionally one layer's MXFP4
 bytes (``layers``: several; to compare with a quantization of the checkpoint, or under tensor
-parallelism of the rank's shard), and the rank's level-report counters.
+parallelism of the rank's shard), the rank's level-report counters and what its drafter did (``work``).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -82,6 +84,8 @@ def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = (
         # This rank's own counters, and whether it is the one rank that publishes them.
         info["level_report"] = stats.snapshot().to_json()
         info["publishes_report"] = stats.writer.path is not None
+    if getattr(drafter, "work", None) is not None:
+        info["work"] = dataclasses.asdict(drafter.work)
     named = {name: draft.get_submodule(name) for name in (*([layer] if layer else []), *layers)}
     info["layers"] = {
         name: dict(zip(("packed", "scales"), (t.detach().cpu() for t in canonical_mxfp4(m))))

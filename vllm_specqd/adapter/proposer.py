@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from vllm.compilation.backends import set_model_tag
+from vllm.config import CompilationMode
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
@@ -35,6 +37,8 @@ from vllm_specqd.ngram import NgramProposer
 # Under "vllm." so vLLM's logging config (handlers, level, process prefix) applies.
 logger = init_logger("vllm." + __name__)
 
+# "1": in a compiled engine, compile the draft too (by default it runs eagerly: docs/design.md).
+DRAFT_COMPILE_ENV = "VLLM_SPECQD_DRAFT_COMPILE"
 # Debug/test hook: append every round's level-1 drafts as JSON lines to this file.
 TRACE_ENV = "VLLM_SPECQD_TRACE_DRAFTS"
 
@@ -44,6 +48,15 @@ class RoundPath(enum.Enum):
     CHAIN = "a first pass gives d1, the speculative chain of inner levels d2..dK"
     SHARED_KV = "K single-token passes over the target's own KV (QSpec)"
     VLLM_LOOP = "vLLM's own loop: a first pass catching the draft's separate KV up, then one pass per token"
+
+
+@dataclass
+class DrafterWork:
+    """What the drafter did, counted per request and round (tests check idle rounds do none of it)."""
+
+    rounds: int = 0
+    rounds_without_passes: int = 0
+    ngram_lookups: int = 0  # requests whose committed context was copied and looked up for an n-gram
 
 
 class SpecQDProposer(DraftModelProposer):
@@ -57,6 +70,8 @@ class SpecQDProposer(DraftModelProposer):
         self.inner_window_models: list[VllmWindowModel] = []  # level 2, 3, ... (model levels only)
         self.stats = LevelStatsPublisher(vllm_config)
         self._trace_rounds = 0
+        self.work = DrafterWork()
+        self.draft_kept_eager = False  # in a compiled engine (_build_draft)
         self.adaptive: AdaptiveDrafter | None = None
         # Adaptive, shared KV, an n-gram inner level: the n-gram proposes to the target directly.
         self.ngram_direct: NgramLevel | None = None
@@ -118,7 +133,7 @@ class SpecQDProposer(DraftModelProposer):
     def _build_draft(self, draft_vllm_config, target_model: nn.Module) -> nn.Module:
         draft = self.specqd.draft
         with set_model_tag(DRAFT_PREFIX):
-            return build_mxfp4_draft(
+            model = build_mxfp4_draft(
                 draft_vllm_config,
                 target_model,
                 cpu_kernel=draft.cpu_kernel,
@@ -126,6 +141,13 @@ class SpecQDProposer(DraftModelProposer):
                 scale_rule=draft.scale_rule,
                 lm_head_rescore_top_k=draft.lm_head_rescore_top_k,
             )
+        compiled_engine = draft_vllm_config.compilation_config.mode != CompilationMode.NONE
+        if compiled_engine and os.environ.get(DRAFT_COMPILE_ENV, "0") != "1":
+            internals.run_eagerly(model)
+            self.draft_kept_eager = True
+            if self.device.type == "cpu":
+                internals.call_attention_directly(model)
+        return model
 
     def kv_cache_spec_context(self):
         """What the runner's KV cache spec collection runs inside (patches.py, patch 8)."""
@@ -198,6 +220,16 @@ class SpecQDProposer(DraftModelProposer):
         window_model.layer_names = list(layer_names)
         window_model.kv_groups = bindings
 
+    def dummy_run(self, num_tokens: int, use_cudagraphs: bool = True, is_graph_capturing: bool = False, **kwargs):
+        """vLLM's profile and compile warm-up runs: one draft forward, not K; none for an eager draft.
+
+        vLLM's runs K forwards of ``num_tokens`` rows (llm_base_proposer.py:1627-1630); the other
+        K - 1 repeat the first's shapes, so they compile and allocate nothing new. An eager draft
+        has nothing to compile, and the target's run of the same rows already sized activations.
+        """
+        if not self.draft_kept_eager:
+            super().dummy_run(num_tokens, use_cudagraphs=use_cudagraphs, is_graph_capturing=True, **kwargs)
+
     # ------------------------------------------------------------------ drafting
 
     def propose(
@@ -230,15 +262,18 @@ class SpecQDProposer(DraftModelProposer):
         decision = ngram = None
         passes = num_speculative_tokens
         if self.adaptive is not None:
-            if self.ngram_direct is not None:
+            if self.ngram_direct is not None and self.specqd.adaptive.policy != "off":
                 level, k = self.ngram_direct, self.specqd.num_speculative_tokens
+                self.work.ngram_lookups += step.batch_size
                 ngram = rounds.ngram_proposals(self.runner, step, level.prompt_lookup_min, level.prompt_lookup_max, k)
             decision = self.adaptive.decide(
                 self.runner, step.sampled_positions, step.attn_metadata, step.num_rejected, ngram
             )
             passes = decision.passes
         path = self._pick_path(decision, passes)
+        self.work.rounds += 1
         if path is RoundPath.NO_DRAFTS:
+            self.work.rounds_without_passes += 1
             internals.begin_round(self, self.specqd.num_speculative_tokens)  # clears last round's draft probs
             drafts = [[] for _ in decision.k]
             self.stats.publish()

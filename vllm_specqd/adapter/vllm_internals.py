@@ -58,6 +58,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(PROPOSER, "build_model_inputs_first_pass", "v1/spec_decode/llm_base_proposer.py:957"),
     Internal(PROPOSER, "_get_slot_mapping", "v1/spec_decode/llm_base_proposer.py:403"),
     Internal(PROPOSER, "dummy_run", "v1/spec_decode/llm_base_proposer.py:1618"),  # overridden: one forward
+    Internal("vllm.compilation.decorators:_support_torch_compile", "do_not_compile", "compilation/decorators.py:402"),
     # The model runner's state, read while drafting.
     Internal(RUNNER, "input_batch", "v1/worker/gpu_model_runner.py:714"),
     Internal("vllm.v1.worker.gpu_input_batch:InputBatch", "token_ids_cpu", "v1/worker/gpu_input_batch.py:137"),
@@ -530,6 +531,18 @@ def enable_shared_kv_writes(vllm_config: VllmConfig, draft_layer_names: set[str]
         layer.kv_sharing_target_layer_name = None
         if hasattr(layer.impl, "kv_sharing_target_layer_name"):  # cpu_attn.py:301 and GPU backends
             layer.impl.kv_sharing_target_layer_name = None
+
+
+def run_eagerly(model: nn.Module) -> int:
+    """Make the torch.compile-decorated modules of ``model`` run eagerly in a compiled engine.
+
+    The decorator reads ``do_not_compile`` on every call (compilation/decorators.py:402 set,
+    :528 read) and calls ``forward`` directly when it is true. Returns how many modules it set.
+    """
+    modules = [m for m in model.modules() if hasattr(m, "do_not_compile")]
+    for module in modules:
+        module.do_not_compile = True
+    return len(modules)
 
 
 # ---------------------------------------------------------------- the draft's CPU fast path
