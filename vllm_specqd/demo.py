@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     target, _ = default_models(None, need_small=False)
     n_code = round(CODE_SHARE * args.num_prompts)
     prompts = mixed_prompts(n_code, args.num_prompts - n_code, target)
-    settings = RunSettings(target, None, args.dtype, args.k, args.max_tokens, args.batch_size, max_model_len=2048)
+    settings = RunSettings(
+        target, None, args.dtype, args.k, args.max_tokens, args.batch_size, max_model_len=2048, eager=True
+    )
     methods = parse_methods(DEMO_METHODS)
     print(
         f"[demo] {target}: {n_code} HumanEval + {args.num_prompts - n_code} chat prompts, "
