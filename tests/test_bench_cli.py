@@ -61,7 +61,19 @@ def quick_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("bench") / "results"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
     proc = subprocess.run(
-        [sys.executable, "-m", "vllm_specqd", "bench", "--quick", "--methods", QUICK_METHODS, "--out", str(out)],
+        # Eager: compiled engines are covered by test_engine_compiled.py, and compiling three costs minutes.
+        [
+            sys.executable,
+            "-m",
+            "vllm_specqd",
+            "bench",
+            "--quick",
+            "--eager",
+            "--methods",
+            QUICK_METHODS,
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         env=env,
