@@ -7,9 +7,18 @@ import zlib
 import numpy as np
 import pytest
 
-from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, Decision, LineFit, Outcome, RequestSlot
+from vllm_specqd.adaptive import (
+    AdaptivePolicy,
+    AdaptiveSettings,
+    Decision,
+    LinearFit,
+    LineFit,
+    Outcome,
+    RequestSlot,
+)
 
 K = 6
+PASSES = (1, 3)  # policy_with's synthetic drafting rounds: every row drafting 1, then 3
 
 
 def policy_with(
@@ -24,18 +33,19 @@ def policy_with(
     **settings,
 ) -> AdaptivePolicy:
     """A policy whose cost model has seen exact synthetic timings over a spread of batch sizes,
-    and whose requests have seen outcomes that pin their acceptance."""
+    and whose requests' acceptance is pinned."""
     policy = AdaptivePolicy(AdaptiveSettings(max_k=settings.pop("max_k", K), warmup_steps=0, **settings))
     for _ in range(50):
         for tokens in (1, 7, 20, 64, 100):
             policy.observe_target(tokens, target_a + target_b * tokens)
         for r in rows:
-            observe_round(policy, [3] * r, 3 * (draft_c + draft_d * r))
+            for m in PASSES:
+                observe_round(policy, [m] * r, m * (draft_c + draft_d * r))
     for req_id, rate in (acceptance or {}).items():
         pin_acceptance(policy, req_id, rate)
     if acceptance_override is not None:
         for req_id in acceptance or {}:
-            policy.acceptance.per_request[req_id] = np.full(policy.settings.max_k, acceptance_override)
+            policy.acceptance.pin(req_id, acceptance_override)
     return policy
 
 
@@ -46,13 +56,17 @@ def observe_round(policy: AdaptivePolicy, k: list[int], seconds: float) -> None:
 
 
 def pin_acceptance(policy: AdaptivePolicy, req_id, rate: float) -> None:
+    policy.acceptance.pin(req_id, rate)
+
+
+def observe_acceptance(policy: AdaptivePolicy, req_id, rate: float, rounds: int = 200, ngram=False) -> None:
     """Outcomes whose accepted prefix follows a per-position acceptance of ``rate``."""
-    rng = np.random.default_rng(zlib.crc32(str(req_id).encode()))
-    for _ in range(200):
+    rng = np.random.default_rng(zlib.crc32(f"{ngram}-{req_id}".encode()))
+    for _ in range(rounds):
         accepted = 0
         while accepted < K and rng.random() < rate:
             accepted += 1
-        policy.observe([Outcome(req_id, K, accepted)])
+        policy.observe([Outcome(req_id, K, accepted, ngram)])
 
 
 def slots(*req_ids, cap=K):
@@ -77,20 +91,93 @@ def test_line_fit_recovers_a_line_and_leans_on_its_prior_without_spread():
     assert float(flat.predict(7.0)) == pytest.approx(0.014)
 
 
+@pytest.mark.parametrize("intercept_weight", [0.0, 1.0])
+def test_line_fits_stay_physical_where_least_squares_goes_negative(intercept_weight):
+    """A convex cost seen at two clusters of x (plain steps of 64 tokens, drafting steps of 448)
+    extrapolates to a negative intercept (issue 30: target=-22.3ms+2.26ms/tok); falling data to a
+    negative slope. Both are pinned at 0 and the rest refitted."""
+    convex = LinearFit(decay=0.02, intercept_weight=intercept_weight)
+    for _ in range(100):
+        for x in (64.0, 448.0):
+            convex.observe(x, 1e-6 * x * x + 0.0005 * x)
+    free = np.polyfit([64.0, 448.0], [1e-6 * x * x + 0.0005 * x for x in (64.0, 448.0)], 1)
+    assert free[1] < 0  # what plain least squares says
+    a, b = convex.all_coefficients().tolist()
+    assert a == 0.0 and b > 0
+    # Through the origin: the best line with a = 0 (least squares over the two points).
+    xs = np.array([64.0, 448.0])
+    ys = 1e-6 * xs * xs + 0.0005 * xs
+    assert b == pytest.approx(float((xs * ys).sum() / (xs * xs).sum()), rel=0.02)
+
+    falling = LinearFit(decay=0.02, intercept_weight=intercept_weight)
+    for _ in range(100):
+        for x in (1.0, 7.0):
+            falling.observe(x, 0.03 - 0.001 * x)
+    a, b = falling.all_coefficients().tolist()
+    assert b == 0.0 and a == pytest.approx(0.026, rel=0.03)  # (intercept_weight: pulled 2% toward 0)
+
+    line = LineFit(decay=0.02)  # the target's line, as the policy and the log line read it
+    for _ in range(100):
+        for x in (64.0, 448.0):
+            line.observe(x, 1e-6 * x * x + 0.0005 * x)
+    assert min(line.coefficients()) >= 0.0
+
+
+def test_draft_round_line_separates_a_per_round_cost_from_its_passes():
+    """A drafting round of m passes over n drafted tokens costs round + c * m + d * n. With one round
+    length seen, the round term stays near its prior 0 (the passes explain the cost); rounds of
+    different lengths measure it."""
+    one_length = LinearFit(decay=0.02, features=2, prior_slopes=[None, 0.001], intercept_weight=1.0)
+    for _ in range(50):
+        one_length.observe((6, 6), 0.060 + 6 * 0.020 + 6 * 0.001)
+    r, c, d = one_length.all_coefficients().tolist()
+    assert r < 0.15 * 0.186 and 6 * c + 6 * d + r == pytest.approx(0.186, rel=0.01)
+    varied = LinearFit(decay=0.02, features=2, prior_slopes=[None, 0.001], intercept_weight=1.0)
+    for _ in range(50):
+        for m in range(1, 7):
+            varied.observe((m, m), 0.060 + m * 0.020 + m * 0.001)
+    r, c, d = varied.all_coefficients().tolist()
+    assert r == pytest.approx(0.060, rel=0.1) and c + d == pytest.approx(0.021, rel=0.1)
+
+
 def test_acceptance_observations_are_conditional_per_position():
-    policy = AdaptivePolicy(AdaptiveSettings(max_k=4, prior_acceptance=0.5, acceptance_decay=0.5))
+    policy = AdaptivePolicy(AdaptiveSettings(max_k=4, prior_acceptance=0.5, acceptance_optimism=0.0))
     policy.observe([Outcome("a", verified=4, accepted=2)])
-    rates = policy.acceptance.of("a")
-    # Positions 1, 2 accepted (0.5 -> 0.75), 3 rejected (0.5 -> 0.25), 4 never checked (stays 0.5).
-    assert rates.tolist() == [0.75, 0.75, 0.25, 0.5]
-    policy.observe([Outcome("a", verified=1, accepted=1)])
-    assert rates.tolist() == [0.875, 0.75, 0.25, 0.5]
+    # Batch-wide: positions 1, 2 accepted (0.5 -> 0.75), 3 rejected (0.5 -> 0.25), 4 never checked.
+    assert policy.acceptance.batch_wide.tolist() == [0.75, 0.75, 0.25, 0.5]
+    assert policy.acceptance.batch_wide_seen.tolist() == [1, 1, 1, 0]
 
 
-def test_batch_wide_acceptance_counts_the_warmup_rounds_at_once():
-    """Deep positions are verified only while they are drafted (the warm-up rounds): an EMA at 0.02
-    would leave them near the prior (0.6 -> 0.62 after three accepts) and undrafted for good."""
-    policy = AdaptivePolicy(AdaptiveSettings(max_k=4, prior_acceptance=0.6, global_acceptance_decay=0.02))
+def test_a_request_is_the_batch_wide_shape_shifted_by_one_offset():
+    """One rejection at a deep position moves a request's rates at every position by one logit
+    offset, so that position does not fall out of its drafts alone (issue 28: under-drafting)."""
+    policy = AdaptivePolicy(AdaptiveSettings(max_k=K, acceptance_optimism=0.0))
+    for i in range(50):  # the batch: strong at every position
+        policy.observe([Outcome(f"b{i}", K, K)])
+    for _ in range(20):
+        policy.observe([Outcome("a", K, K)])
+    before = policy.acceptance.of("a")
+    policy.observe([Outcome("a", K, 4)])  # position 5 rejected
+    after = policy.acceptance.of("a")
+
+    def logit(p):
+        return np.log(p / (1 - p))
+
+    offset = logit(after) - logit(np.clip(policy.acceptance.batch_wide, 1e-3, 1 - 1e-3))
+    assert np.allclose(offset, offset[0])  # one offset from the batch-wide shape
+    assert (after < before).all() and after[4] > 0.8  # every position a little lower, none out
+    # A collapse (every first draft rejected) is followed within a few rounds.
+    for _ in range(6):
+        policy.observe([Outcome("a", K, 0)])
+    assert policy.acceptance.of("a")[0] < 0.5
+
+
+def test_batch_wide_acceptance_counts_the_first_rounds_at_once():
+    """Deep positions are verified only while they are drafted: an EMA at 0.02 would leave them near
+    the prior (0.6 -> 0.62 after three accepts) and undrafted for good."""
+    policy = AdaptivePolicy(
+        AdaptiveSettings(max_k=4, prior_acceptance=0.6, global_acceptance_decay=0.02, acceptance_optimism=0.0)
+    )
     for req_id in "abc":
         policy.observe([Outcome(req_id, verified=4, accepted=4)])
     assert policy.acceptance.batch_wide.tolist() == pytest.approx([0.9] * 4)  # (0.6 + 3) / 4
@@ -143,7 +230,7 @@ def test_min_gain_keeps_speculation_off_unless_it_wins_by_that_much():
     # (1 + 0.3) / (0.010 + 0.001 * 2 + 0.0005) vs 1 / (0.010 + 0.001): 24% more tokens per second.
     def decide(**settings):
         policy = policy_with(target_a=0.010, target_b=0.001, draft_c=0.0005, **settings)
-        policy.acceptance.per_request["a"] = np.full(K, 0.3)
+        policy.acceptance.pin("a", 0.3)
         return policy.decide(slots("a"))
 
     eager = decide()
@@ -179,7 +266,7 @@ def test_decision_matches_the_brute_force_optimum(seed, drafting_rows_only):
         draft_d=float(rng.uniform(0, 0.0005)),
     )
     for r in req_ids:
-        policy.acceptance.per_request[r] = rng.uniform(0.05, 1.0, size=4)
+        policy.acceptance.pin(r, rng.uniform(0.05, 1.0, size=4))
     caps = [int(c) for c in rng.integers(0, 5, size=3)]
     decision = policy.decide([RequestSlot(r, c) for r, c in zip(req_ids, caps)])
     got = decision.expected_tokens / decision.expected_seconds
@@ -190,7 +277,8 @@ def test_decision_matches_the_brute_force_optimum(seed, drafting_rows_only):
 
 def test_collapsed_request_stops_drafting_is_reprobed_and_recovers():
     settings = dict(target_a=0.010, target_b=0.001, draft_c=0.0005, reprobe_after=4, max_reprobe_after=16)
-    policy = policy_with(**settings, acceptance={"hot": 0.9})
+    policy = policy_with(**settings)
+    observe_acceptance(policy, "hot", 0.9)
     assert policy.decide(slots("hot")).k[0] > 0
     for _ in range(20):  # acceptance collapses: the target rejects the first draft every step
         policy.observe([Outcome("hot", K, 0)])
@@ -271,7 +359,7 @@ def test_decision_time_is_counted_beside_the_step_time():
     policy = policy_with(**costs, max_k=8)
     # policy_with's synthetic steps: 50 x (targets at 1, 7, 20, 64, 100 tokens + rounds of 1, 4, 16 rows).
     target = sum(costs["target_a"] + costs["target_b"] * t for t in (1, 7, 20, 64, 100))
-    draft = sum(3 * (costs["draft_c"] + costs["draft_d"] * r) for r in (1, 4, 16))
+    draft = sum(m * (costs["draft_c"] + costs["draft_d"] * r) for r in (1, 4, 16) for m in PASSES)
     assert policy.stats.step_seconds == pytest.approx(50 * (target + draft))
     batch = [RequestSlot(f"r{i}", 8) for i in range(64)]
     for r in batch:
@@ -299,11 +387,11 @@ def test_drafting_rows_cost_is_learned_per_drafted_token():
     policy = AdaptivePolicy(AdaptiveSettings(max_k=K, warmup_steps=0, passes_run_drafting_rows_only=True))
     rng = np.random.default_rng(0)
     for _ in range(300):
-        k = [int(x) for x in rng.integers(0, K + 1, size=8)]
+        k = [int(x) for x in rng.integers(0, rng.integers(1, K + 1) + 1, size=8)]  # rounds of 1..K passes
         if max(k):
             observe_round(policy, k, max(k) * 0.002 + 0.0004 * sum(k))
-    c, d = policy.draft.coefficients()
-    assert c == pytest.approx(0.002, rel=0.02) and d == pytest.approx(0.0004, rel=0.02)
+    r, c, d = policy.draft_coefficients()
+    assert r < 0.1 * 0.002 and c == pytest.approx(0.002, rel=0.05) and d == pytest.approx(0.0004, rel=0.05)
     assert float(policy._draft_seconds(8, 10, 3)) == pytest.approx(3 * 0.002 + 10 * 0.0004, rel=0.02)
     with pytest.raises(ValueError, match="min_passes"):
         AdaptivePolicy(AdaptiveSettings(max_k=K, min_passes=1, passes_run_drafting_rows_only=True))
@@ -329,12 +417,21 @@ def test_no_probes_while_even_full_acceptance_would_not_pay():
     assert sum(cheap.decide(slots(*req_ids)).probes for _ in range(40)) >= 16
 
 
-@pytest.mark.parametrize("explore_every", [8, 0])
-def test_an_estimate_that_starts_too_low_is_explored_back_up(explore_every):
+@pytest.mark.parametrize("explore_every, optimism", [(8, 0.0), (0, 1.0), (0, 0.0)])
+def test_an_estimate_that_starts_too_low_is_explored_back_up(explore_every, optimism):
     """Truth: every position is accepted with 0.9 and drafts are cheap, so the optimum drafts deep.
-    The warm-up left positions 2..K looking poor; only exploration ever measures them again."""
-    policy = policy_with(target_a=0.05, target_b=0.0005, draft_c=0.004, rows=(1,), explore_every=explore_every)
-    policy.acceptance.batch_wide[:] = [0.9] + [0.2] * (K - 1)
+    The first rounds left positions 2..K looking poor, and a position is measured only when drafted:
+    exploration (one more draft every 8 rounds) or optimism (a position seen 3 times is read a
+    standard error higher) measures them again; with neither they stay out."""
+    policy = policy_with(
+        target_a=0.05,
+        target_b=0.0005,
+        draft_c=0.004,
+        rows=(1,),
+        explore_every=explore_every,
+        acceptance_optimism=optimism,
+    )
+    policy.acceptance.batch_wide[:] = [0.9] + [0.05] * (K - 1)
     policy.acceptance.batch_wide_seen[:] = 3
     rng = np.random.default_rng(0)
     chosen = []
@@ -346,9 +443,9 @@ def test_an_estimate_that_starts_too_low_is_explored_back_up(explore_every):
             accepted += 1
         if k.k[0]:
             policy.observe([Outcome("r", k.k[0], accepted)])
-    if explore_every:
+    if explore_every or optimism:
         assert statistics.mean(chosen[-40:]) >= 4, chosen
-        assert policy.stats.explorations > 0
+        assert policy.stats.explorations > 0 or not explore_every
     else:
         # Without exploration the drafts stop one past the deepest position the guess lets through.
         assert max(chosen[-40:]) <= 2, chosen
@@ -423,7 +520,12 @@ def test_a_measured_row_cost_lets_a_batch_draft_that_was_only_seen_at_one_row():
 
     def decide(row_cost):
         policy = policy_with(
-            target_a=0.05, target_b=0.0003, draft_c=0.01, rows=(1,), acceptance={i: 0.9 for i in range(16)}
+            target_a=0.05,
+            target_b=0.0003,
+            draft_c=0.01,
+            rows=(1,),
+            acceptance={i: 0.9 for i in range(16)},
+            trust_growth=0,  # (what the trust region does with a first full batch: its own test)
         )
         if row_cost is not None:
             policy.set_draft_row_cost(row_cost)

@@ -20,6 +20,8 @@ PROBE_BATCH_SHARE = 0.25  # share of the batch that must be due before a round r
 # the prior, if the whole batch collapsed): then its acceptance is what keeps it off. Off for cost alone
 # (a busy batch), a probe measures nothing new.
 PROBE_ACCEPTANCE_GAP = 0.1
+NGRAM_EXPLORE_SHARE = 0.125  # of the batch that sends its n-gram proposals on an exploring round
+IDLE_PROBE_DEPTH = 2  # drafts of an idle probe
 # "random": adversarial test policy, k uniform in 0..cap per request and step. "off": k = 0 always (a
 # speculative engine that never drafts: what it costs to have speculation on and idle).
 POLICIES = ("cost", "random", "off")
@@ -36,12 +38,26 @@ class AdaptiveSettings:
     # A pass runs only the rows still drafting (k_i > j), not the whole batch.
     passes_run_drafting_rows_only: bool = False
     cost_decay: float = 0.02  # weight of the newest timing in the line fits
-    acceptance_decay: float = 0.2  # per request
-    global_acceptance_decay: float = 0.02  # batch-wide prior of new requests
+    global_acceptance_decay: float = 0.02  # batch-wide rates (the shape, and new requests' prior)
     prior_acceptance: float = 0.6
+    prior_acceptance_weight: float = 1.0  # observations the prior counts as in the batch-wide running mean
+    # A request's logit offset from the batch-wide rates (AcceptanceModel): its prior variance, and how
+    # much the variance grows per round (how fast an acceptance that collapses is followed).
+    acceptance_offset_variance: float = 1.0
+    acceptance_offset_drift: float = 0.05
+    acceptance_optimism: float = 1.0  # bonus for positions seen a few times (AcceptanceModel.optimistic)
     reprobe_after: int = 8
     max_reprobe_after: int = 256
-    warmup_steps: int = 4  # rounds drafting max_k for everyone before the cost model decides
+    # Rounds drafting max_k for everyone before the cost model decides. 0: a full batch never drafts
+    # before the cost model says it pays (issue 30); the start-up probe measures instead.
+    warmup_steps: int = 0
+    # Until both cost lines have a measurement, this many rows draft (their cap) and the rest none.
+    startup_probe_rows: int = 1
+    # Pseudo-observations of a drafting round costing nothing beyond its passes and rows.
+    draft_round_prior_weight: float = 1.0
+    # A round drafts at most this many times the most tokens a measured round drafted (at least max_k):
+    # the cost lines are trusted a doubling beyond what they have seen (0: no limit).
+    trust_growth: float = 2.0
     explore_every: int = 8  # every this many rounds, drafting requests draft one token more (0: never)
     # An n-gram proposal is sent only if its expected tokens pay (1 + this) times for its verification at
     # the plain rate: the target's per-token cost is fitted over few token counts and runs low under load.
@@ -79,49 +95,127 @@ class Decision:
     ngram: list[bool] = field(default_factory=list)  # per request: its k drafts are its n-gram proposal
 
 
-@dataclass
-class LineFit:
-    """Exponentially weighted least squares of ``y = a + b * x``."""
+def _nonnegative_solve(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """argmin of 0.5 b'Qb - r'b over b >= 0 for a small positive-definite Q: solve, pin the most
+    negative coefficient at 0, solve the rest again."""
+    free = list(range(len(r)))
+    b = np.zeros(len(r))
+    while free:
+        sub = np.linalg.solve(q[np.ix_(free, free)], r[free])
+        if (sub >= 0).all():
+            b[free] = sub
+            break
+        free.pop(int(sub.argmin()))
+    return b
 
-    decay: float
-    prior_slope_fraction: float = 0.5  # prior b = this * mean(y) / mean(x)
-    prior_slope: float | None = None  # a measured prior b, used instead of the fraction
-    ridge: float = 0.01  # prior weight, in units of mean(x)^2 of x variance
-    weight: float = 0.0
-    sx: float = 0.0
-    sy: float = 0.0
-    sxx: float = 0.0
-    sxy: float = 0.0
-    observations: int = 0
 
-    def observe(self, x: float, y: float) -> None:
+class LinearFit:
+    """Exponentially weighted least squares of ``y = a + b . x``, every coefficient >= 0.
+
+    The lines stay physical: a step or a pass never costs less than nothing, and more tokens, rows or
+    passes never cost less. Where the unconstrained fit goes negative (a convex cost seen at two
+    clusters of x extrapolates to a negative intercept), that coefficient is pinned at 0 and the others
+    refitted. While an x barely varies its slope leans on a prior: the given one, or else
+    ``prior_slope_fraction`` of the mean y left over per unit of mean x, shared among the features
+    without a given prior (a given one, measured, is held ``given_ridge`` / ``ridge`` times as
+    firmly: where two features always move together it keeps its value). The intercept is free, or (``intercept_weight`` > 0) held toward 0 by that
+    many pseudo-observations: a draft round costs its passes unless rounds of different lengths say
+    there is more. Coefficients are solved once per observation, when first asked for."""
+
+    def __init__(
+        self,
+        decay: float,
+        features: int = 1,
+        prior_slopes: Sequence[float | None] | None = None,
+        prior_slope_fraction: float = 0.5,
+        ridge: float = 0.01,  # prior weight, in units of mean(x)^2 of x variance
+        intercept_weight: float = 0.0,
+        given_ridge: float = 0.1,  # the same for a given (measured) prior slope
+    ):
+        self.decay, self.features, self.intercept_weight = decay, features, intercept_weight
+        self.given_ridge = given_ridge
+        self.prior_slopes = list(prior_slopes) if prior_slopes is not None else [None] * features
+        self.prior_slope_fraction, self.ridge = prior_slope_fraction, ridge
+        self.weight = self.sy = 0.0
+        self.sx, self.sxy = np.zeros(features), np.zeros(features)
+        self.sxx = np.zeros((features, features))
+        self.observations = 0
+        self._coefficients: np.ndarray | None = None
+
+    def set_prior_slope(self, feature: int, value: float | None) -> None:
+        self.prior_slopes[feature] = value
+        self._coefficients = None
+
+    def observe(self, x: float | Sequence[float], y: float) -> None:
+        x = np.asarray(x, dtype=np.float64).reshape(self.features)
         keep = 1.0 - self.decay
         self.weight = keep * self.weight + 1.0
         self.sx = keep * self.sx + x
         self.sy = keep * self.sy + y
-        self.sxx = keep * self.sxx + x * x
+        self.sxx = keep * self.sxx + np.outer(x, x)
         self.sxy = keep * self.sxy + x * y
         self.observations += 1
+        self._coefficients = None
 
     @property
     def ready(self) -> bool:
         return self.observations > 0
 
-    def coefficients(self) -> tuple[float, float]:
-        """(a, b); b >= 0: more tokens never cost less."""
+    def all_coefficients(self) -> np.ndarray:  # [1 + features]: a, then the slopes
+        if self._coefficients is None:
+            self._coefficients = self._solve()
+        return self._coefficients
+
+    def _prior(self, mean_x: np.ndarray, mean_y: float) -> np.ndarray:
+        given = [(j, b) for j, b in enumerate(self.prior_slopes) if b is not None]
+        prior = np.zeros(self.features)
+        for j, b in given:
+            prior[j] = max(0.0, b)
+        rest = max(0.0, mean_y - float(prior @ mean_x))
+        open_ = [j for j, b in enumerate(self.prior_slopes) if b is None and mean_x[j] > 0]
+        for j in open_:
+            prior[j] = self.prior_slope_fraction * rest / (len(open_) * mean_x[j])
+        return prior
+
+    def _solve(self) -> np.ndarray:
         if not self.ready:
-            return 0.0, 0.0
-        mean_x, mean_y = self.sx / self.weight, self.sy / self.weight
-        var_x = max(0.0, self.sxx / self.weight - mean_x * mean_x)
-        cov = self.sxy / self.weight - mean_x * mean_y
-        if self.prior_slope is not None:
-            prior_b = self.prior_slope
-        else:
-            prior_b = self.prior_slope_fraction * mean_y / mean_x if mean_x > 0 else 0.0
-        lam = self.ridge * mean_x * mean_x
-        b = (cov + lam * prior_b) / (var_x + lam) if var_x + lam > 0 else prior_b
-        b = max(0.0, b)
-        return mean_y - b * mean_x, b
+            return np.zeros(self.features + 1)
+        w = self.weight
+        mean_x, mean_y = self.sx / w, self.sy / w
+        prior = self._prior(mean_x, mean_y)
+        ridge = np.array([self.ridge if b is None else self.given_ridge for b in self.prior_slopes])
+        lam = np.diag(ridge * mean_x * mean_x + 1e-18)
+        if self.intercept_weight > 0:  # [a, b] together, a's prior 0
+            q = np.block([[np.ones((1, 1)), mean_x[None, :]], [mean_x[:, None], self.sxx / w]])
+            q[0, 0] += self.intercept_weight / w
+            q[1:, 1:] += lam
+            return _nonnegative_solve(q, np.concatenate([[mean_y], self.sxy / w + lam @ prior]))
+        cov = self.sxx / w - np.outer(mean_x, mean_x)
+        b = _nonnegative_solve(cov + lam, self.sxy / w - mean_x * mean_y + lam @ prior)
+        a = mean_y - float(b @ mean_x)
+        if a < 0:  # through the origin instead
+            a, b = 0.0, _nonnegative_solve(self.sxx / w + lam, self.sxy / w + lam @ prior)
+        return np.concatenate([[a], b])
+
+
+class LineFit(LinearFit):
+    """``y = a + b * x`` (one feature): the target step's seconds over its scheduled tokens."""
+
+    def __init__(self, decay: float, prior_slope_fraction: float = 0.5, prior_slope: float | None = None, ridge=0.01):
+        super().__init__(decay, 1, [prior_slope], prior_slope_fraction, ridge)
+
+    @property
+    def prior_slope(self) -> float | None:
+        return self.prior_slopes[0]
+
+    @prior_slope.setter
+    def prior_slope(self, value: float | None) -> None:
+        self.set_prior_slope(0, value)
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b), both >= 0."""
+        a, b = self.all_coefficients().tolist()
+        return a, b
 
     def predict(self, x):  # x: a number or an array of them
         a, b = self.coefficients()
@@ -129,39 +223,103 @@ class LineFit:
 
 
 class AcceptanceModel:
-    """Per request and draft position: P(accepted | the positions before it were).
+    """Per request and draft position: P(draft j accepted | drafts 1..j-1 were).
 
-    The batch-wide estimate is a running mean (the prior counting as one observation) until the EMA's
-    weight is larger: a position seen a few times in the warm-up rounds is trusted at once instead
-    of staying near the prior for 1 / decay observations (and so out of the drafts for good). A
-    request's own estimates start from the batch-wide ones, an informed prior, and move by the EMA."""
+    Batch-wide rates give the shape over positions: a running mean per position (the prior counting as
+    ``prior_weight`` observations) until the EMA's weight (``global_decay``) is larger, so a position
+    seen a few times is trusted at once. A request's own rates are the batch-wide ones shifted by one
+    logit offset of its own, ``sigmoid(logit(batch_wide[j]) + offset)``: its outcomes at every
+    position inform that one number, so a rejection at a deep position it rarely drafts moves that
+    position no more than the others (a per-position estimate would keep the position low, and so
+    undrafted, until it happens to be drafted again). The offset is a random walk tracked by a
+    logistic Kalman filter: each round its variance grows by ``drift`` (acceptance can collapse and
+    recover); each verified position moves it by variance * (outcome - predicted) and shrinks the
+    variance by the outcome's information p (1 - p): a surprise moves it more than an expected outcome.
 
-    def __init__(self, max_k: int, prior: float, decay: float, global_decay: float):
-        self.decay, self.global_decay = decay, global_decay
+    Decisions read the batch-wide rates with a bonus for positions seen a few times
+    (:meth:`optimistic`): deep positions are measured only when drafted, and an estimate that a few
+    first outcomes left low would otherwise keep them out for good."""
+
+    def __init__(
+        self,
+        max_k: int,
+        prior: float,
+        global_decay: float,
+        prior_weight: float = 1.0,
+        variance: float = 1.0,
+        drift: float = 0.05,
+        optimism: float = 0.0,
+    ):
+        self.global_decay, self.prior_weight = global_decay, prior_weight
+        self.variance, self.drift, self.optimism = variance, drift, optimism
         self.batch_wide = np.full(max_k, prior)  # [K] the prior of a new request
         self.batch_wide_seen = np.zeros(max_k)  # [K] observations of each position
-        self.per_request: dict[Hashable, np.ndarray] = {}
+        # [offset, its variance], or [K] rates a test pinned
+        self.per_request: dict[Hashable, list[float] | np.ndarray] = {}
+
+    def optimistic(self) -> np.ndarray:  # [K]
+        """The batch-wide rates, each position after the first read ``optimism`` * sd / n higher
+        (sd: of one outcome, at least 0.22; n: the position's observations, the prior's included).
+        A position seen a few times gets the benefit of the doubt until it is measured; the bonus
+        fades faster than a standard error, so a well-measured position is read as it is."""
+        bw = self.batch_wide
+        if self.optimism <= 0:
+            return bw.copy()
+        seen = self.batch_wide_seen + self.prior_weight
+        bonus = self.optimism * np.sqrt(np.maximum(bw * (1 - bw), 0.05)) / seen
+        bonus[0] = 0.0  # the first position is measured whenever anyone drafts
+        return np.minimum(bw + bonus, np.maximum(bw, 0.99))
 
     def of(self, req_id: Hashable) -> np.ndarray:  # [K]
-        rates = self.per_request.get(req_id)
-        if rates is None:
-            rates = self.per_request[req_id] = self.batch_wide.copy()
+        own = self.per_request.get(req_id)
+        if own is None:
+            return self.optimistic()
+        if isinstance(own, np.ndarray):
+            return own.copy()
+        return 1.0 / (1.0 + np.exp(-(_logit(self.optimistic()) + own[0])))
+
+    def of_many(self, req_ids: Sequence[Hashable]) -> np.ndarray:  # [rows, K]
+        """``of`` for a batch, the batch-wide part computed once."""
+        base = _logit(self.optimistic())
+        own = [self.per_request.get(r) for r in req_ids]
+        offsets = np.array([o[0] if isinstance(o, list) else 0.0 for o in own])
+        rates = 1.0 / (1.0 + np.exp(-(base[None, :] + offsets[:, None])))
+        for i, o in enumerate(own):
+            if isinstance(o, np.ndarray):
+                rates[i] = o
         return rates
+
+    def pin(self, req_id: Hashable, rates) -> None:
+        """A request's rates, set outright (for tests)."""
+        self.per_request[req_id] = np.asarray(rates, dtype=np.float64) * np.ones(len(self.batch_wide))
 
     def observe(self, outcome: Outcome) -> None:
         """Positions 1..accepted were accepted; position accepted + 1 (if verified) was not."""
         if outcome.verified <= 0:
             return
-        rates = self.of(outcome.req_id)
-        seen = min(outcome.verified, outcome.accepted + 1, len(rates))
+        seen = min(outcome.verified, outcome.accepted + 1, len(self.batch_wide))
         hits = (np.arange(seen) < outcome.accepted).astype(np.float64)
-        rates[:seen] += self.decay * (hits - rates[:seen])
+        own = self.per_request.get(outcome.req_id)
+        if own is None:
+            own = self.per_request[outcome.req_id] = [0.0, self.variance]
+        if not isinstance(own, np.ndarray):
+            offset, variance = own[0], own[1] + self.drift
+            for logit, hit in zip(_logit(self.batch_wide[:seen]).tolist(), hits.tolist()):
+                p = 1.0 / (1.0 + math.exp(-(logit + offset)))
+                variance = 1.0 / (1.0 / variance + p * (1.0 - p))
+                offset += variance * (hit - p)
+            own[0], own[1] = offset, variance
         self.batch_wide_seen[:seen] += 1
-        weight = np.maximum(self.global_decay, 1.0 / (self.batch_wide_seen[:seen] + 1))
+        weight = np.maximum(self.global_decay, 1.0 / (self.batch_wide_seen[:seen] + self.prior_weight))
         self.batch_wide[:seen] += weight * (hits - self.batch_wide[:seen])
 
     def forget(self, req_id: Hashable) -> None:
         self.per_request.pop(req_id, None)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-3, 1 - 1e-3)
+    return np.log(p / (1 - p))
 
 
 @dataclass
@@ -188,24 +346,37 @@ class AdaptivePolicy:
             raise ValueError("a pass that must run anyway (min_passes) covers the whole batch")
         self.settings = settings
         self.target = LineFit(settings.cost_decay)  # seconds per step vs scheduled tokens
-        self.draft = LineFit(settings.cost_decay)  # seconds per draft position vs batch rows
-        self.acceptance = AcceptanceModel(
-            settings.max_k, settings.prior_acceptance, settings.acceptance_decay, settings.global_acceptance_decay
+        # A drafting round's seconds: round + c * passes + d * (drafted tokens, or passes * rows).
+        self.draft = LinearFit(settings.cost_decay, features=2, intercept_weight=settings.draft_round_prior_weight)
+        acceptance = (
+            settings.max_k,
+            settings.prior_acceptance,
+            settings.global_acceptance_decay,
+            settings.prior_acceptance_weight,
+            settings.acceptance_offset_variance,
+            settings.acceptance_offset_drift,
+            settings.acceptance_optimism,
         )
-        self.ngram_acceptance = AcceptanceModel(
-            settings.max_k, settings.prior_acceptance, settings.acceptance_decay, settings.global_acceptance_decay
-        )
+        self.acceptance, self.ngram_acceptance = AcceptanceModel(*acceptance), AcceptanceModel(*acceptance)
         self.stats = AdaptiveStats(k_histogram=[0] * (settings.max_k + 1))
         self.last: Decision | None = None
+        self.measured_drafts = 0  # the most tokens a round drafted and had timed: the trust region's base
         self._off_steps: dict[Hashable, int] = {}  # consecutive k = 0 steps
         self._probe_wait: dict[Hashable, int] = {}
+        self._idle_rounds, self._idle_wait = 0, settings.reprobe_after  # rounds nobody drafted; _idle_probe
         self._rng = np.random.default_rng(settings.seed)
 
     # ------------------------------------------------------------------ measurements
 
     def set_draft_row_cost(self, seconds_per_row: float) -> None:
         """A measured cost of one more row in a draft pass: the slope's prior until rows vary."""
-        self.draft.prior_slope = max(0.0, seconds_per_row)
+        self.draft.set_prior_slope(1, max(0.0, seconds_per_row))
+
+    def draft_coefficients(self) -> tuple[float, float, float]:
+        """(round, pass, row) seconds: a round of m passes drafting n tokens costs round + m * pass +
+        n * row (passes over the drafting rows) or round + m * (pass + rows * row) (over the batch)."""
+        r, c, d = self.draft.all_coefficients().tolist()
+        return r, c, d
 
     def observe_target(self, tokens: int, seconds: float) -> None:
         self.target.observe(tokens, seconds)
@@ -215,10 +386,12 @@ class AdaptivePolicy:
         """The round that ran ``decision`` drafted for ``seconds``."""
         rows = len(decision.k)
         if decision.passes > 0 and rows > 0:
-            if self.settings.passes_run_drafting_rows_only:  # mean rows per pass; n-gram rows run none
-                drafted = sum(k for k, ngram in zip(decision.k, decision.ngram or [False] * rows) if not ngram)
-                rows = drafted / decision.passes
-            self.draft.observe(rows, seconds / decision.passes)
+            drafted = sum(k for k, ngram in zip(decision.k, decision.ngram or [False] * rows) if not ngram)
+            if self.settings.passes_run_drafting_rows_only:  # n-gram rows run no pass
+                self.draft.observe((decision.passes, drafted), seconds)
+            else:
+                self.draft.observe((decision.passes, decision.passes * rows), seconds)
+            self.measured_drafts = max(self.measured_drafts, sum(decision.k))
         self.stats.step_seconds += seconds
 
     def observe(self, outcomes: Sequence[Outcome]) -> None:
@@ -246,21 +419,28 @@ class AdaptivePolicy:
             k = self._rng.integers(0, caps + 1) if rows else caps
             use_ngram = (ngram_len > 0) & (self._rng.random(rows) < 0.5)
             expected = (rows + 0.0, 0.0)
-        elif self.stats.steps < self.settings.warmup_steps or not (self.target.ready and self.draft.ready):
-            k, expected = caps.copy(), (rows + 0.0, 0.0)  # measure drafting before judging it
+        elif self.stats.steps < self.settings.warmup_steps:  # legacy: everyone drafts K to measure
+            k, expected = caps.copy(), (rows + 0.0, 0.0)
             use_ngram = (ngram_len > 0) & bool(self.stats.steps % 2)  # and the n-gram proposals
+        elif not (self.target.ready and self.draft.ready):
+            k, expected = self._startup_probe(caps), (rows + 0.0, 0.0)
+            use_ngram[np.flatnonzero((ngram_len > 0) & (k == 0))[:1]] = True  # and one n-gram proposal
         else:
             k, expected = self._best_k(slots, caps)
             if ngram_len.any():
                 use_ngram, k, expected = self._with_ngram(slots, caps, k, expected, ngram_len)
-                if explore and not use_ngram.any():  # keep the n-gram estimates measured
-                    use_ngram = (ngram_len > 0) & (k == 0)
+                if explore and not use_ngram.any():  # keep the n-gram estimates measured, a few rows at a time
+                    use_ngram = self._ngram_explore(ngram_len, k, rows, caps)
             k = self._explore(caps * ~use_ngram, k, explore)
         k = np.where(use_ngram, ngram_len, k)
         probes_may_pay = self.settings.policy != "off" and (
             self.settings.policy == "random" or not self.target.ready or self._drafting_could_pay(rows, caps)
         )
+        chose_drafts = bool(k.any())
         k, probes = self._reprobe(slots, caps, k, probes_may_pay)
+        if self.settings.policy == "cost" and self.target.ready and self.draft.ready:
+            k, cost_probes = self._idle_probe(slots, caps, k, chose_drafts, probes_may_pay)
+            probes += cost_probes
         draft_k = np.where(use_ngram, 0, k)
         passes = max(int(draft_k.max()), self.settings.min_passes) if rows and self.settings.policy != "off" else 0
         decision = Decision(
@@ -285,10 +465,36 @@ class AdaptivePolicy:
     def _draft_seconds(self, rows: int, drafts, passes):
         if not self.draft.ready:
             return 0.0 * np.asarray(passes)
-        c, d = self.draft.coefficients()
+        r, c, d = self.draft_coefficients()
+        passes = np.asarray(passes)
         if self.settings.passes_run_drafting_rows_only:
-            return np.maximum(c * np.asarray(passes) + d * np.asarray(drafts), 0.0)
-        return np.maximum(passes, self.settings.min_passes) * max(c + d * rows, 1e-9)
+            return np.where(passes > 0, r + c * passes + d * np.asarray(drafts), 0.0)
+        passes = np.maximum(passes, self.settings.min_passes)
+        return np.where(passes > 0, r + passes * (c + d * rows), 0.0)
+
+    def _startup_probe(self, caps: np.ndarray) -> np.ndarray:
+        """Before both cost lines have a measurement: ``startup_probe_rows`` rows draft (their cap; two
+        with passes over the whole batch, which every row pays for), the others none."""
+        k = np.zeros_like(caps)
+        depth = caps if self.settings.passes_run_drafting_rows_only else np.minimum(caps, 2)
+        probes = np.flatnonzero(caps > 0)[: self.settings.startup_probe_rows]
+        k[probes] = depth[probes]
+        return k
+
+    def _ngram_explore(self, ngram_len: np.ndarray, k: np.ndarray, rows: int, caps: np.ndarray) -> np.ndarray:
+        """On an exploring round where no proposal was sent: those of up to an eighth of the batch (at
+        least one) of the rows that draft nothing, if drafting could pay at all."""
+        candidates = np.flatnonzero((ngram_len > 0) & (k == 0))
+        use = np.zeros(rows, dtype=bool)
+        if len(candidates) and self._drafting_could_pay(rows, caps):
+            use[candidates[: max(1, math.ceil(rows * NGRAM_EXPLORE_SHARE))]] = True
+        return use
+
+    def draft_limit(self) -> float:
+        """The most tokens a round may draft: ``trust_growth`` times the most a timed round drafted."""
+        if self.settings.trust_growth <= 0:
+            return math.inf
+        return max(self.settings.max_k, self.settings.trust_growth * self.measured_drafts)
 
     def _best_k(
         self, slots: Sequence[RequestSlot], caps: np.ndarray, ngram: tuple[int, float] = (0, 0.0)
@@ -303,7 +509,7 @@ class AdaptivePolicy:
         plain = (float(base), float(self._seconds(rows, 0, self.settings.min_passes, ngram_tokens)))
         if not rows or not caps.any():
             return k, plain
-        rates = np.stack([self.acceptance.of(s.req_id) for s in slots])  # [rows, K]
+        rates = self.acceptance.of_many([s.req_id for s in slots])  # [rows, K]
         p = np.cumprod(rates, axis=1)  # [rows, K] P(drafts 1..j all accepted)
         depth = np.broadcast_to(np.arange(1, max_k + 1), p.shape)
         valid = depth <= caps[:, None]
@@ -316,6 +522,7 @@ class AdaptivePolicy:
         allowed = depth_items[None, :] <= m  # [M, n]
         gained = np.cumsum(np.where(allowed, p_items, 0.0), axis=1)
         count = np.cumsum(allowed, axis=1)
+        allowed &= count <= self.draft_limit()
         seconds = self._seconds(rows, count, m, ngram_tokens)
         rate = np.where(allowed, (base + gained) / seconds, -1.0)
         best_m, at = np.unravel_index(int(rate.argmax()), rate.shape)
@@ -369,13 +576,43 @@ class AdaptivePolicy:
         return k + deeper
 
     def _drafting_could_pay(self, rows: int, caps: np.ndarray) -> bool:
-        """Whether one request drafting j tokens that are all accepted would beat plain decoding:
-        if not, the batch is too costly to draft whatever the acceptance, and probing it is waste."""
+        """Whether one request, or every request, drafting j tokens that are all accepted would beat
+        plain decoding: if not, the batch is too costly to draft whatever the acceptance, and probing
+        it is waste."""
         if not rows or not caps.any():
             return False
         j = np.arange(1, int(caps.max()) + 1)
-        best = float(((rows + j) / self._seconds(rows, j, j)).max())
+        everyone = np.minimum(caps[:, None], j[None, :]).sum(axis=0)  # every row drafting up to j: passes shared
+        drafts, passes = np.concatenate([j, everyone]), np.concatenate([j, j])
+        best = float(((rows + drafts) / self._seconds(rows, drafts, passes)).max())
         return best > (1.0 + self.settings.min_gain) * rows / float(self._seconds(rows, 0, self.settings.min_passes))
+
+    def _idle_probe(
+        self, slots: Sequence[RequestSlot], caps: np.ndarray, k: np.ndarray, chose_drafts: bool, may_pay: bool
+    ) -> tuple[np.ndarray, int]:
+        """After ``reprobe_after`` rounds in a row where nobody drafted, while drafting could pay: one
+        row whose acceptance is healthy (the best first-position estimate) drafts its cap (two with
+        passes over the whole batch). A few unlucky first measurements can turn the cost model or the
+        acceptance against drafting, and a batch that never drafts measures neither again. Each such
+        probe that does not turn drafting back on doubles the wait (up to ``max_reprobe_after``);
+        drafting resets it. Collapsed requests are :meth:`_reprobe`'s."""
+        if chose_drafts:
+            self._idle_rounds, self._idle_wait = 0, self.settings.reprobe_after
+            return k, 0
+        if k.any() or not caps.any():
+            return k, 0
+        self._idle_rounds += 1
+        if self._idle_rounds < self._idle_wait or not may_pay:
+            return k, 0
+        first = self.acceptance.of_many([s.req_id for s in slots])[:, 0]
+        healthy = max(self.acceptance.batch_wide[0], self.settings.prior_acceptance) - PROBE_ACCEPTANCE_GAP
+        candidates = np.where((caps > 0) & (first >= healthy), first, -1.0)
+        if candidates.max() < 0:
+            return k, 0
+        i = int(np.argmax(candidates))
+        k[i] = min(int(caps[i]), IDLE_PROBE_DEPTH)
+        self._idle_rounds, self._idle_wait = 0, min(2 * self._idle_wait, self.settings.max_reprobe_after)
+        return k, 1
 
     def _reprobe(
         self, slots: Sequence[RequestSlot], caps: np.ndarray, k: np.ndarray, may_pay: bool = True
@@ -387,6 +624,7 @@ class AdaptivePolicy:
         drafting pay (``may_pay`` false: a compute-bound batch), due probes wait for one that could."""
         due, overdue = [], False
         healthy = max(self.acceptance.batch_wide[0], self.settings.prior_acceptance)
+        first = self.acceptance.of_many([s.req_id for s in slots])[:, 0].tolist() if len(slots) else []
         for i, slot in enumerate(slots):
             if caps[i] == 0:
                 continue
@@ -396,7 +634,7 @@ class AdaptivePolicy:
                 continue
             off = self._off_steps.get(slot.req_id, 0) + 1
             self._off_steps[slot.req_id] = off
-            if self.acceptance.of(slot.req_id)[0] >= healthy - PROBE_ACCEPTANCE_GAP:
+            if first[i] >= healthy - PROBE_ACCEPTANCE_GAP:
                 continue
             wait = self._probe_wait.get(slot.req_id, self.settings.reprobe_after)
             if off >= wait:
@@ -431,7 +669,7 @@ class AdaptivePolicy:
         if self.target.ready:
             out["target_step_s"], out["target_per_token_s"] = self.target.coefficients()
         if self.draft.ready:
-            out["draft_pass_s"], out["draft_per_row_s"] = self.draft.coefficients()
+            out["draft_round_s"], out["draft_pass_s"], out["draft_per_row_s"] = self.draft_coefficients()
         last = self.last
         if last is not None and last.expected_seconds > 0:
             out["expected_tokens_per_s"] = last.expected_tokens / last.expected_seconds

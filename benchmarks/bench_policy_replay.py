@@ -1,0 +1,51 @@
+"""The adaptive policy replayed offline: tokens/s against the oracle best fixed K and against off.
+
+    python benchmarks/bench_policy_replay.py                     # every built-in and recorded trace
+    python benchmarks/bench_policy_replay.py --scale 0.25        # shorter traces (the test's size)
+    python benchmarks/bench_policy_replay.py --trace benchmarks/traces/x.jsonl --settings '{"min_gain": 0.05}'
+
+Built-in traces come from the measured numbers of issues 28 and 30 (vllm_specqd/bench/policy_replay.py,
+``issue_scenarios``), recorded ones from ``VLLM_SPECQD_TRACE_POLICY`` runs (benchmarks/traces/*.jsonl).
+All times are simulated: the numbers do not depend on the machine running this. The target
+(issue 28): policy/oracle >= 0.95 and policy/off >= 0.97 on every trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vllm_specqd.bench.policy_replay import evaluate, format_table, issue_scenarios, recorded, recorded_scenarios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="share of each built-in trace's requests")
+    parser.add_argument("--trace", action="append", default=[], help="a recorded JSONL trace (repeatable)")
+    parser.add_argument("--only", default="", help="comma list of trace names to run")
+    parser.add_argument("--no-builtin", action="store_true")
+    parser.add_argument("--settings", default="{}", help="JSON of AdaptiveSettings overrides")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--seeds", type=int, default=1, help="replay each built-in trace with this many seeds")
+    args = parser.parse_args(argv)
+    scenarios = [] if args.no_builtin else issue_scenarios(args.scale)
+    if args.seeds > 1:
+        scenarios = [s for seed in range(args.seeds) for s in issue_scenarios(args.scale, seed_offset=seed)]
+    scenarios += [recorded(p) for p in args.trace] if args.trace else ([] if args.no_builtin else recorded_scenarios())
+    if args.only:
+        names = set(args.only.split(","))
+        scenarios = [s for s in scenarios if s.name in names or s.name.split("@")[0] in names]
+    evaluations = [evaluate(s, json.loads(args.settings)) for s in scenarios]
+    print(format_table(evaluations))
+    worst_oracle = min(e.vs_oracle for e in evaluations)
+    worst_off = min(e.vs_off for e in evaluations)
+    print(f"\nworst policy/oracle {worst_oracle:.3f}, worst policy/off {worst_off:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([e.row() for e in evaluations], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
