@@ -3,6 +3,7 @@
     python benchmarks/bench_policy_replay.py                     # every built-in and recorded trace
     python benchmarks/bench_policy_replay.py --scale 0.25        # shorter traces (the test's size)
     python benchmarks/bench_policy_replay.py --trace benchmarks/traces/x.jsonl --settings '{"min_gain": 0.05}'
+    python benchmarks/bench_policy_replay.py --compact /tmp/trace.jsonl benchmarks/traces/name.jsonl --note "..."
 
 Built-in traces come from the measured numbers of issues 28 and 30 (vllm_specqd/bench/policy_replay.py,
 ``issue_scenarios``), recorded ones from ``VLLM_SPECQD_TRACE_POLICY`` runs (benchmarks/traces/*.jsonl).
@@ -16,7 +17,14 @@ import argparse
 import json
 import sys
 
-from vllm_specqd.bench.policy_replay import evaluate, format_table, issue_scenarios, recorded, recorded_scenarios
+from vllm_specqd.bench.policy_replay import (
+    compact_trace,
+    evaluate,
+    format_table,
+    issue_scenarios,
+    recorded,
+    recorded_scenarios,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="{}", help="JSON of AdaptiveSettings overrides")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--seeds", type=int, default=1, help="replay each built-in trace with this many seeds")
+    parser.add_argument(
+        "--compact",
+        nargs=2,
+        metavar=("SOURCE", "DEST"),
+        help="write SOURCE (a VLLM_SPECQD_TRACE_POLICY file) to DEST with only what the replay reads",
+    )
+    parser.add_argument("--note", default="", help="with --compact: a note for DEST's settings line")
     args = parser.parse_args(argv)
+    if args.compact:
+        compact_trace(*args.compact, note=args.note)
+        return 0
     scenarios = [] if args.no_builtin else issue_scenarios(args.scale)
     if args.seeds > 1:
         scenarios = [s for seed in range(args.seeds) for s in issue_scenarios(args.scale, seed_offset=seed)]

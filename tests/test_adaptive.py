@@ -319,13 +319,54 @@ def test_probes_of_a_big_batch_share_rounds_instead_of_one_pass_each(monkeypatch
     print(f"probe rounds in 64 steps: batched {len(batched)}, one by one {len(one_by_one)}")
 
 
-def test_warm_up_drafts_the_maximum_until_costs_are_measured():
+def test_no_full_batch_drafts_before_the_cost_model_says_it_pays():
+    """Issue 30: the first rounds drafted K for all 64 requests before any measurement. Now one row
+    drafts its cap until both cost lines have a measurement, and a round drafts at most twice what a
+    measured round drafted (the trust region), however good drafting looks."""
+    policy = AdaptivePolicy(AdaptiveSettings(max_k=K, passes_run_drafting_rows_only=True))
+    batch = slots(*range(64))
+    first = policy.decide(batch)
+    assert sorted(first.k) == [0] * 63 + [K] and first.passes == K
+    assert policy.decide(batch).k == first.k  # no timing yet: still the probe
+    policy.observe_draft(first, 0.002)
+    policy.observe_target(64 + K, 0.100)
+    for r in range(64):
+        policy.acceptance.pin(r, 0.99)
+    drafted = []
+    for _ in range(6):
+        decision = policy.decide(batch)
+        drafted.append(sum(decision.k))
+        policy.observe_draft(decision, 0.001 * decision.passes + 0.0001 * sum(decision.k))  # cheap: it pays
+        policy.observe_target(64 + sum(decision.k), 0.100)
+    assert drafted[0] <= 2 * K and all(b <= 2 * max(a, K) for a, b in zip(drafted, drafted[1:])), drafted
+    assert drafted[-1] > drafted[0] and policy.stats.k_histogram[K] > 1  # and it grows where it pays
+
+
+def test_legacy_warm_up_drafts_the_maximum_until_costs_are_measured():
     policy = AdaptivePolicy(AdaptiveSettings(max_k=K, warmup_steps=2))
     assert policy.decide(slots("a", "b")).k == [K, K]  # no timing yet
     policy.observe_target(14, 0.02)
     observe_round(policy, [K, K], 0.01)
     assert policy.decide(slots("a", "b")).k == [K, K]  # still warming up
     assert policy.stats.k_histogram[K] == 4
+
+
+def test_a_batch_that_went_off_is_probed_again_at_doubling_intervals():
+    """The first outcomes (or costs) can turn the model against drafting; a batch that never drafts
+    would never measure otherwise. After 8 idle rounds one healthy row drafts 2, then after 16, 32."""
+    # k = 1 for both at 0.55 would take 20 ms for 3.1 tokens, a plain step 11 ms for 2: off. At full
+    # acceptance K drafts would pay (14 tokens in 65 ms): worth a probe.
+    policy = policy_with(target_a=0.010, target_b=0.0005, draft_c=0.008, reprobe_after=8, max_reprobe_after=32)
+    policy.acceptance.batch_wide[:] = 0.55  # what a few unlucky first outcomes said
+    policy.acceptance.batch_wide_seen[:] = 1000  # (and trusted: no optimism)
+    ks = [policy.decide(slots("a", "b")).k for _ in range(90)]
+    probed = [i for i, k in enumerate(ks) if any(k)]
+    assert probed == [7, 7 + 16, 7 + 16 + 32, 7 + 16 + 32 + 32], probed
+    assert all(sorted(ks[i]) == [0, 2] for i in probed) and policy.stats.probes == 4
+    # Where even full acceptance could not pay (a compute-bound batch), nobody is probed.
+    bound = policy_with(target_a=0.001, target_b=0.010, draft_c=0.005, draft_d=0.010, reprobe_after=2)
+    bound.acceptance.batch_wide[:] = 0.9
+    assert not any(any(bound.decide(slots(*range(16))).k) for _ in range(40)) and bound.stats.probes == 0
 
 
 def test_random_policy_flips_k_within_caps():

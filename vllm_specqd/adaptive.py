@@ -8,7 +8,10 @@ speculation".
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -678,3 +681,72 @@ class AdaptivePolicy:
         for j, rate in enumerate(self.acceptance.batch_wide.tolist(), start=1):
             out[f"acceptance_pos{j}"] = rate  # batch-wide P(draft j accepted | 1..j-1 were)
         return {key: value for key, value in out.items() if math.isfinite(value)}
+
+
+class PolicyTrace:
+    """One JSON line per drafting round, appended to a file (``VLLM_SPECQD_TRACE_POLICY``, set for an
+    engine; ``vllm_specqd/bench/policy_replay.py`` writes the same from a simulated one and replays both).
+
+    The first line is ``{"settings": AdaptiveSettings}``. Then per round: ``round``; ``req`` (small
+    ints, one per request id in order of first sight), ``pos`` (the position of the token each row just
+    sampled), ``cap``, ``k``, ``ngram`` (proposal lengths) and ``sent`` (k is the n-gram proposal), per
+    row; ``outcomes``: ``[req, verified, accepted, ngram]`` of last round's drafts; ``target``:
+    ``[scheduled tokens, seconds, fitted]`` of the step that just ran (the seconds since the last round
+    ended; ``fitted`` false for a step with a prefill chunk or an idle gap; null before the first
+    round); ``target_forward_s``: the target's own forward pass in it (CPU engines); ``draft_s`` and
+    ``passes`` of this round; ``probes``; ``est``: the cost model (``target`` a, b; ``draft`` round,
+    pass, row; ``tok_s`` expected and ``plain_tok_s``; ``tokens`` and ``seconds`` expected this round);
+    ``decision_s``."""
+
+    def __init__(self, path: str, policy: AdaptivePolicy):
+        self.path, self.policy = path, policy
+        self.ids: dict[Hashable, int] = {}
+        self.rounds = 0
+
+    def short(self, req_id: Hashable) -> int:
+        return self.ids.setdefault(req_id, len(self.ids))
+
+    def entry(
+        self,
+        slots: Sequence[RequestSlot],
+        positions: Sequence[int],
+        outcomes: Sequence[Outcome],
+        decision: Decision,
+        target: tuple[int, float, bool] | None,
+    ) -> dict:
+        """This round's line but ``draft_s`` (the caller adds it once the drafting is timed)."""
+        short, policy = self.short, self.policy
+        entry = {
+            "req": [short(s.req_id) for s in slots],
+            "pos": list(positions),
+            "cap": [s.cap for s in slots],
+            "k": decision.k,
+            "outcomes": [[short(o.req_id), o.verified, o.accepted, int(o.ngram)] for o in outcomes],
+            "target": None if target is None else list(target),
+            "passes": decision.passes,
+            "probes": decision.probes,
+            "decision_s": decision.decision_seconds,
+        }
+        if any(s.ngram for s in slots):
+            entry["ngram"] = [s.ngram for s in slots]
+            entry["sent"] = [int(x) for x in decision.ngram]
+        est = {}
+        if policy.target.ready:
+            est["target"] = list(policy.target.coefficients())
+        if policy.draft.ready:
+            est["draft"] = list(policy.draft_coefficients())
+        if decision.expected_seconds > 0:
+            est["tokens"], est["seconds"] = decision.expected_tokens, decision.expected_seconds
+            est["tok_s"] = decision.expected_tokens / decision.expected_seconds
+        if decision.plain_seconds > 0:
+            est["plain_tok_s"] = len(decision.k) / decision.plain_seconds
+        entry["est"] = est
+        return entry
+
+    def write(self, entry: dict) -> None:
+        self.rounds += 1
+        with open(self.path, "a") as f:
+            if self.rounds == 1:
+                settings = dataclasses.asdict(self.policy.settings)
+                f.write(json.dumps({"settings": settings, "pid": os.getpid()}) + "\n")
+            f.write(json.dumps({"round": self.rounds, **entry}, separators=(",", ":")) + "\n")

@@ -15,15 +15,13 @@ are cut to each request's count (_get_spec_decode_draft_probs, gpu_model_runner.
 Needs synchronous scheduling: async scheduling schedules K placeholder drafts per request
 (engine_config.py refuses it).
 
-With ``VLLM_SPECQD_TRACE_POLICY=path`` every round appends one JSON line to ``path`` (see
-:class:`PolicyTrace`): what the policy saw, what it chose and what it cost. ``benchmarks/bench_policy_replay.py``
+With ``VLLM_SPECQD_TRACE_POLICY=path`` every round appends one JSON line to ``path``
+(vllm_specqd/adaptive.py, :class:`PolicyTrace`): what the policy saw, what it chose and what it cost. ``benchmarks/bench_policy_replay.py``
 replays such traces offline (vllm_specqd/bench/policy_replay.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import time
 from collections.abc import Hashable
@@ -34,7 +32,7 @@ from vllm.logger import init_logger
 from vllm_specqd.adapter import vllm_internals as internals
 from vllm_specqd.adapter.pass_timer import PassTimer
 from vllm_specqd.adapter.target_step import request_draft_cap
-from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, Decision, Outcome, RequestSlot
+from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, Decision, Outcome, PolicyTrace, RequestSlot
 from vllm_specqd.config import AdaptiveSpec
 from vllm_specqd.level_report import AdaptiveReport
 
@@ -44,36 +42,6 @@ logger = init_logger("vllm." + __name__)
 IDLE_GAP_FACTOR, IDLE_GAP_SLACK_S = 4.0, 0.02
 CALIBRATION_ROWS = 16  # the draft's per-row cost is measured between 1 row and this many
 TRACE_POLICY_ENV = "VLLM_SPECQD_TRACE_POLICY"
-
-
-class PolicyTrace:
-    """One JSON line per drafting round, appended to a file (``VLLM_SPECQD_TRACE_POLICY``).
-
-    Keys: ``round``; ``req`` (small ints, one per request id in order of first sight), ``pos`` (the
-    position of the token each row just sampled), ``cap``, ``k``, ``ngram`` (proposal lengths) and
-    ``sent`` (k is the n-gram proposal), per row; ``outcomes``: ``[req, verified, accepted, ngram]``
-    of last round's drafts; ``target``: ``[scheduled tokens, seconds, fitted]`` of the step that just
-    ran (seconds since the last round ended; ``fitted`` false for prefill steps and idle gaps, null
-    before the first round); ``target_forward_s``: the target's own forward pass in it (CPU);
-    ``draft_s`` and ``passes`` of this round; ``probes``; ``est``: the cost model (``target`` a, b;
-    ``draft`` c, d; ``tok_s`` expected, ``plain_tok_s``; ``tokens`` and ``seconds`` expected this
-    round); ``decision_s``. The first line is ``{"settings": AdaptiveSettings}``."""
-
-    def __init__(self, path: str, settings: dict):
-        self.path = path
-        self.ids: dict[Hashable, int] = {}
-        self.rounds = 0
-        self.settings = settings  # written as the first line: {"settings": {...}}
-
-    def short(self, req_id: Hashable) -> int:
-        return self.ids.setdefault(req_id, len(self.ids))
-
-    def write(self, entry: dict) -> None:
-        self.rounds += 1
-        with open(self.path, "a") as f:
-            if self.rounds == 1:
-                f.write(json.dumps({"settings": self.settings, "pid": os.getpid()}) + "\n")
-            f.write(json.dumps({"round": self.rounds, **entry}, separators=(",", ":")) + "\n")
 
 
 def time_linears(layers: list[torch.nn.Module], rows: int, reps: int = 2) -> float:
@@ -127,7 +95,7 @@ class AdaptiveDrafter:
         self._last_end: float | None = None
         self._draft_started = 0.0
         path = os.environ.get(TRACE_POLICY_ENV)
-        self.trace: PolicyTrace | None = PolicyTrace(path, dataclasses.asdict(self.policy.settings)) if path else None
+        self.trace: PolicyTrace | None = PolicyTrace(path, self.policy) if path else None
         self._pending: dict | None = None  # this round's trace entry until its drafting is timed
 
     def calibrate(self, layers: list[torch.nn.Module]) -> None:
@@ -193,42 +161,12 @@ class AdaptiveDrafter:
         self._proposed = {req_id: k for req_id, k in zip(req_ids, decision.k)}
         self._sent_ngram = {req_id: sent for req_id, sent in zip(req_ids, decision.ngram)}
         if self.trace is not None:
-            self._pending = self._trace_entry(req_ids, positions, slots, outcomes, decision, started, qsl[-1], step)
+            gap = None if self._last_end is None else (qsl[-1], started - self._last_end, bool(step))
+            self._pending = self.trace.entry(slots, positions, outcomes, decision, gap)
+            if self.target_timer is not None and self.target_timer.last_seconds is not None:
+                self._pending["target_forward_s"] = self.target_timer.last_seconds
         self._draft_started = time.perf_counter()
         return decision
-
-    def _trace_entry(self, req_ids, positions, slots, outcomes, decision, started, tokens, step) -> dict:
-        short = self.trace.short
-        gap = started - self._last_end if self._last_end is not None else None
-        entry = {
-            "req": [short(r) for r in req_ids],
-            "pos": positions,
-            "cap": [s.cap for s in slots],
-            "k": decision.k,
-            "outcomes": [[short(o.req_id), o.verified, o.accepted, int(o.ngram)] for o in outcomes],
-            "target": None if gap is None else [tokens, gap, bool(step)],
-            "passes": decision.passes,
-            "probes": decision.probes,
-            "decision_s": decision.decision_seconds,
-        }
-        if any(s.ngram for s in slots):
-            entry["ngram"] = [s.ngram for s in slots]
-            entry["sent"] = [int(x) for x in decision.ngram]
-        if self.target_timer is not None and self.target_timer.last_seconds is not None:
-            entry["target_forward_s"] = self.target_timer.last_seconds
-        policy = self.policy
-        est = {}
-        if policy.target.ready:
-            est["target"] = list(policy.target.coefficients())
-        if policy.draft.ready:
-            est["draft"] = list(policy.draft_coefficients())
-        if decision.expected_seconds > 0:
-            est["tokens"], est["seconds"] = decision.expected_tokens, decision.expected_seconds
-            est["tok_s"] = decision.expected_tokens / decision.expected_seconds
-        if decision.plain_seconds > 0:
-            est["plain_tok_s"] = len(decision.k) / decision.plain_seconds
-        entry["est"] = est
-        return entry
 
     def _draft_cap(self, runner, req_id: Hashable, context_len: int) -> int:
         return request_draft_cap(runner, req_id, self.policy.settings.max_k, context_len, self.max_model_len)

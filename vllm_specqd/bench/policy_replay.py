@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, Decision, Outcome, RequestSlot
+from vllm_specqd.adaptive import AdaptivePolicy, AdaptiveSettings, Decision, Outcome, PolicyTrace, RequestSlot
 
 # ---------------------------------------------------------------------------------------------- costs
 
@@ -282,8 +282,10 @@ def simulate(
     chooser: str | int = "adaptive",
     settings: dict | None = None,
     policy_factory: Callable[[AdaptiveSettings], AdaptivePolicy] = AdaptivePolicy,
+    trace_path: str | Path | None = None,
 ) -> SimResult:
-    """Run the scenario with the adaptive policy (``chooser="adaptive"``) or a fixed K (an int)."""
+    """Run the scenario with the adaptive policy (``chooser="adaptive"``) or a fixed K (an int).
+    ``trace_path``: append the policy's rounds there, as an engine's ``VLLM_SPECQD_TRACE_POLICY`` does."""
     cost, max_k = scenario.cost, scenario.max_k
     adaptive_settings = AdaptiveSettings(
         max_k=max_k,
@@ -300,6 +302,7 @@ def simulate(
     else:
         choose = fixed_k(int(chooser))(adaptive_settings)
         name = f"K={int(chooser)}"
+    trace = PolicyTrace(str(trace_path), policy) if trace_path is not None and policy is not None else None
     accept = scenario.make_requests(scenario.seed)
     noise = np.random.default_rng(scenario.seed + 104729)
     result = SimResult(
@@ -354,8 +357,9 @@ def simulate(
             if generated[i] < scenario.lengths[i]:
                 still.append(i)
         active = still
+        fitted = bool(result.rounds) and not joining  # a step with a prefill chunk is not fitted
         if policy is not None:
-            if result.rounds and not joining:  # a step with a prefill chunk is not fitted
+            if fitted:
                 policy.observe_target(tokens, seconds)
             policy.observe(outcomes)
         if not active:
@@ -388,6 +392,10 @@ def simulate(
         result.seconds += draft_seconds
         if policy is not None:
             policy.observe_draft(decision, draft_seconds)
+        if trace is not None:
+            step = (tokens, seconds, fitted) if result.rounds > 1 else None
+            entry = trace.entry(slots, [generated[s.req_id] for s in slots], outcomes, decision, step)
+            trace.write({**entry, "draft_s": draft_seconds})
     return result
 
 
@@ -600,7 +608,7 @@ def read_trace(path: str | Path) -> tuple[dict, list[dict]]:
         entry = json.loads(line)
         if "settings" in entry:
             header = entry
-        else:
+        elif "req" in entry:
             rounds.append(entry)
     return header, rounds
 
@@ -612,12 +620,13 @@ def recorded(path: str | Path, name: str | None = None, seed: int = 0) -> Scenar
     max_k = int(settings.get("max_k") or max(max(e["cap"], default=0) for e in rounds))
     rows_only = bool(settings.get("passes_run_drafting_rows_only", True))
     min_passes = int(settings.get("min_passes", 0))
-    first, last = {}, {}
+    first, last, cap_left = {}, {}, {}
     observed: dict[int, list[tuple[int, int, int]]] = {}
     for r, entry in enumerate(rounds):
-        for req, pos in zip(entry["req"], entry["pos"]):
+        for req, pos, cap in zip(entry["req"], entry["pos"], entry["cap"]):
             first.setdefault(req, pos)
             last[req] = pos
+            cap_left[req] = cap
         if r + 1 < len(rounds):
             outcomes = {o[0]: o for o in rounds[r + 1]["outcomes"]}
             sent = entry.get("sent") or [0] * len(entry["k"])
@@ -626,7 +635,9 @@ def recorded(path: str | Path, name: str | None = None, seed: int = 0) -> Scenar
                 if k and not s and o is not None and not o[3]:
                     observed.setdefault(req, []).append((pos, o[1], o[2]))
     order = sorted(first, key=lambda q: first[q])
-    lengths = [last[q] - first[q] + 2 for q in order]
+    # The last round's cap bounds what the request had left (max_tokens); one that ended by EOS
+    # earlier is replayed up to that bound.
+    lengths = [last[q] - first[q] + 2 + cap_left[q] for q in order]
     # The trace's conditional rates per position: accepted / verified.
     acc, ver = np.zeros(max_k), np.zeros(max_k)
     for obs in observed.values():
@@ -708,6 +719,24 @@ def _robust_nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 TRACES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "traces"
+REPLAYED_KEYS = ("round", "req", "pos", "cap", "k", "ngram", "sent", "outcomes", "target", "passes", "draft_s")
+
+
+def compact_trace(source: str | Path, destination: str | Path, note: str = "") -> None:
+    """Keep what the replay reads (the settings line, and per round :data:`REPLAYED_KEYS`), times in
+    microseconds: a recorded trace small enough to commit."""
+    header, rounds = read_trace(source)
+    if not header:  # a trace from before the settings line: the default engine's
+        max_k = max(max(e["cap"], default=0) for e in rounds)
+        header = {"settings": {"max_k": max_k, "min_passes": 0, "passes_run_drafting_rows_only": True}}
+    lines = [json.dumps({**header, "note": note} if note else header)]
+    for entry in rounds:
+        kept = {key: entry[key] for key in REPLAYED_KEYS if key in entry}
+        if kept.get("target"):
+            kept["target"][1] = round(kept["target"][1], 6)
+        kept["draft_s"] = round(kept.get("draft_s", 0.0), 6)
+        lines.append(json.dumps(kept, separators=(",", ":")))
+    Path(destination).write_text("\n".join(lines) + "\n")
 
 
 def recorded_scenarios(directory: Path = TRACES_DIR) -> list[Scenario]:
