@@ -153,8 +153,8 @@ def test_separate_kv_on_a_plain_target_is_fine(model_dir):
     assert _engine_config(model_dir, spec).additional_config["specqd"]["draft"]["kv_cache"] == "separate"
 
 
-def test_model_inner_levels_on_a_hybrid_target_are_a_config_error(hybrid_model_dir, small_model_dir):
+def test_model_inner_levels_on_a_hybrid_target_are_accepted(hybrid_model_dir, small_model_dir):
+    """They run in KV cache groups of their own (tests/test_engine_small_model.py runs one)."""
     inner = {"method": "draft_model", "model": str(small_model_dir), "num_speculative_tokens": 2}
-    spec = specqd_spec(K, inner)
-    with pytest.raises(SpecQDConfigError, match="'inner' levels with method 'draft_model' are not supported"):
-        _engine_config(hybrid_model_dir, spec)
+    config = _engine_config(hybrid_model_dir, specqd_spec(K, inner))
+    assert config.additional_config["specqd"]["inner"]["method"] == "draft_model"

@@ -12,6 +12,13 @@ The engines run with prefix caching, chunked prefill and a KV cache small enough
 preemption. Checks: greedy outputs token-identical to no speculation, level-1 drafts identical
 round by round to a one-level engine, sampling exact in distribution (chi-square).
 
+The same small model below a hybrid-attention target (tests/hybrid_model.py: sliding-window and
+full-attention layers, head_dim 32, 2 KV heads) gets a KV cache group of its own, with twice the
+target's block size (its pages are half the target's, and vLLM equalises pages across groups). Its
+KV is caught up each round in that group's block table, not in the one vLLM's first-pass metadata
+is built for; on CPU the groups' tensors alias each other (one block pool), so a slot computed in
+the wrong table would overwrite the target's own KV, and the greedy outputs would show it.
+
 Weights: the target's std 0.045 mixes runs and switches (greedy outputs are not all one token);
 the small model's std 0.02 makes it mostly repeat its input token (tied embeddings dominate), which
 the target does often enough that the small level's guesses do get accepted.
@@ -28,6 +35,7 @@ from engine_harness import (
     run_engine,
     specqd_spec,
 )
+from hybrid_model import SLIDING_WINDOW, build_hybrid_model
 
 from vllm_specqd.model_prep import TinyModelShape, prepare_tiny_model
 
@@ -158,3 +166,54 @@ def test_the_cases_really_happened(with_small):
     preemptions = sum(with_small.spec_metrics[w].get("vllm:num_preemptions", 0) for w in with_small.spec_metrics)
     assert preemptions > 0, "the small KV cache forced no preemption"
     assert min(with_small.prompt_lens["prefix"]) > ENGINE["max_num_batched_tokens"], "prompts must prefill in chunks"
+
+
+# ------------------------------------------------------------------ below a hybrid-attention target
+
+HYBRID_ENGINE = dict(
+    block_size=32,
+    max_model_len=256,
+    max_num_seqs=4,
+    max_num_batched_tokens=64,  # the long prompts prefill in chunks
+    enable_prefix_caching=True,
+)
+HYBRID_PREFIX = "The quick brown fox jumps over the lazy dog, and then it runs back into the forest. " * 3
+HYBRID_PROMPTS = [HYBRID_PREFIX + "What did the fox do next?", HYBRID_PREFIX + "def fibonacci(n: int) -> int:", "Hello"]
+HYBRID_MAX_TOKENS = [96, 61, 70]  # past the 32-token window
+
+
+def hybrid_workloads() -> dict[str, Workload]:
+    from vllm import SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in HYBRID_MAX_TOKENS]
+    return {"greedy": Workload(HYBRID_PROMPTS, params)}
+
+
+@pytest.fixture(scope="module")
+def hybrid_dir(model_dir, tmp_path_factory):
+    return build_hybrid_model(tmp_path_factory.mktemp("hybrid") / "gemma3-hybrid-tiny", model_dir)
+
+
+@pytest.fixture(scope="module")
+def hybrid_reference(hybrid_dir):
+    return run_engine(hybrid_dir, None, hybrid_workloads(), **HYBRID_ENGINE)
+
+
+@pytest.fixture(scope="module")
+def hybrid_with_small(hybrid_dir, small_dir):
+    spec = specqd_spec(4, {**small_level(small_dir), "num_speculative_tokens": 2}, draft_sample_method="greedy")
+    return run_engine(hybrid_dir, spec, hybrid_workloads(), **HYBRID_ENGINE)
+
+
+def test_hybrid_target_outputs_token_identical(hybrid_reference, hybrid_with_small):
+    assert hybrid_with_small.outputs["greedy"] == hybrid_reference.outputs["greedy"]
+
+
+def test_hybrid_target_small_model_has_its_own_kv_group(hybrid_with_small):
+    groups = hybrid_with_small.draft["kv_cache_groups"]
+    inner = [g for g in groups if any(name.startswith("specqd_inner2.") for name in g["layer_names"])]
+    assert len(inner) == 1 and all(name.startswith("specqd_inner2.") for name in inner[0]["layer_names"]), groups
+    assert inner[0]["block_size"] == 2 * HYBRID_ENGINE["block_size"]  # half the page per token: twice the tokens
+    assert sorted(str(g["sliding_window"]) for g in groups) == sorted([str(SLIDING_WINDOW), "None", "None"])
+    level2 = hybrid_with_small.level_stats.levels[2]
+    assert level2.accepted_tokens > 0, level2

@@ -76,13 +76,6 @@ def separate_kv_on_hybrid_target_error(what: str) -> str:
     )
 
 
-def model_levels_on_hybrid_target_error(what: str) -> str:
-    return (
-        f"specqd config: 'inner' levels with method 'draft_model' are not supported on a target whose "
-        f"layers mix attention kinds ({what}); use 'inner.method': 'ngram', or no inner level."
-    )
-
-
 def _check_hybrid_attention(cfg: SpecQDConfig, target_model_config: Any) -> None:
     kinds = attention_kinds(target_model_config)
     if len(kinds) < 2:
@@ -90,8 +83,8 @@ def _check_hybrid_attention(cfg: SpecQDConfig, target_model_config: Any) -> None
     what = "layer_types " + ", ".join(kinds)
     if cfg.draft.kv_cache == "separate":
         raise SpecQDConfigError(separate_kv_on_hybrid_target_error(what))
-    if any(isinstance(spec, ModelLevel) for spec in cfg.levels()):
-        raise SpecQDConfigError(model_levels_on_hybrid_target_error(what))
+    # Small-model levels are fine: vLLM gives their layers KV cache group(s) of their own where their
+    # attention kind or page layout differs, and each level binds one attention group per group.
 
 
 def translate_engine_args(engine_args: Any, target_model_config: Any, target_parallel_config: Any) -> None:
