@@ -79,3 +79,55 @@ def test_recorded_outcomes_bound_drafts_from_other_positions():
     assert acceptance.accepted(2, 6) == 2  # the recorded draft
     assert acceptance.accepted(3, 6) == 1  # token 4 at depth 1 (seen at 2), token 5 at depth 2: drawn
     assert acceptance.accepted(1, 6) == 0  # token 2: never decided, drawn
+
+
+def test_the_engine_side_writes_the_trace_only_when_asked(tmp_path, monkeypatch):
+    """AdaptiveDrafter (the vLLM side) with a stand-in runner: VLLM_SPECQD_TRACE_POLICY makes it
+    append one line per round that the replay reads; unset, it keeps no trace at all."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from vllm_specqd.adapter.adaptive_drafter import TRACE_POLICY_ENV, AdaptiveDrafter
+    from vllm_specqd.config import AdaptiveSpec
+
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(req_ids=["a", "b"]),
+        discard_request_mask=SimpleNamespace(np=np.zeros(2, dtype=bool)),
+        requests={
+            r: SimpleNamespace(num_prompt_tokens=10, sampling_params=SimpleNamespace(max_tokens=64)) for r in "ab"
+        },
+    )
+
+    def drafter():
+        return AdaptiveDrafter(AdaptiveSpec(), 6, min_passes=0, max_model_len=4096, passes_run_drafting_rows_only=True)
+
+    monkeypatch.delenv(TRACE_POLICY_ENV, raising=False)
+    assert drafter().trace is None
+    path = tmp_path / "policy.jsonl"
+    monkeypatch.setenv(TRACE_POLICY_ENV, str(path))
+    adaptive = drafter()
+
+    def round_(query_lens, positions, rejected):
+        qsl = torch.tensor(np.concatenate([[0], np.cumsum(query_lens)]))
+        decision = adaptive.decide(
+            runner, torch.tensor(positions), SimpleNamespace(query_start_loc_cpu=qsl), torch.tensor(rejected)
+        )
+        adaptive.finish([[7] * 6, [8] * 6], decision)
+        return decision
+
+    first = round_([1, 1], [20, 30], [0, 0])  # the start-up probe: one row drafts its cap
+    assert sorted(first.k) == [0, 6]
+    drafted = first.k.index(6)
+    lens = [1, 1]
+    lens[drafted] = 7
+    round_(lens, [25, 31], [2 if i == drafted else 0 for i in range(2)])
+    header, rounds = replay.read_trace(path)
+    assert header["settings"]["max_k"] == 6 and [e["round"] for e in rounds] == [1, 2]
+    assert rounds[0]["k"] == first.k and rounds[0]["target"] is None and rounds[0]["draft_s"] >= 0
+    assert rounds[1]["outcomes"] == [[drafted, 6, 4, 0]]  # verified 6, 2 rejected
+    tokens, seconds, fitted = rounds[1]["target"]
+    assert tokens == 8 and seconds >= 0 and fitted
+    assert set(rounds[1]["est"]) >= {"target", "draft"}
+    assert replay.recorded(path).batch == 2
