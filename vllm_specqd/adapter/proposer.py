@@ -57,6 +57,7 @@ class DrafterWork:
     rounds: int = 0
     rounds_without_passes: int = 0
     ngram_lookups: int = 0  # requests whose committed context was copied and looked up for an n-gram
+    warmup_forwards: int = 0  # draft forwards of vLLM's profile / compile warm-up runs (dummy_run)
 
 
 class SpecQDProposer(DraftModelProposer):
@@ -71,7 +72,7 @@ class SpecQDProposer(DraftModelProposer):
         self.stats = LevelStatsPublisher(vllm_config)
         self._trace_rounds = 0
         self.work = DrafterWork()
-        self.draft_kept_eager = False  # in a compiled engine (_build_draft)
+        self.draft_kept_eager = False  # in a compiled engine, see _build_draft
         self.adaptive: AdaptiveDrafter | None = None
         # Adaptive, shared KV, an n-gram inner level: the n-gram proposes to the target directly.
         self.ngram_direct: NgramLevel | None = None
@@ -112,7 +113,10 @@ class SpecQDProposer(DraftModelProposer):
         if self.ngram_direct is not None:
             self.stats.set_level(2, proposer="n-gram lookup, straight to the target", kv_cache="none")
         elif self.specqd.inner is not None:
-            self.chain = self.stats.chain = self._build_chain()
+            self.chain, self.inner_window_models = build_level_chain(
+                self.specqd, self.level1_model, self.vllm_config, self.device, self.stats
+            )
+            self.stats.chain = self.chain
         model_levels = [self.model, *(w.model for w in self.inner_window_models)]
         self.stats.time_passes(target_model, dict(enumerate(model_levels, start=1)))
         if self.adaptive is not None:
@@ -154,28 +158,6 @@ class SpecQDProposer(DraftModelProposer):
         if not self.shared_kv:
             return contextlib.nullcontext()
         return internals.sharing_target_kv_while(self.vllm_config, internals.draft_layer_names(self), DRAFT_PREFIX)
-
-    def _build_chain(self) -> SpeculativeLevel:
-        """Level 1's window model, then each inner level's, nested; an n-gram level ends the chain."""
-        models, asks, innermost = [self.level1_model], [], None
-        for level, spec in enumerate(self.specqd.levels(), start=2):
-            asks.append(spec.num_speculative_tokens)  # the level above asks this many per pass
-            if isinstance(spec, NgramLevel):
-                innermost = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens)
-                self.stats.set_level(level, proposer="n-gram lookup", kv_cache="none")
-                break
-            inner = load_inner_model(self.vllm_config, spec, level, self.device)
-            self.stats.set_level(
-                level,
-                proposer=f"model {spec.model}",
-                weight_bytes=inner.weight_bytes,
-                cpu_copy_bytes=inner.cpu_copy_bytes,
-                kv_cache="separate",
-            )
-            self.inner_window_models.append(inner.window_model)
-            models.append(inner.window_model)
-        asks += [0] * (len(models) - len(asks))  # the innermost model level asks nobody
-        return build_chain(list(zip(models, asks)), innermost)
 
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         """Attention groups for every level's layers (shared-KV draft layers sit in the target's groups).
@@ -228,6 +210,7 @@ class SpecQDProposer(DraftModelProposer):
         has nothing to compile, and the target's run of the same rows already sized activations.
         """
         if not self.draft_kept_eager:
+            self.work.warmup_forwards += 1
             super().dummy_run(num_tokens, use_cudagraphs=use_cudagraphs, is_graph_capturing=True, **kwargs)
 
     # ------------------------------------------------------------------ drafting
@@ -315,6 +298,33 @@ class SpecQDProposer(DraftModelProposer):
         if self.chain is not None and (decision is not None or passes > 1):
             return RoundPath.CHAIN
         return RoundPath.SHARED_KV if self.shared_kv else RoundPath.VLLM_LOOP
+
+
+def build_level_chain(
+    specqd, level1_model: VllmWindowModel, vllm_config, device, stats: LevelStatsPublisher
+) -> tuple[SpeculativeLevel, list[VllmWindowModel]]:
+    """Level 1's window model, then each inner level's, nested; an n-gram level ends the chain.
+
+    Returns the chain and the inner levels' window models (level 2, 3, ...; model levels only)."""
+    models, asks, innermost, inner_models = [level1_model], [], None, []
+    for level, spec in enumerate(specqd.levels(), start=2):
+        asks.append(spec.num_speculative_tokens)  # the level above asks this many per pass
+        if isinstance(spec, NgramLevel):
+            innermost = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max, spec.num_speculative_tokens)
+            stats.set_level(level, proposer="n-gram lookup", kv_cache="none")
+            break
+        inner = load_inner_model(vllm_config, spec, level, device)
+        stats.set_level(
+            level,
+            proposer=f"model {spec.model}",
+            weight_bytes=inner.weight_bytes,
+            cpu_copy_bytes=inner.cpu_copy_bytes,
+            kv_cache="separate",
+        )
+        inner_models.append(inner.window_model)
+        models.append(inner.window_model)
+    asks += [0] * (len(models) - len(asks))  # the innermost model level asks nobody
+    return build_chain(list(zip(models, asks)), innermost), inner_models
 
 
 def _describe(level: NgramLevel | ModelLevel) -> str:
