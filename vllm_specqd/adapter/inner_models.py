@@ -3,6 +3,10 @@
 The model gets the target's tokenizer, dtype and context length, its own attention layers under
 ``specqd_inner<level>`` (hence its own KV cache, allocated by vLLM with the target's) and, with
 ``quantization: mxfp4``, the MXFP4 copies ``draft_builder.capture_mxfp4`` stashed while it loaded.
+Its shape may differ from the target's (head_dim, KV heads, layers, hidden size, sliding window):
+vLLM keeps full-attention layers with other page sizes in the target's KV cache group, one spec per
+layer, and gives layers of another attention kind group(s) of their own; the proposer binds one
+attention group per KV cache group (docs/design.md, "KV bookkeeping").
 """
 
 from __future__ import annotations
