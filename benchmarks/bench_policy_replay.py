@@ -1,9 +1,11 @@
 """The adaptive policy replayed offline: tokens/s against the oracle best fixed K and against off.
 
     python benchmarks/bench_policy_replay.py                     # every built-in and recorded trace
-    python benchmarks/bench_policy_replay.py --scale 0.25        # shorter traces (the test's size)
+    python benchmarks/bench_policy_replay.py --draws 1           # one draw of each trace (noisier)
     python benchmarks/bench_policy_replay.py --trace benchmarks/traces/x.jsonl --settings '{"min_gain": 0.05}'
     python benchmarks/bench_policy_replay.py --compact /tmp/trace.jsonl benchmarks/traces/name.jsonl --note "..."
+    git show 78a8a55:vllm_specqd/adaptive.py > /tmp/before.py    # the policy before issue 28/30's fixes
+    python benchmarks/bench_policy_replay.py --policy-file /tmp/before.py
 
 Built-in traces come from the measured numbers of issues 28 and 30 (vllm_specqd/bench/policy_replay.py,
 ``issue_scenarios``), recorded ones from ``VLLM_SPECQD_TRACE_POLICY`` runs (benchmarks/traces/*.jsonl).
@@ -14,9 +16,11 @@ All times are simulated: the numbers do not depend on the machine running this. 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
+from vllm_specqd.adaptive import AdaptivePolicy
 from vllm_specqd.bench.policy_replay import (
     compact_trace,
     evaluate,
@@ -35,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-builtin", action="store_true")
     parser.add_argument("--settings", default="{}", help="JSON of AdaptiveSettings overrides")
     parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--seeds", type=int, default=1, help="replay each built-in trace with this many seeds")
+    parser.add_argument(
+        "--policy-file",
+        help="replay the AdaptivePolicy of another adaptive.py (e.g. an older commit's); only its max_k, "
+        "min_passes and passes_run_drafting_rows_only settings are set",
+    )
+    parser.add_argument(
+        "--draws", type=int, default=3, help="draws of each trace taken together as one (the test's: 3)"
+    )
     parser.add_argument(
         "--compact",
         nargs=2,
@@ -48,13 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         compact_trace(*args.compact, note=args.note)
         return 0
     scenarios = [] if args.no_builtin else issue_scenarios(args.scale)
-    if args.seeds > 1:
-        scenarios = [s for seed in range(args.seeds) for s in issue_scenarios(args.scale, seed_offset=seed)]
     scenarios += [recorded(p) for p in args.trace] if args.trace else ([] if args.no_builtin else recorded_scenarios())
     if args.only:
         names = set(args.only.split(","))
         scenarios = [s for s in scenarios if s.name in names or s.name.split("@")[0] in names]
-    evaluations = [evaluate(s, json.loads(args.settings)) for s in scenarios]
+    factory = _policy_from(args.policy_file) if args.policy_file else AdaptivePolicy
+    evaluations = [evaluate(s, json.loads(args.settings), factory, seeds=args.draws) for s in scenarios]
     print(format_table(evaluations))
     worst_oracle = min(e.vs_oracle for e in evaluations)
     worst_off = min(e.vs_off for e in evaluations)
@@ -63,6 +73,24 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump([e.row() for e in evaluations], f, indent=1)
     return 0
+
+
+def _policy_from(path: str):
+    spec = importlib.util.spec_from_file_location("replayed_adaptive", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["replayed_adaptive"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+
+    def factory(settings):
+        return module.AdaptivePolicy(
+            module.AdaptiveSettings(
+                max_k=settings.max_k,
+                min_passes=settings.min_passes,
+                passes_run_drafting_rows_only=settings.passes_run_drafting_rows_only,
+            )
+        )
+
+    return factory
 
 
 if __name__ == "__main__":
