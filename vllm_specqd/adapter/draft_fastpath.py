@@ -71,3 +71,36 @@ def use_fused_cpu_modules(draft: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(draft.get_submodule(parent_name) if parent_name else draft, child, replacement)
     return len(swaps)
+
+
+class PlatformCustomOp(nn.Module):
+    """Calls a vLLM CustomOp's CPU kernel, whatever the engine's custom-op setting.
+
+    A compiled engine disables vLLM's custom ops (inductor fuses their torch-native forms), so a
+    draft kept eager in it would run rotary embeddings as a dozen small torch ops per layer. The op
+    may be the target's own object (vLLM caches rotary embeddings), so it is wrapped, not changed.
+    """
+
+    def __init__(self, op: nn.Module):
+        super().__init__()
+        self.op = op
+
+    def forward(self, *args, **kwargs):
+        return self.op.forward_cpu(*args, **kwargs)
+
+
+def use_platform_custom_ops(draft: nn.Module, target: nn.Module) -> int:
+    """Wrap the draft's remaining CustomOps (not already fused) in PlatformCustomOp; returns how many.
+
+    Modules the draft shares with ``target`` (embeddings, norms, lm_head) are left as they are."""
+    target_modules = {id(m) for m in target.modules()}
+    swaps = []
+    for module in draft.modules():
+        if id(module) in target_modules or isinstance(module, (FusedRMSNorm, FusedSiluAndMul, PlatformCustomOp)):
+            continue
+        for child_name, child in module.named_children():
+            if internals.is_custom_op(child):
+                swaps.append((module, child_name, PlatformCustomOp(child)))
+    for parent, child_name, replacement in swaps:
+        setattr(parent, child_name, replacement)
+    return len(swaps)

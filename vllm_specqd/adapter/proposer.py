@@ -24,6 +24,7 @@ from vllm_specqd.adapter import draft_rounds as rounds
 from vllm_specqd.adapter import vllm_internals as internals
 from vllm_specqd.adapter.adaptive_drafter import AdaptiveDrafter
 from vllm_specqd.adapter.draft_builder import DRAFT_PREFIX, build_mxfp4_draft, mxfp4_layers
+from vllm_specqd.adapter.draft_fastpath import use_platform_custom_ops
 from vllm_specqd.adapter.engine_config import separate_kv_on_hybrid_target_error
 from vllm_specqd.adapter.inner_models import load_inner_model
 from vllm_specqd.adapter.level_stats import LevelStatsPublisher
@@ -151,6 +152,8 @@ class SpecQDProposer(DraftModelProposer):
             self.draft_kept_eager = True
             if self.device.type == "cpu":
                 internals.call_attention_directly(model)
+                wrapped = use_platform_custom_ops(model, target_model)
+                logger.info("specqd: compiled engine, eager MXFP4 draft (%d vLLM ops on their CPU kernels)", wrapped)
         return model
 
     def kv_cache_spec_context(self):

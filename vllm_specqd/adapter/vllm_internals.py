@@ -533,6 +533,14 @@ def enable_shared_kv_writes(vllm_config: VllmConfig, draft_layer_names: set[str]
             layer.impl.kv_sharing_target_layer_name = None
 
 
+def is_custom_op(module: nn.Module) -> bool:
+    """A vLLM CustomOp: its forward dispatches to forward_native or a platform kernel such as
+    forward_cpu, chosen at construction from the compilation config (model_executor/custom_op.py:172)."""
+    from vllm.model_executor.custom_op import CustomOp
+
+    return isinstance(module, CustomOp)
+
+
 def run_eagerly(model: nn.Module) -> int:
     """Make the torch.compile-decorated modules of ``model`` run eagerly in a compiled engine.
 
