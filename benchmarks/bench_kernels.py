@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kernels.py                       # CUDA: 8B + 70B, M in {1,2,4,8,16}
     python benchmarks/bench_kernels.py --models 8b --m 1,4 --out results/bench_kernels.json
-    python benchmarks/bench_kernels.py --cpu                 # CPU: the native kernel vs vLLM's CPU GEMMs,
+    python benchmarks/bench_kernels.py --cpu                 # CPU: the native kernels vs vLLM's CPU GEMMs,
                                                              # whole-model passes (bench_kernels_cpu.py)
 
 Without CUDA the script runs the CPU mode.
@@ -210,21 +210,33 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="results/bench_kernels.json", help="JSON output path")
     p.add_argument("--threads", default="1,2", help="CPU mode: comma list of torch thread counts")
     p.add_argument("--reps", type=int, default=5, help="CPU mode: timed passes per point (median)")
+    p.add_argument(
+        "--large-m", default="256,2048", help="CPU mode: rows for the large-M table ('' to skip); a few layers each"
+    )
+    p.add_argument("--large-m-layers", type=int, default=1, help="CPU mode: decoder layers per large-M pass")
     args = p.parse_args(argv)
     if args.cpu or not torch.cuda.is_available():
         import bench_kernels_cpu as cpu_mode
 
         if args.quick:
-            args.models, args.m, args.threads, args.reps = (
-                cpu_mode.QUICK[k] for k in ("models", "m", "threads", "reps")
+            args.models, args.m, args.threads, args.reps, args.large_m = (
+                cpu_mode.QUICK[k] for k in ("models", "m", "threads", "reps", "large_m")
             )
         models = list(cpu_mode.MODELS) if args.models == p.get_default("models") else args.models.split(",")
         unknown = [m for m in models if m not in cpu_mode.MODELS]
         if unknown:
             p.error(f"unknown CPU model(s) {unknown}; choose from {','.join(cpu_mode.MODELS)}")
         out = args.out if args.out != p.get_default("out") else "results/bench_kernels_cpu.json"
+        cli = argv if argv is not None else sys.argv[1:]
         cpu_mode.run_cpu(
-            models, [int(m) for m in args.m.split(",")], [int(t) for t in args.threads.split(",")], args.reps, Path(out)
+            models,
+            [int(m) for m in args.m.split(",")],
+            [int(t) for t in args.threads.split(",")],
+            args.reps,
+            Path(out),
+            large_ms=[int(m) for m in args.large_m.split(",") if m],
+            large_m_layers=args.large_m_layers,
+            command=" ".join(["python benchmarks/bench_kernels.py", *cli]),
         )
         return
     if args.quick:

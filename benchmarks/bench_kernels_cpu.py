@@ -1,18 +1,26 @@
 """CPU mode of bench_kernels.py: one whole model's linears per pass, weights streamed from DRAM.
 
     python benchmarks/bench_kernels.py --cpu                     # all models, M in {1,2,4,8,16}, 1 and 2 threads
-    python benchmarks/bench_kernels.py --cpu --models smollm2-135m --m 1,8 --threads 1
+    python benchmarks/bench_kernels.py --cpu --models qwen2.5-1.5b --m 1,2,4,8,16 --threads 1
 
 Every layer of a pass is a distinct tensor (more bytes than L3 in total), so each pass reads its
 weights from DRAM, as a real forward does. Side by side, in one run:
 
-* the native MXFP4 kernel on each ISA path this CPU has, with int16 (W4A16) and int8 (W4A8) activations;
+* the multi-row MXFP4 kernel (``kernels/cpu/multirow.h``) on each ISA path: AVX-512 VNNI, AVX-512 BW, AVX2;
+* the per-row MXFP4 kernels on each ISA path, with int16 (W4A16) and int8 (W4A8) activations;
+* the AMX MXFP4 kernel;
 * vLLM's CPU GEMM (``dispatch_cpu_unquantized_gemm``: oneDNN, or torch where oneDNN declines) in bf16 and fp32;
 * specqd's few-row bf16 GEMM (``kernels/cpu/bf16_gemm.h``) on the same bf16 weights;
 * vLLM's ``cpu_gemm_wna16`` (int4, group 32), where this vLLM build has it.
 
-GB/s counts the weight bytes a pass must read; the ceiling is ``stream_read`` (vector loads over
-1 GiB) measured in the same run with the same thread count.
+A kernel runs only where the CPU has its ISA; elsewhere its row says why (no SIGILL on any CPU).
+Rows are written to the JSON and the markdown as they come, so a crash keeps what ran. GB/s counts
+the weight bytes a pass must read; the ceiling is ``stream_read`` (vector loads over 1 GiB) measured
+in the same run with the same thread count.
+
+The large-M table (``--large-m``, e.g. 256,2048 rows: prefill and vLLM's profile runs) times a few
+decoder layers of the model: the multi-row kernel with its large-M path off, the path itself
+(exact dequantization + one GEMM) and vLLM's bf16 GEMM.
 """
 
 from __future__ import annotations
@@ -33,10 +41,14 @@ from vllm_specqd.kernels import cpu_ops
 MODELS = {
     "smollm2-135m": dict(hidden=576, q=576, kv=192, inter=1536, layers=30, vocab=0),
     "qwen2.5-0.5b": dict(hidden=896, q=896, kv=128, inter=4864, layers=24, vocab=0),
+    "qwen2.5-1.5b": dict(hidden=1536, q=1536, kv=256, inter=8960, layers=28, vocab=0),
     # Two layers already exceed L3 many times over; more would only cost memory (fp32 copies).
     "llama3.1-8b-2l": dict(hidden=4096, q=4096, kv=1024, inter=14336, layers=2, vocab=0),
 }
-QUICK = dict(models="smollm2-135m", m="1,8", threads="1", reps=2)
+QUICK = dict(models="smollm2-135m", m="1,8", threads="1", reps=2, large_m="")
+ISAS = ("avx512vnni", "avx512bw", "avx2")
+NEVER = -1  # large_m of the multi-row op: no row count takes its dequantize + GEMM path
+CPUINFO_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile")
 
 
 @dataclass
@@ -49,7 +61,6 @@ class Row:
     weight_bytes: int
     gbps: float | None = None
     pct_ceiling: float | None = None
-    speedup_vs_bf16: float | None = None
     note: str = ""
 
 
@@ -59,8 +70,32 @@ class Report:
     cpu: str
     flags: list[str]
     isas: list[str]
+    command: str
     ceilings_gbps: dict[int, float]
     rows: list[Row] = field(default_factory=list)
+    large_m_rows: list[Row] = field(default_factory=list)
+    out: Path | None = None
+
+    def add(self, row: Row, large_m: bool = False) -> None:
+        """Record a row and rewrite the JSON and markdown, so a crash keeps what ran."""
+        if row.ms:
+            row.gbps = row.weight_bytes / (row.ms / 1e3) / 1e9
+            ceiling = self.ceilings_gbps.get(row.threads)
+            row.pct_ceiling = 100 * row.gbps / ceiling if ceiling else None
+        (self.large_m_rows if large_m else self.rows).append(row)
+        print(
+            f"  {row.model} {row.method} t={row.threads} M={row.m}: " + (f"{row.ms:.1f} ms" if row.ms else row.note),
+            flush=True,
+        )
+        self.save()
+
+    def save(self) -> None:
+        if self.out is None:
+            return
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in asdict(self).items() if k != "out"}
+        self.out.write_text(json.dumps(data, indent=1))
+        self.out.with_suffix(".md").write_text(markdown(self))
 
 
 def layer_shapes(spec: dict) -> list[tuple[int, int]]:
@@ -74,28 +109,24 @@ def layer_shapes(spec: dict) -> list[tuple[int, int]]:
 
 
 def cpu_description() -> tuple[str, list[str]]:
-    name, flags = platform.processor() or platform.machine(), []
+    """(model name with family/model numbers, the SIMD flags that matter here) from /proc/cpuinfo."""
+    name, family, model, flags = platform.processor() or platform.machine(), "", "", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                wanted = (
-                    "avx2",
-                    "fma",
-                    "f16c",
-                    "avx512f",
-                    "avx512bw",
-                    "avx512_vnni",
-                    "avx512_bf16",
-                    "avx512vbmi",
-                    "amx_tile",
-                )
-                have = set(line.split(":", 1)[1].split())
-                flags = [f for f in wanted if f in have]
-                break
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and name in ("", platform.machine(), platform.processor()):
+                name = value
+            elif key == "cpu family" and not family:
+                family = value
+            elif key == "model" and not model:
+                model = value
+            elif key == "flags" and not flags:
+                have = set(value.split())
+                flags = [f for f in CPUINFO_FLAGS if f in have]
     except OSError:
         pass
+    if family:
+        name += f" (family {family} model {model})"
     return name, flags
 
 
@@ -159,115 +190,221 @@ def wna16_weights(shapes):
     return weights
 
 
-def bench_model(name: str, spec: dict, ms: list[int], threads: int, reps: int, isas: list[str], ceiling: float):
+def _inputs(shapes, m: int, dtype=torch.bfloat16):
+    return [torch.randn(m, k, dtype=dtype) for _, k in shapes]
+
+
+def _missing_isa(isa: str, isas: list[str]) -> str | None:
+    return None if isa in isas else f"{isa}: this CPU lacks the ISA (it runs {', '.join(isas) or 'none'})"
+
+
+def bench_model(report: Report, name: str, spec: dict, ms: list[int], threads: int, reps: int) -> None:
     shapes = layer_shapes(spec)
     params = sum(n * k for n, k in shapes)
     mx_bytes = params * 17 // 32
-    rows: list[Row] = []
-    weights = mxfp4_weights(shapes)
-    for isa in isas:
-        for act_bits in (16, 8):
-            for m in ms:
-                xs = [torch.randn(m, k, dtype=torch.bfloat16) for _, k in shapes]
-                calls = [
-                    (lambda x=x, p=p, s=s, a=act_bits, i=isa: cpu_ops.mxfp4_linear_cpu(x, p, s, None, a, i))
-                    for x, (p, s) in zip(xs, weights)
-                ]
-                rows.append(Row(name, f"mxfp4 {isa} w4a{act_bits}", threads, m, time_pass(calls, reps), mx_bytes))
-    if cpu_ops.amx_available():
-        repacked = [cpu_ops.amx_repack(p, s) for p, s in weights]
+    isas = report.isas
+
+    def rows(method: str, nbytes: int, make_calls, why_not: str | None = None) -> None:
         for m in ms:
-            xs = [torch.randn(m, k, dtype=torch.bfloat16) for _, k in shapes]
-            calls = [
-                (lambda x=x, r=r, n=n: cpu_ops.mxfp4_linear_amx_repacked(x, r, n))
-                for x, r, (n, _) in zip(xs, repacked, shapes)
-            ]
-            rows.append(Row(name, "mxfp4 amx w4abf16", threads, m, time_pass(calls, reps), mx_bytes))
-    del weights
+            if why_not:
+                report.add(Row(name, method, threads, m, None, nbytes, note=why_not))
+            else:
+                report.add(Row(name, method, threads, m, time_pass(make_calls(m), reps), nbytes))
+
+    weights = mxfp4_weights(shapes)
+    repacked = [cpu_ops.multirow_repack(p, s) for p, s in weights]
+    for isa in ISAS:
+        rows(
+            f"mxfp4 multirow {isa}",
+            mx_bytes,
+            lambda m, isa=isa, ws=repacked: [
+                (lambda x=x, c=c, t=t, n=n: cpu_ops.mxfp4_linear_multirow_repacked(x, c, t, n, None, isa))
+                for x, (c, t), (n, _) in zip(_inputs(shapes, m), ws, shapes)
+            ],
+            _missing_isa(isa, isas),
+        )
+    del repacked
+    for isa in ISAS:
+        for act_bits in (8, 16):
+            rows(
+                f"mxfp4 {isa} w4a{act_bits}",
+                mx_bytes,
+                lambda m, a=act_bits, isa=isa, ws=weights: [
+                    (lambda x=x, p=p, s=s: cpu_ops.mxfp4_linear_cpu(x, p, s, None, a, isa))
+                    for x, (p, s) in zip(_inputs(shapes, m), ws)
+                ],
+                _missing_isa(isa, isas),
+            )
+    amx = cpu_ops.amx_available()
+    repacked = [cpu_ops.amx_repack(p, s) for p, s in weights] if amx else []
+    rows(
+        "mxfp4 amx w4abf16",
+        mx_bytes,
+        lambda m, ws=repacked: [
+            (lambda x=x, r=r, n=n: cpu_ops.mxfp4_linear_amx_repacked(x, r, n))
+            for x, r, (n, _) in zip(_inputs(shapes, m), ws, shapes)
+        ],
+        None if amx else "amx: this CPU (or its kernel) has no AMX-BF16",
+    )
+    del weights, repacked
     for dtype, label in ((torch.bfloat16, "vllm bf16"), (torch.float32, "vllm fp32")):
         layers = vllm_gemm_layers(shapes, dtype)
-        for m in ms:
-            xs = [torch.randn(m, k, dtype=dtype) for _, k in shapes]
-            calls = [(lambda x=x, layer=layer: layer.cpu_linear(x, layer.weight, None)) for x, layer in zip(xs, layers)]
-            rows.append(Row(name, label, threads, m, time_pass(calls, reps), params * dtype.itemsize))
-            if dtype == torch.bfloat16:  # specqd's bf16 GEMM on the same weights (what target_gemm.py installs)
-                calls = [(lambda x=x, w=layer.weight: cpu_ops.bf16_linear_cpu(x, w)) for x, layer in zip(xs, layers)]
-                rows.append(Row(name, "specqd bf16", threads, m, time_pass(calls, reps), params * 2))
+        rows(
+            label,
+            params * dtype.itemsize,
+            lambda m, d=dtype, ls=layers: [
+                (lambda x=x, layer=layer: layer.cpu_linear(x, layer.weight, None))
+                for x, layer in zip(_inputs(shapes, m, d), ls)
+            ],
+        )
+        if dtype == torch.bfloat16:  # specqd's bf16 GEMM on the same weights (what target_gemm.py installs)
+            rows(
+                "specqd bf16",
+                params * 2,
+                lambda m, ls=layers: [
+                    (lambda x=x, w=layer.weight: cpu_ops.bf16_linear_cpu(x, w))
+                    for x, layer in zip(_inputs(shapes, m), ls)
+                ],
+                _missing_isa("avx2", isas),
+            )
         del layers
-    rows += bench_wna16(name, shapes, ms, threads, reps, params)
-    bf16 = {r.m: r.ms for r in rows if r.method == "vllm bf16"}
-    for r in rows:
-        if r.ms:
-            r.gbps = r.weight_bytes / (r.ms / 1e3) / 1e9
-            r.pct_ceiling = 100 * r.gbps / ceiling
-            r.speedup_vs_bf16 = bf16[r.m] / r.ms if bf16.get(r.m) else None
-    return rows
+    bench_wna16(report, name, shapes, ms, threads, reps, params, amx)
 
 
-def bench_wna16(name, shapes, ms, threads, reps, params) -> list[Row]:
+def bench_wna16(report: Report, name, shapes, ms, threads, reps, params, amx: bool) -> None:
     from vllm import _custom_ops as ops
 
     nbytes = params // 2 + params // 32 * 2
+    # vLLM picks "amx" only where the CPU has AMX tiles (vllm/.../mixed_precision/cpu.py _get_isa_hint).
+    hint = "amx" if amx else "vec"
+    method = f"vllm wna16 int4 g32 ({hint})"
     if not hasattr(torch.ops._C, "cpu_gemm_wna16"):
-        note = "not in this vLLM build (torch.ops._C has no cpu_gemm_wna16)"
-        return [Row(name, "vllm wna16 int4 g32", threads, m, None, nbytes, note=note) for m in ms]
+        note = "vllm wna16: not in this vLLM build (torch.ops._C has no cpu_gemm_wna16)"
+        for m in ms:
+            report.add(Row(name, method, threads, m, None, nbytes, note=note))
+        return
     weights = wna16_weights(shapes)
-    rows = []
     for m in ms:
-        xs = [torch.randn(m, k, dtype=torch.bfloat16) for _, k in shapes]
         calls = [
             (
                 lambda x=x, w=w, s=s: ops.cpu_gemm_wna16(
-                    input=x, q_weight=w, scales=s, zeros=None, bias=None, pack_factor=8, isa_hint="amx"
+                    input=x, q_weight=w, scales=s, zeros=None, bias=None, pack_factor=8, isa_hint=hint
                 )
             )
-            for x, (w, s) in zip(xs, weights)
+            for x, (w, s) in zip(_inputs(shapes, m), weights)
         ]
-        rows.append(Row(name, "vllm wna16 int4 g32", threads, m, time_pass(calls, reps), nbytes))
-    return rows
+        report.add(Row(name, method, threads, m, time_pass(calls, reps), nbytes))
+
+
+def bench_large_m(report: Report, name: str, spec: dict, ms: list[int], threads: int, reps: int, layers: int) -> None:
+    """Many rows through a few decoder layers: the multi-row kernel alone, its large-M path, vLLM's bf16."""
+    shapes = layer_shapes({**spec, "layers": layers, "vocab": 0})
+    params = sum(n * k for n, k in shapes)
+    label = f"{name} ({layers} layer{'s' if layers > 1 else ''})"
+    best = report.isas[0] if report.isas else None
+    weights = mxfp4_weights(shapes)
+    repacked = [cpu_ops.multirow_repack(p, s) for p, s in weights]
+    del weights
+    for method, large_m in ((f"mxfp4 multirow {best} kernel", NEVER), ("mxfp4 multirow large-M path", 0)):
+        for m in ms:
+            if best is None:
+                report.add(Row(label, method, threads, m, None, 0, note="no AVX2: no native kernel"), large_m=True)
+                continue
+            calls = [
+                (
+                    lambda x=x, c=c, t=t, n=n, lm=large_m: cpu_ops.mxfp4_linear_multirow_repacked(
+                        x, c, t, n, None, best, lm
+                    )
+                )
+                for x, (c, t), (n, _) in zip(_inputs(shapes, m), repacked, shapes)
+            ]
+            report.add(Row(label, method, threads, m, time_pass(calls, reps), params * 17 // 32), large_m=True)
+    del repacked
+    vllm_layers = vllm_gemm_layers(shapes, torch.bfloat16)
+    for m in ms:
+        calls = [
+            (lambda x=x, layer=layer: layer.cpu_linear(x, layer.weight, None))
+            for x, layer in zip(_inputs(shapes, m), vllm_layers)
+        ]
+        report.add(Row(label, "vllm bf16", threads, m, time_pass(calls, reps), params * 2), large_m=True)
+
+
+def _table(rows: list[Row], relative: bool) -> list[str]:
+    ms = sorted({r.m for r in rows})
+    lines = [
+        "| model | threads | method | " + " | ".join(f"M={m}" for m in ms) + " |",
+        "|---|---|---|" + "---|" * len(ms),
+    ]
+    find = {(r.model, r.threads, r.method, r.m): r for r in rows}
+    for model, threads, method in dict.fromkeys((r.model, r.threads, r.method) for r in rows):
+        first = find.get((model, threads, method, ms[0]))
+        cells = []
+        for m in ms:
+            r = find.get((model, threads, method, m))
+            bf16 = find.get((model, threads, "vllm bf16", m))
+            if r is None or r.ms is None:
+                cells.append("n/a")
+                continue
+            cell = f"{r.ms:.1f}"
+            if relative and m == ms[0] and r.pct_ceiling:
+                cell += f" ({r.pct_ceiling:.0f}%)"
+            elif relative and first and first.ms:
+                cell += f" ({r.ms / first.ms:.2f}x)"
+            if bf16 and bf16.ms and method != "vllm bf16":
+                cell += f" [{bf16.ms / r.ms:.2f}]"
+            cells.append(cell)
+        lines.append(f"| {model} | {threads} | {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(report: Report) -> str:
     lines = [
         f"CPU: {report.cpu}; flags: {' '.join(report.flags)}; native kernel ISAs: {', '.join(report.isas)}; "
         f"date {report.date}.",
+        f"Command: `{report.command}`.",
         "Read ceiling (stream_read, 1 GiB): "
         + ", ".join(f"{t} thread(s) {g:.1f} GB/s" for t, g in sorted(report.ceilings_gbps.items())),
         "",
-        "| model | threads | method | " + " | ".join(f"M={m}" for m in sorted({r.m for r in report.rows})) + " |",
+        "ms per whole-model pass of the linears (median). First M: (% of the read ceiling); other M: "
+        "(x its own first M); [speedup over vLLM bf16 at the same M].",
+        "",
+        *_table(report.rows, relative=True),
     ]
-    ms = sorted({r.m for r in report.rows})
-    lines.append("|---|---|---|" + "---|" * len(ms))
-    keys = dict.fromkeys((r.model, r.threads, r.method) for r in report.rows)
-    for model, threads, method in keys:
-        cells = []
-        for m in ms:
-            r = next(
-                (r for r in report.rows if (r.model, r.threads, r.method, r.m) == (model, threads, method, m)), None
-            )
-            if r is None or r.ms is None:
-                cells.append("n/a")
-            else:
-                speed = f", {r.speedup_vs_bf16:.2f}x" if r.speedup_vs_bf16 and method != "vllm bf16" else ""
-                cells.append(f"{r.ms:.1f} ms ({r.gbps:.1f} GB/s, {r.pct_ceiling:.0f}%{speed})")
-        lines.append(f"| {model} | {threads} | {method} | " + " | ".join(cells) + " |")
-    notes = {r.note for r in report.rows if r.note}
+    if report.large_m_rows:
+        lines += [
+            "",
+            "Large M: ms per pass of the layers named (median); [speedup over vLLM bf16 at the same M]. "
+            "The multi-row kernel hands more than `cpu_ops.LARGE_M_ROWS` rows to its large-M path.",
+            "",
+            *_table(report.large_m_rows, relative=False),
+        ]
+    notes = {r.note for r in (*report.rows, *report.large_m_rows) if r.note}
     lines += [""] + [f"* {n}" for n in sorted(notes)]
     return "\n".join(lines) + "\n"
 
 
-def run_cpu(models: list[str], ms: list[int], threads_list: list[int], reps: int, out: Path) -> Report:
+def run_cpu(
+    models: list[str],
+    ms: list[int],
+    threads_list: list[int],
+    reps: int,
+    out: Path,
+    large_ms: list[int] = (),
+    large_m_layers: int = 1,
+    command: str = "",
+) -> Report:
     cpu, flags = cpu_description()
     isas = cpu_ops.cpu_isas()
-    report = Report(dt.datetime.now().isoformat(timespec="seconds"), cpu, flags, isas, {})
+    report = Report(dt.datetime.now().isoformat(timespec="seconds"), cpu, flags, isas, command, {}, out=out)
+    print(f"[bench_kernels --cpu] {cpu}; flags {' '.join(flags)}; native ISAs {isas}", flush=True)
     for threads in threads_list:
         torch.set_num_threads(threads)
         report.ceilings_gbps[threads] = read_ceiling_gbps(reps)
+        report.save()
         for name in models:
             print(f"[bench_kernels --cpu] {name}, {threads} thread(s)", flush=True)
-            report.rows += bench_model(name, MODELS[name], ms, threads, reps, isas, report.ceilings_gbps[threads])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(asdict(report), indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
+            bench_model(report, name, MODELS[name], ms, threads, reps)
+            if large_ms:
+                bench_large_m(report, name, MODELS[name], list(large_ms), threads, max(1, reps // 2), large_m_layers)
     print(markdown(report))
     return report

@@ -93,6 +93,11 @@ static inline MF mf_scales(const uint8_t* s) {
 }
 #endif
 constexpr int kHalves = kTile / kLanes;  // vectors per tile: 1 (AVX-512) or 2 (AVX2)
+#ifndef SPECQD_MR_GROUPS
+#define SPECQD_MR_GROUPS 0
+#endif
+// Weight vectors of a block decoded at once: all 8 with 32 zmm registers, 4 at a time with 16 ymm.
+constexpr int kGroups = SPECQD_MR_GROUPS ? SPECQD_MR_GROUPS : (kLanes == 16 ? 1 : 2);
 
 #ifndef SPECQD_MR_ROWS
 #define SPECQD_MR_ROWS 0
@@ -109,37 +114,32 @@ constexpr int64_t kPrefetchBytes = SPECQD_MR_PREFETCH;
 
 using QuantRows = MultirowRows;  // mxfp4_cpu.cpp
 
-// sum_k q_k (w_k + 12) + off over one block: 8 weight vectors w[j] (k = 4j..4j+3 per dword lane).
-static inline MI row_dot(const MI* w, const int8_t* xb, int32_t off) {
-  MI x[8];
-  for (int j = 0; j < 8; ++j) {
+// init + sum_k q_k (w_k + 12) over 16 elements of a block: 4 weight vectors w[j] (k = 4j..4j+3 of
+// the 16 per dword lane) against the row's 16 int8 activations xk.
+static inline MI dot16(const MI* w, const int8_t* xk, MI init) {
+  MI x[4];
+  for (int j = 0; j < 4; ++j) {
     int32_t four;
-    std::memcpy(&four, xb + 4 * j, 4);
+    std::memcpy(&four, xk + 4 * j, 4);
     x[j] = mi_set1_32(four);
   }
 #if SPECQD_VNNI
-  // Two chains of 4 halve the latency of one; integer sums are exact in any order.
-  MI d0 = mi_set1_32(off), d1 = mi_zero();
-  for (int j = 0; j < 8; j += 2) {
-    d0 = mi_dpbusd(d0, w[j], x[j]);
-    d1 = mi_dpbusd(d1, w[j + 1], x[j + 1]);
-  }
-  return mi_add32(d0, d1);
+  for (int j = 0; j < 4; ++j) init = mi_dpbusd(init, w[j], x[j]);
+  return init;
 #else
   // A VPMADDUBSW pair sum is at most 2 * 24 * 127 = 6096 in magnitude, so four of them (24384)
   // add up in int16 without overflow; VPMADDWD by ones then widens to int32.
-  MI p[8];
-  for (int j = 0; j < 8; ++j) p[j] = mi_maddubs(w[j], x[j]);
-  const MI s0 = mi_add16(mi_add16(p[0], p[1]), mi_add16(p[2], p[3]));
-  const MI s1 = mi_add16(mi_add16(p[4], p[5]), mi_add16(p[6], p[7]));
-  const MI ones = mi_set1_16(1);
-  return mi_add32(mi_add32(mi_madd16(s0, ones), mi_madd16(s1, ones)), mi_set1_32(off));
+  const MI s = mi_add16(mi_add16(mi_maddubs(w[0], x[0]), mi_maddubs(w[1], x[1])),
+                        mi_add16(mi_maddubs(w[2], x[2]), mi_maddubs(w[3], x[3])));
+  return mi_add32(init, mi_madd16(s, mi_set1_16(1)));
 #endif
 }
 
 // Rows [m0, m0 + R) against one tile (features [n0, n0 + 16) clipped to n). `codes` / `scales`
-// point at the tile's block 0. With two vectors per tile (AVX2) each half makes its own pass over
-// the blocks, so only R accumulators and one block's 8 weight vectors are live (16 ymm registers).
+// point at the tile's block 0. Per block, the 8 weight vectors are decoded in kGroups groups (chunk
+// pairs) and each group is applied to every row before the next is decoded: with 16 ymm registers
+// (AVX2) only 4 weight vectors, R int32 dots and R fp32 accumulators are live. With two vectors per
+// tile (AVX2) each half makes its own pass over the blocks.
 template <int R>
 static void tile_rows(const uint8_t* codes, const uint8_t* scales, const QuantRows& xq, int64_t m0, int64_t n0,
                       int64_t n, const OutputRows& out) {
@@ -155,17 +155,28 @@ static void tile_rows(const uint8_t* codes, const uint8_t* scales, const QuantRo
       for (int line = 0; line < kTileCodes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(cb + kPrefetchBytes + line), _MM_HINT_T0);
       if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(scales + b * kTile + kPrefetchBytes / 16), _MM_HINT_T0);
-      MI w[8];
-      for (int c = 0; c < 4; ++c) {
-        const MI v = mi_load(cb + c * 64 + h * kLanes * 4);
-        w[2 * c] = mi_shuffle(table, mi_and(v, mask));
-        w[2 * c + 1] = mi_shuffle(table, mi_and(mi_srl4(v), mask));
+      MI dot[R];
+      for (int g = 0; g < kGroups; ++g) {
+        constexpr int kChunks = 4 / kGroups;
+        MI w[2 * kChunks];
+        for (int cc = 0; cc < kChunks; ++cc) {
+          const MI v = mi_load(cb + (g * kChunks + cc) * 64 + h * kLanes * 4);
+          w[2 * cc] = mi_shuffle(table, mi_and(v, mask));
+          w[2 * cc + 1] = mi_shuffle(table, mi_and(mi_srl4(v), mask));
+        }
+        for (int r = 0; r < R; ++r) {
+          const int64_t at = (m0 + r) * nb + b;
+          const int8_t* xk = xq.q + at * kBlock + g * kChunks * 8;
+          // With 8 vectors, two independent chains of 4 (integer sums are exact in any order).
+          MI part = dot16(w, xk, g == 0 ? mi_set1_32(xq.off[at]) : dot[r]);
+          for (int q = 1; q < kChunks / 2; ++q) part = mi_add32(part, dot16(w + 4 * q, xk + 16 * q, mi_zero()));
+          dot[r] = part;
+        }
       }
       const MF sw = mf_scales(scales + b * kTile + h * kLanes);
       for (int r = 0; r < R; ++r) {
         const int64_t at = (m0 + r) * nb + b;
-        const MF t = mf_mul(mf_cvt(row_dot(w, xq.q + at * kBlock, xq.off[at])), mf_set1(xq.sx[at]));
-        acc[r] = mf_fmadd(t, sw, acc[r]);
+        acc[r] = mf_fmadd(mf_mul(mf_cvt(dot[r]), mf_set1(xq.sx[at])), sw, acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) mf_store(buf[r] + h * kLanes, acc[r]);
