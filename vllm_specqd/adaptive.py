@@ -101,6 +101,8 @@ class Decision:
 def _nonnegative_solve(q: np.ndarray, r: np.ndarray) -> np.ndarray:
     """argmin of 0.5 b'Qb - r'b over b >= 0 for a small positive-definite Q: solve, pin the most
     negative coefficient at 0, solve the rest again."""
+    if len(r) == 1:
+        return np.array([max(0.0, float(r[0]) / float(q[0, 0]))])
     free = list(range(len(r)))
     b = np.zeros(len(r))
     while free:
@@ -144,10 +146,11 @@ class LinearFit:
         self.sxx = np.zeros((features, features))
         self.observations = 0
         self._coefficients: np.ndarray | None = None
+        self._tuple: tuple[float, ...] | None = None
 
     def set_prior_slope(self, feature: int, value: float | None) -> None:
         self.prior_slopes[feature] = value
-        self._coefficients = None
+        self._coefficients = self._tuple = None
 
     def observe(self, x: float | Sequence[float], y: float) -> None:
         x = np.asarray(x, dtype=np.float64).reshape(self.features)
@@ -158,7 +161,7 @@ class LinearFit:
         self.sxx = keep * self.sxx + np.outer(x, x)
         self.sxy = keep * self.sxy + x * y
         self.observations += 1
-        self._coefficients = None
+        self._coefficients = self._tuple = None
 
     @property
     def ready(self) -> bool:
@@ -168,6 +171,12 @@ class LinearFit:
         if self._coefficients is None:
             self._coefficients = self._solve()
         return self._coefficients
+
+    def coefficient_tuple(self) -> tuple[float, ...]:
+        """``all_coefficients`` as Python floats (cached: decisions read them many times)."""
+        if self._tuple is None:
+            self._tuple = tuple(self.all_coefficients().tolist())
+        return self._tuple
 
     def _prior(self, mean_x: np.ndarray, mean_y: float) -> np.ndarray:
         given = [(j, b) for j, b in enumerate(self.prior_slopes) if b is not None]
@@ -217,11 +226,13 @@ class LineFit(LinearFit):
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b), both >= 0."""
-        a, b = self.all_coefficients().tolist()
+        a, b = self.coefficient_tuple()
         return a, b
 
     def predict(self, x):  # x: a number or an array of them
-        a, b = self.coefficients()
+        a, b = self.coefficient_tuple()
+        if isinstance(x, (int, float)):
+            return max(a + b * x, 1e-9)
         return np.maximum(a + b * np.asarray(x, dtype=np.float64), 1e-9)
 
 
@@ -236,8 +247,9 @@ class AcceptanceModel:
     position no more than the others (a per-position estimate would keep the position low, and so
     undrafted, until it happens to be drafted again). The offset is a random walk tracked by a
     logistic Kalman filter: each round its variance grows by ``drift`` (acceptance can collapse and
-    recover); each verified position moves it by variance * (outcome - predicted) and shrinks the
-    variance by the outcome's information p (1 - p): a surprise moves it more than an expected outcome.
+    recover; rounds the request did not draft count too, up to the prior variance), each verified
+    position moves it by variance * (outcome - predicted) and shrinks the variance by the outcome's
+    information p (1 - p): a surprise moves it more than an expected outcome.
 
     Decisions read the batch-wide rates with a bonus for positions seen a few times
     (:meth:`optimistic`): deep positions are measured only when drafted, and an estimate that a few
@@ -257,8 +269,9 @@ class AcceptanceModel:
         self.variance, self.drift, self.optimism = variance, drift, optimism
         self.batch_wide = np.full(max_k, prior)  # [K] the prior of a new request
         self.batch_wide_seen = np.zeros(max_k)  # [K] observations of each position
-        # [offset, its variance], or [K] rates a test pinned
+        # [offset, its variance, the round it was last updated], or [K] rates a test pinned
         self.per_request: dict[Hashable, list[float] | np.ndarray] = {}
+        self.rounds = 0  # decisions so far: the clock the offsets drift by
 
     def optimistic(self) -> np.ndarray:  # [K]
         """The batch-wide rates, each position after the first read ``optimism`` * sd / n higher
@@ -304,14 +317,16 @@ class AcceptanceModel:
         hits = (np.arange(seen) < outcome.accepted).astype(np.float64)
         own = self.per_request.get(outcome.req_id)
         if own is None:
-            own = self.per_request[outcome.req_id] = [0.0, self.variance]
+            own = self.per_request[outcome.req_id] = [0.0, self.variance, self.rounds]
         if not isinstance(own, np.ndarray):
-            offset, variance = own[0], own[1] + self.drift
+            # The offset drifted every round since its last update, drafted or not: a request kept
+            # off by a few rejections is quick to move back up when a probe is accepted.
+            offset, variance = own[0], min(own[1] + self.drift * max(1, self.rounds - own[2]), self.variance)
             for logit, hit in zip(_logit(self.batch_wide[:seen]).tolist(), hits.tolist()):
                 p = 1.0 / (1.0 + math.exp(-(logit + offset)))
                 variance = 1.0 / (1.0 / variance + p * (1.0 - p))
                 offset += variance * (hit - p)
-            own[0], own[1] = offset, variance
+            own[0], own[1], own[2] = offset, variance, self.rounds
         self.batch_wide_seen[:seen] += 1
         weight = np.maximum(self.global_decay, 1.0 / (self.batch_wide_seen[:seen] + self.prior_weight))
         self.batch_wide[:seen] += weight * (hits - self.batch_wide[:seen])
@@ -367,6 +382,7 @@ class AdaptivePolicy:
         self._off_steps: dict[Hashable, int] = {}  # consecutive k = 0 steps
         self._probe_wait: dict[Hashable, int] = {}
         self._idle_rounds, self._idle_wait = 0, settings.reprobe_after  # rounds nobody drafted; _idle_probe
+        self._first_rates: np.ndarray | None = None  # [rows] this decision's first-position rates
         self._rng = np.random.default_rng(settings.seed)
 
     # ------------------------------------------------------------------ measurements
@@ -378,7 +394,7 @@ class AdaptivePolicy:
     def draft_coefficients(self) -> tuple[float, float, float]:
         """(round, pass, row) seconds: a round of m passes drafting n tokens costs round + m * pass +
         n * row (passes over the drafting rows) or round + m * (pass + rows * row) (over the batch)."""
-        r, c, d = self.draft.all_coefficients().tolist()
+        r, c, d = self.draft.coefficient_tuple()
         return r, c, d
 
     def observe_target(self, tokens: int, seconds: float) -> None:
@@ -411,6 +427,8 @@ class AdaptivePolicy:
 
     def decide(self, slots: Sequence[RequestSlot]) -> Decision:
         started = time.perf_counter()
+        self.acceptance.rounds += 1
+        self.ngram_acceptance.rounds += 1
         caps = np.fromiter((min(max(s.cap, 0), self.settings.max_k) for s in slots), dtype=np.int64, count=len(slots))
         rows = len(slots)
         ngram_len = np.fromiter((min(s.ngram, c) for s, c in zip(slots, caps.tolist())), dtype=np.int64, count=rows)
@@ -436,14 +454,23 @@ class AdaptivePolicy:
                     use_ngram = self._ngram_explore(ngram_len, k, rows, caps)
             k = self._explore(caps * ~use_ngram, k, explore)
         k = np.where(use_ngram, ngram_len, k)
-        probes_may_pay = self.settings.policy != "off" and (
-            self.settings.policy == "random" or not self.target.ready or self._drafting_could_pay(rows, caps)
-        )
+        may_pay = None  # probes_may_pay(), computed once and only if a probe is due
+
+        def probes_may_pay() -> bool:
+            nonlocal may_pay
+            if may_pay is None:
+                may_pay = self.settings.policy != "off" and (
+                    self.settings.policy == "random" or not self.target.ready or self._drafting_could_pay(rows, caps)
+                )
+            return may_pay
+
         chose_drafts = bool(k.any())
-        k, probes = self._reprobe(slots, caps, k, probes_may_pay)
+        first = self._first_rates if self._first_rates is not None and len(self._first_rates) == rows else None
+        k, probes = self._reprobe(slots, caps, k, probes_may_pay, first)
         if self.settings.policy == "cost" and self.target.ready and self.draft.ready:
-            k, cost_probes = self._idle_probe(slots, caps, k, chose_drafts, probes_may_pay)
+            k, cost_probes = self._idle_probe(slots, caps, k, chose_drafts, probes_may_pay, first)
             probes += cost_probes
+        self._first_rates = None
         draft_k = np.where(use_ngram, 0, k)
         passes = max(int(draft_k.max()), self.settings.min_passes) if rows and self.settings.policy != "off" else 0
         decision = Decision(
@@ -513,6 +540,7 @@ class AdaptivePolicy:
         if not rows or not caps.any():
             return k, plain
         rates = self.acceptance.of_many([s.req_id for s in slots])  # [rows, K]
+        self._first_rates = rates[:, 0]
         p = np.cumprod(rates, axis=1)  # [rows, K] P(drafts 1..j all accepted)
         depth = np.broadcast_to(np.arange(1, max_k + 1), p.shape)
         valid = depth <= caps[:, None]
@@ -591,7 +619,13 @@ class AdaptivePolicy:
         return best > (1.0 + self.settings.min_gain) * rows / float(self._seconds(rows, 0, self.settings.min_passes))
 
     def _idle_probe(
-        self, slots: Sequence[RequestSlot], caps: np.ndarray, k: np.ndarray, chose_drafts: bool, may_pay: bool
+        self,
+        slots: Sequence[RequestSlot],
+        caps: np.ndarray,
+        k: np.ndarray,
+        chose_drafts: bool,
+        may_pay,  # () -> bool
+        first: np.ndarray | None = None,  # [rows] first-position rates, if known
     ) -> tuple[np.ndarray, int]:
         """After ``reprobe_after`` rounds in a row where nobody drafted, while drafting could pay: one
         row whose acceptance is healthy (the best first-position estimate) drafts its cap (two with
@@ -605,9 +639,10 @@ class AdaptivePolicy:
         if k.any() or not caps.any():
             return k, 0
         self._idle_rounds += 1
-        if self._idle_rounds < self._idle_wait or not may_pay:
+        if self._idle_rounds < self._idle_wait or not may_pay():
             return k, 0
-        first = self.acceptance.of_many([s.req_id for s in slots])[:, 0]
+        if first is None:
+            first = self.acceptance.of_many([s.req_id for s in slots])[:, 0]
         healthy = max(self.acceptance.batch_wide[0], self.settings.prior_acceptance) - PROBE_ACCEPTANCE_GAP
         candidates = np.where((caps > 0) & (first >= healthy), first, -1.0)
         if candidates.max() < 0:
@@ -618,7 +653,12 @@ class AdaptivePolicy:
         return k, 1
 
     def _reprobe(
-        self, slots: Sequence[RequestSlot], caps: np.ndarray, k: np.ndarray, may_pay: bool = True
+        self,
+        slots: Sequence[RequestSlot],
+        caps: np.ndarray,
+        k: np.ndarray,
+        may_pay=True,  # a bool, or () -> bool
+        first: np.ndarray | None = None,  # [rows] first-position rates, if known
     ) -> tuple[np.ndarray, int]:
         """k = 1 for requests whose probe is due. A probe costs a draft pass over the whole batch, so
         due probes ride along when the round drafts anyway, and otherwise wait until a quarter of the
@@ -627,7 +667,9 @@ class AdaptivePolicy:
         drafting pay (``may_pay`` false: a compute-bound batch), due probes wait for one that could."""
         due, overdue = [], False
         healthy = max(self.acceptance.batch_wide[0], self.settings.prior_acceptance)
-        first = self.acceptance.of_many([s.req_id for s in slots])[:, 0].tolist() if len(slots) else []
+        if first is None:
+            first = self.acceptance.of_many([s.req_id for s in slots])[:, 0] if len(slots) else np.zeros(0)
+        first = first.tolist()
         for i, slot in enumerate(slots):
             if caps[i] == 0:
                 continue
@@ -643,7 +685,9 @@ class AdaptivePolicy:
             if off >= wait:
                 due.append((i, slot.req_id, wait))
                 overdue |= off >= 2 * wait
-        if not due or not may_pay or not (k.any() or overdue or len(due) >= math.ceil(PROBE_BATCH_SHARE * len(slots))):
+        if not due or not (k.any() or overdue or len(due) >= math.ceil(PROBE_BATCH_SHARE * len(slots))):
+            return k, 0
+        if not (may_pay() if callable(may_pay) else may_pay):
             return k, 0
         for i, req_id, wait in due:
             k[i] = 1
