@@ -48,6 +48,8 @@ MODELS = {
 QUICK = dict(models="smollm2-135m", m="1,8", threads="1", reps=2, large_m="")
 ISAS = ("avx512vnni", "avx512bw", "avx2")
 NEVER = -1  # large_m of the multi-row op: no row count takes its dequantize + GEMM path
+# Cloud VMs often report just "AMD EPYC": name the core from family/model where known.
+_AMD_CORES = {(25, 1): "Zen 3 Milan", (25, 17): 'Zen 4 "Genoa"', (25, 160): "Zen 4c Bergamo", (26, None): "Zen 5"}
 CPUINFO_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile")
 
 
@@ -126,7 +128,8 @@ def cpu_description() -> tuple[str, list[str]]:
     except OSError:
         pass
     if family:
-        name += f" (family {family} model {model})"
+        core = _AMD_CORES.get((int(family), int(model)), _AMD_CORES.get((int(family), None), ""))
+        name += f", CPU family {family} model {model}" + (f" ({core})" if core and "AMD" in name else "")
     return name, flags
 
 

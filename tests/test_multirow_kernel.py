@@ -121,6 +121,14 @@ def test_rows_are_batch_invariant(isa_case):
         assert torch.equal(_run(x[rows], packed, scales, bias, isa_case), together[rows])
 
 
+def test_rows_past_one_row_block_stay_bit_exact():
+    """More than one 64-row block (the kernel's large-M loop): still the twin's bits, row by row."""
+    x, packed, scales, bias = _random_case(150, 40, 200, seed=6, dtype=torch.bfloat16, bias_dtype=torch.float32)
+    y = _run(x, packed, scales, bias, ("auto", False))
+    _assert_bitwise(y, mxfp4_matmul_multirow_torch(x, packed, scales, bias))
+    assert torch.equal(_run(x[100:101], packed, scales, bias, ("auto", False)), y[100:101])
+
+
 def test_every_isa_path_gives_the_same_bits():
     x, packed, scales, bias = _random_case(11, 50, 416, seed=7, dtype=torch.float32, bias_dtype=torch.float32)
     runs = {isa: _run(x, packed, scales, bias, (isa, False)) for isa in NATIVE_ISAS}

@@ -450,6 +450,10 @@ void multirow_any(Isa isa, const uint8_t* codes, const uint8_t* tile_scales, con
 }
 
 constexpr int64_t kMrTile = 16;
+#ifndef SPECQD_MR_ROW_BLOCK
+#define SPECQD_MR_ROW_BLOCK 64
+#endif
+constexpr int64_t kMrRowBlock = SPECQD_MR_ROW_BLOCK;  // rows per pass over the weights (large M)
 
 void check_multirow_layout(const char* who, const at::Tensor& codes, const at::Tensor& tile_scales, int64_t n,
                            int64_t nblocks) {
@@ -580,12 +584,19 @@ at::Tensor mxfp4_linear_multirow(const at::Tensor& x, const at::Tensor& codes, c
     avx2::mr::quantize_rows<float>(x.data_ptr<float>(), m, k, nblocks, q, off, sx);
   else
     avx2::mr::quantize_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), m, k, nblocks, q, off, sx);
-  const MultirowRows xq{q, off, sx, nblocks};
-  const OutputRows out = output_rows(y, x, bias);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const uint8_t* ts = tile_scales.data_ptr<uint8_t>();
-  at::parallel_for(0, (n + kMrTile - 1) / kMrTile, 1,
-                   [&](int64_t t0, int64_t t1) { multirow_any(isa, c, ts, xq, m, n, t0, t1, out); });
+  // Many rows go in blocks whose int8 activations stay in L2 while every tile passes over them
+  // (each tile re-reads its block's rows); the weights are then re-read once per block.
+  const int64_t elem = x.scalar_type() == at::kBFloat16 ? 2 : 4;
+  for (int64_t r0 = 0; r0 < m; r0 += kMrRowBlock) {
+    const int64_t rows = std::min(kMrRowBlock, m - r0);
+    const MultirowRows xq{q + r0 * nblocks * 32, off + r0 * nblocks, sx + r0 * nblocks, nblocks};
+    OutputRows out = output_rows(y, x, bias);
+    out.data = static_cast<char*>(out.data) + r0 * n * elem;
+    at::parallel_for(0, (n + kMrTile - 1) / kMrTile, 1,
+                     [&](int64_t t0, int64_t t1) { multirow_any(isa, c, ts, xq, rows, n, t0, t1, out); });
+  }
   return y;
 }
 
