@@ -98,19 +98,40 @@ class Decision:
     ngram: list[bool] = field(default_factory=list)  # per request: its k drafts are its n-gram proposal
 
 
-def _nonnegative_solve(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+def _solve_small(q: list[list[float]], r: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting, for the few unknowns of a cost line."""
+    n = len(r)
+    m = [row[:] + [r[i]] for i, row in enumerate(q)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda i: abs(m[i][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        if m[col][col] == 0.0:
+            m[col][col] = 1e-300
+        for i in range(col + 1, n):
+            f = m[i][col] / m[col][col]
+            for j in range(col, n + 1):
+                m[i][j] -= f * m[col][j]
+    x = [0.0] * n
+    for i in reversed(range(n)):
+        x[i] = (m[i][n] - sum(m[i][j] * x[j] for j in range(i + 1, n))) / m[i][i]
+    return x
+
+
+def _nonnegative_solve(q, r) -> list[float]:
     """argmin of 0.5 b'Qb - r'b over b >= 0 for a small positive-definite Q: solve, pin the most
-    negative coefficient at 0, solve the rest again."""
-    if len(r) == 1:
-        return np.array([max(0.0, float(r[0]) / float(q[0, 0]))])
+    negative coefficient at 0, solve the rest again. (Pure Python: a few unknowns, solved once per
+    observation, where numpy's per-call overhead would dominate.)"""
+    q = [[float(v) for v in row] for row in q]
+    r = [float(v) for v in r]
     free = list(range(len(r)))
-    b = np.zeros(len(r))
+    b = [0.0] * len(r)
     while free:
-        sub = np.linalg.solve(q[np.ix_(free, free)], r[free])
-        if (sub >= 0).all():
-            b[free] = sub
+        sub = _solve_small([[q[i][j] for j in free] for i in free], [r[i] for i in free])
+        if min(sub) >= 0:
+            for i, v in zip(free, sub):
+                b[i] = v
             break
-        free.pop(int(sub.argmin()))
+        free.pop(sub.index(min(sub)))
     return b
 
 
@@ -142,72 +163,74 @@ class LinearFit:
         self.prior_slopes = list(prior_slopes) if prior_slopes is not None else [None] * features
         self.prior_slope_fraction, self.ridge = prior_slope_fraction, ridge
         self.weight = self.sy = 0.0
-        self.sx, self.sxy = np.zeros(features), np.zeros(features)
-        self.sxx = np.zeros((features, features))
+        self.sx, self.sxy = [0.0] * features, [0.0] * features
+        self.sxx = [[0.0] * features for _ in range(features)]
         self.observations = 0
-        self._coefficients: np.ndarray | None = None
         self._tuple: tuple[float, ...] | None = None
 
     def set_prior_slope(self, feature: int, value: float | None) -> None:
         self.prior_slopes[feature] = value
-        self._coefficients = self._tuple = None
+        self._tuple = None
 
     def observe(self, x: float | Sequence[float], y: float) -> None:
-        x = np.asarray(x, dtype=np.float64).reshape(self.features)
+        x = [float(x)] if isinstance(x, (int, float)) else [float(v) for v in x]
         keep = 1.0 - self.decay
         self.weight = keep * self.weight + 1.0
-        self.sx = keep * self.sx + x
         self.sy = keep * self.sy + y
-        self.sxx = keep * self.sxx + np.outer(x, x)
-        self.sxy = keep * self.sxy + x * y
+        for i, xi in enumerate(x):
+            self.sx[i] = keep * self.sx[i] + xi
+            self.sxy[i] = keep * self.sxy[i] + xi * y
+            row = self.sxx[i]
+            for j, xj in enumerate(x):
+                row[j] = keep * row[j] + xi * xj
         self.observations += 1
-        self._coefficients = self._tuple = None
+        self._tuple = None
 
     @property
     def ready(self) -> bool:
         return self.observations > 0
 
     def all_coefficients(self) -> np.ndarray:  # [1 + features]: a, then the slopes
-        if self._coefficients is None:
-            self._coefficients = self._solve()
-        return self._coefficients
+        return np.array(self.coefficient_tuple())
 
     def coefficient_tuple(self) -> tuple[float, ...]:
-        """``all_coefficients`` as Python floats (cached: decisions read them many times)."""
+        """(a, slopes...) as Python floats, solved once per observation (decisions read them often)."""
         if self._tuple is None:
-            self._tuple = tuple(self.all_coefficients().tolist())
+            self._tuple = tuple(self._solve())
         return self._tuple
 
-    def _prior(self, mean_x: np.ndarray, mean_y: float) -> np.ndarray:
-        given = [(j, b) for j, b in enumerate(self.prior_slopes) if b is not None]
-        prior = np.zeros(self.features)
-        for j, b in given:
-            prior[j] = max(0.0, b)
-        rest = max(0.0, mean_y - float(prior @ mean_x))
+    def _prior(self, mean_x: list[float], mean_y: float) -> list[float]:
+        prior = [max(0.0, b) if b is not None else 0.0 for b in self.prior_slopes]
+        rest = max(0.0, mean_y - sum(p * m for p, m in zip(prior, mean_x)))
         open_ = [j for j, b in enumerate(self.prior_slopes) if b is None and mean_x[j] > 0]
         for j in open_:
             prior[j] = self.prior_slope_fraction * rest / (len(open_) * mean_x[j])
         return prior
 
-    def _solve(self) -> np.ndarray:
+    def _solve(self) -> list[float]:
+        n = self.features
         if not self.ready:
-            return np.zeros(self.features + 1)
+            return [0.0] * (n + 1)
         w = self.weight
-        mean_x, mean_y = self.sx / w, self.sy / w
+        mean_x, mean_y = [v / w for v in self.sx], self.sy / w
         prior = self._prior(mean_x, mean_y)
-        ridge = np.array([self.ridge if b is None else self.given_ridge for b in self.prior_slopes])
-        lam = np.diag(ridge * mean_x * mean_x + 1e-18)
+        lam = [
+            (self.ridge if b is None else self.given_ridge) * m * m + 1e-18 for b, m in zip(self.prior_slopes, mean_x)
+        ]
+        second = [[v / w for v in row] for row in self.sxx]  # E[x x']
+        cross = [v / w for v in self.sxy]  # E[x y]
+        pulled = [c + weight * p for c, weight, p in zip(cross, lam, prior)]
         if self.intercept_weight > 0:  # [a, b] together, a's prior 0
-            q = np.block([[np.ones((1, 1)), mean_x[None, :]], [mean_x[:, None], self.sxx / w]])
-            q[0, 0] += self.intercept_weight / w
-            q[1:, 1:] += lam
-            return _nonnegative_solve(q, np.concatenate([[mean_y], self.sxy / w + lam @ prior]))
-        cov = self.sxx / w - np.outer(mean_x, mean_x)
-        b = _nonnegative_solve(cov + lam, self.sxy / w - mean_x * mean_y + lam @ prior)
-        a = mean_y - float(b @ mean_x)
+            q = [[1.0 + self.intercept_weight / w] + mean_x]
+            q += [[mean_x[i]] + [second[i][j] + (lam[i] if i == j else 0.0) for j in range(n)] for i in range(n)]
+            return _nonnegative_solve(q, [mean_y] + pulled)
+        cov = [[second[i][j] - mean_x[i] * mean_x[j] + (lam[i] if i == j else 0.0) for j in range(n)] for i in range(n)]
+        b = _nonnegative_solve(cov, [p - m * mean_y for p, m in zip(pulled, mean_x)])
+        a = mean_y - sum(bi * m for bi, m in zip(b, mean_x))
         if a < 0:  # through the origin instead
-            a, b = 0.0, _nonnegative_solve(self.sxx / w + lam, self.sxy / w + lam @ prior)
-        return np.concatenate([[a], b])
+            q = [[second[i][j] + (lam[i] if i == j else 0.0) for j in range(n)] for i in range(n)]
+            a, b = 0.0, _nonnegative_solve(q, pulled)
+        return [a] + b
 
 
 class LineFit(LinearFit):
@@ -496,6 +519,11 @@ class AdaptivePolicy:
         if not self.draft.ready:
             return 0.0 * np.asarray(passes)
         r, c, d = self.draft_coefficients()
+        if isinstance(passes, (int, np.integer)) and isinstance(drafts, (int, float, np.integer)):  # one round
+            if self.settings.passes_run_drafting_rows_only:
+                return r + c * passes + d * drafts if passes > 0 else 0.0
+            passes = max(int(passes), self.settings.min_passes)
+            return r + passes * (c + d * rows) if passes > 0 else 0.0
         passes = np.asarray(passes)
         if self.settings.passes_run_drafting_rows_only:
             return np.where(passes > 0, r + c * passes + d * np.asarray(drafts), 0.0)
