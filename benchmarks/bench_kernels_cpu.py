@@ -377,7 +377,8 @@ def markdown(report: Report) -> str:
         lines += [
             "",
             "Large M: ms per pass of the layers named (median); [speedup over vLLM bf16 at the same M]. "
-            "The multi-row kernel hands more than `cpu_ops.LARGE_M_ROWS` rows to its large-M path.",
+            f"`kernel`: the multi-row kernel alone; `large-M path`: its exact dequantization + one GEMM "
+            f"(used above cpu_ops.LARGE_M_ROWS = {cpu_ops.LARGE_M_ROWS} rows; negative: never).",
             "",
             *_table(report.large_m_rows, relative=False),
         ]

@@ -13,7 +13,8 @@
 The CPU kernels (``CPU_KERNELS``; the ISA inside each is picked by ``cpu_ops``):
 
 * ``"multirow"``: int8 activations; each weight block decoded once per call for every row
-  (``cpu/multirow.h``); more than ``cpu_ops.LARGE_M_ROWS`` rows run exact dequantization + one GEMM.
+  (``cpu/multirow.h``), any M (its exact-dequantization + GEMM path for many rows is off by
+  measurement: ``cpu_ops.LARGE_M_ROWS``).
 * ``"amx"``: bf16 activations on AMX tiles (``cpu/amx_bf16.h``), where the CPU has AMX-BF16.
 * ``"w4a8"`` / ``"w4a16"``: int8 / int16 activations, vector work per row (``cpu/gemm_body.h``).
 """

@@ -254,9 +254,11 @@ def mxfp4_linear_amx_cpu(
     return mxfp4_linear_amx_repacked(x2d, amx_repack(packed, scales), n, bias).reshape(*x.shape[:-1], n)
 
 
-# Rows above which the multi-row kernel hands over to exact dequantization + one GEMM (oneDNN/MKL).
-# Chosen by measurement (benchmarks/README.md, bench_kernels.py --cpu "large-M" rows).
-LARGE_M_ROWS = 64
+# Rows above which the multi-row kernel hands over to exact dequantization + one GEMM (oneDNN/MKL);
+# negative: never. By measurement (benchmarks/results/2026-12-07-zen4, "Large M"): on Zen 4 the
+# kernel itself (64-row blocks) costs less per row than that path and than vLLM's bf16 GEMM at every
+# M from 16 to 2048 (VPDPBUSD does 64 MACs per instruction, a bf16 dot product 32), so it keeps them.
+LARGE_M_ROWS = -1
 
 
 def multirow_repack(
@@ -300,8 +302,8 @@ def mxfp4_linear_multirow_repacked(
 
     Activations are quantized per 32-element block to int8 as in the w4a8 kernel; each row's result is
     bit-identical to ``reference.mxfp4_matmul_multirow_torch`` on every ISA, whatever the other rows
-    of the call. More than ``large_m`` rows (negative: never) run exact dequantization + one GEMM
-    instead (twin: ``reference.mxfp4_matmul_large_m_torch``). Example: ``x`` ``[4, 1536]`` bf16 with
+    of the call. More than ``large_m`` rows (negative, the default: never) run exact dequantization +
+    one GEMM instead (twin: ``reference.mxfp4_matmul_large_m_torch``). Example: ``x`` ``[4, 1536]`` bf16 with
     ``W`` ``[8960, 1536]`` repacked to codes ``[560, 48, 256]`` gives ``[4, 8960]`` bf16.
     """
     if x.dtype not in (torch.float32, torch.bfloat16):

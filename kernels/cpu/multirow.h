@@ -96,20 +96,21 @@ constexpr int kHalves = kTile / kLanes;  // vectors per tile: 1 (AVX-512) or 2 (
 #ifndef SPECQD_MR_GROUPS
 #define SPECQD_MR_GROUPS 0
 #endif
-// Weight vectors of a block decoded at once: all 8 with 32 zmm registers, 4 at a time with 16 ymm.
+// Weight vectors of a block decoded at once: all 8 with 32 zmm registers, 4 at a time with 16 ymm
+// (on Zen 4 the same speed as 8 at a time, with fewer spills).
 constexpr int kGroups = SPECQD_MR_GROUPS ? SPECQD_MR_GROUPS : (kLanes == 16 ? 1 : 2);
 
 #ifndef SPECQD_MR_ROWS
 #define SPECQD_MR_ROWS 0
 #endif
-// Activation rows per pass over a tile: their accumulators stay in registers, and every block is
-// decoded once per pass. Measured on Zen 4 (benchmarks/README.md): 16 on AVX-512, 4 on AVX2.
+// Activation rows per pass over a tile: every block is decoded once per pass. Measured on Zen 4:
+// 16 on AVX-512 (M=16 about 10% faster than two passes of 8), 4 on AVX2 (2 and 3: slower).
 constexpr int kRowsMax = SPECQD_MR_ROWS ? SPECQD_MR_ROWS : (kLanes == 16 ? 16 : 4);
 #ifndef SPECQD_MR_PREFETCH
 #define SPECQD_MR_PREFETCH 2048
 #endif
-// Software prefetch distance along a tile's code stream, in bytes (8 blocks); past the end it only
-// prefetches (never faults).
+// Software prefetch distance along a tile's code stream, in bytes (8 blocks; 1024 measured the same
+// on Zen 4, 4096 slower); past the end of a tile it fetches the next one, and never faults.
 constexpr int64_t kPrefetchBytes = SPECQD_MR_PREFETCH;
 
 using QuantRows = MultirowRows;  // mxfp4_cpu.cpp
@@ -135,93 +136,66 @@ static inline MI dot16(const MI* w, const int8_t* xk, MI init) {
 #endif
 }
 
-// Rows [m0, m0 + R) against T adjacent tiles (features [n0, n0 + 16 T) clipped to n). `codes` /
-// `scales` point at the first tile's block 0. Per block and vector half, the 8 weight vectors are
-// decoded in kGroups groups (chunk pairs) and each group is applied to every row before the next is
-// decoded: with 16 ymm registers (AVX2) only 4 weight vectors and R int32 dots are live besides the
-// accumulators. T > 1 (few rows) streams several tiles at once for more memory-level parallelism.
-template <int R, int T>
+// Rows [m0, m0 + R) against one tile (features [n0, n0 + 16) clipped to n). `codes` / `scales`
+// point at the tile's block 0. Per block and vector half, the 8 weight vectors are decoded in
+// kGroups groups (chunk pairs) and each group is applied to every row before the next is decoded:
+// with 16 ymm registers (AVX2) only 4 weight vectors and R int32 dots are live besides the
+// accumulators.
+template <int R>
 static void tile_rows(const uint8_t* codes, const uint8_t* scales, const QuantRows& xq, int64_t m0, int64_t n0,
                       int64_t n, const OutputRows& out) {
   const int64_t nb = xq.nblocks;
-  const int64_t tile_codes = nb * kTileCodes, tile_scales = nb * kTile;
   const MI mask = mi_set1_8(0x0F);
   const MI table = mi_table(kCodeToU8);
-  MF acc[T][kHalves][R];
-  for (int t = 0; t < T; ++t)
-    for (int h = 0; h < kHalves; ++h)
-      for (int r = 0; r < R; ++r) acc[t][h][r] = mf_zero();
+  MF acc[kHalves][R];
+  for (int h = 0; h < kHalves; ++h)
+    for (int r = 0; r < R; ++r) acc[h][r] = mf_zero();
   for (int64_t b = 0; b < nb; ++b) {
-    for (int t = 0; t < T; ++t) {
-      const uint8_t* cb = codes + t * tile_codes + b * kTileCodes;
-      for (int line = 0; line < kTileCodes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(cb + kPrefetchBytes + line), _MM_HINT_T0);
-      if ((b & 3) == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(scales + t * tile_scales + b * kTile + kPrefetchBytes / 16),
-                     _MM_HINT_T0);
-    }
-    for (int t = 0; t < T; ++t) {
-      const uint8_t* cb = codes + t * tile_codes + b * kTileCodes;
-      for (int h = 0; h < kHalves; ++h) {
-        MI dot[R];
-        for (int g = 0; g < kGroups; ++g) {
-          constexpr int kChunks = 4 / kGroups;
-          MI w[2 * kChunks];
-          for (int cc = 0; cc < kChunks; ++cc) {
-            const MI v = mi_load(cb + (g * kChunks + cc) * 64 + h * kLanes * 4);
-            w[2 * cc] = mi_shuffle(table, mi_and(v, mask));
-            w[2 * cc + 1] = mi_shuffle(table, mi_and(mi_srl4(v), mask));
-          }
-          for (int r = 0; r < R; ++r) {
-            const int64_t at = (m0 + r) * nb + b;
-            const int8_t* xk = xq.q + at * kBlock + g * kChunks * 8;
-            // With 8 vectors, two independent chains of 4 (integer sums are exact in any order).
-            MI part = dot16(w, xk, g == 0 ? mi_set1_32(xq.off[at]) : dot[r]);
-            for (int q = 1; q < kChunks / 2; ++q) part = mi_add32(part, dot16(w + 4 * q, xk + 16 * q, mi_zero()));
-            dot[r] = part;
-          }
+    const uint8_t* cb = codes + b * kTileCodes;
+    for (int line = 0; line < kTileCodes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(cb + kPrefetchBytes + line), _MM_HINT_T0);
+    if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(scales + b * kTile + kPrefetchBytes / 16), _MM_HINT_T0);
+    for (int h = 0; h < kHalves; ++h) {
+      MI dot[R];
+      for (int g = 0; g < kGroups; ++g) {
+        constexpr int kChunks = 4 / kGroups;
+        MI w[2 * kChunks];
+        for (int cc = 0; cc < kChunks; ++cc) {
+          const MI v = mi_load(cb + (g * kChunks + cc) * 64 + h * kLanes * 4);
+          w[2 * cc] = mi_shuffle(table, mi_and(v, mask));
+          w[2 * cc + 1] = mi_shuffle(table, mi_and(mi_srl4(v), mask));
         }
-        const MF sw = mf_scales(scales + t * tile_scales + b * kTile + h * kLanes);
         for (int r = 0; r < R; ++r) {
           const int64_t at = (m0 + r) * nb + b;
-          acc[t][h][r] = mf_fmadd(mf_mul(mf_cvt(dot[r]), mf_set1(xq.sx[at])), sw, acc[t][h][r]);
+          const int8_t* xk = xq.q + at * kBlock + g * kChunks * 8;
+          // With 8 vectors, two independent chains of 4 (integer sums are exact in any order).
+          MI part = dot16(w, xk, g == 0 ? mi_set1_32(xq.off[at]) : dot[r]);
+          for (int q = 1; q < kChunks / 2; ++q) part = mi_add32(part, dot16(w + 4 * q, xk + 16 * q, mi_zero()));
+          dot[r] = part;
         }
+      }
+      const MF sw = mf_scales(scales + b * kTile + h * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (m0 + r) * nb + b;
+        acc[h][r] = mf_fmadd(mf_mul(mf_cvt(dot[r]), mf_set1(xq.sx[at])), sw, acc[h][r]);
       }
     }
   }
+  const int cols = static_cast<int>(std::min<int64_t>(kTile, n - n0));
   alignas(64) float buf[kTile];
-  for (int t = 0; t < T; ++t) {
-    const int64_t nt = n0 + t * kTile;
-    const int cols = static_cast<int>(std::min<int64_t>(kTile, n - nt));
-    for (int r = 0; r < R; ++r) {
-      for (int h = 0; h < kHalves; ++h) mf_store(buf + h * kLanes, acc[t][h][r]);
-      for (int f = 0; f < cols; ++f) out.store(m0 + r, nt + f, buf[f]);
-    }
+  for (int r = 0; r < R; ++r) {
+    for (int h = 0; h < kHalves; ++h) mf_store(buf + h * kLanes, acc[h][r]);
+    for (int f = 0; f < cols; ++f) out.store(m0 + r, n0 + f, buf[f]);
   }
 }
-
-#ifndef SPECQD_MR_PAIR_ROWS
-#define SPECQD_MR_PAIR_ROWS 2
-#endif
-// Up to this many rows, tiles go in pairs (two weight streams in flight); measured on Zen 4.
-constexpr int kPairRows = SPECQD_MR_PAIR_ROWS;
 
 // The last `rest` (< kRowsMax) rows as one pass of exactly that many.
 template <int R>
 static void tile_rest(int rest, const uint8_t* codes, const uint8_t* scales, const QuantRows& xq, int64_t m0,
                       int64_t n0, int64_t n, const OutputRows& out) {
   if constexpr (R >= 1) {
-    if (rest == R) return tile_rows<R, 1>(codes, scales, xq, m0, n0, n, out);
+    if (rest == R) return tile_rows<R>(codes, scales, xq, m0, n0, n, out);
     return tile_rest<R - 1>(rest, codes, scales, xq, m0, n0, n, out);
-  }
-}
-
-template <int R>
-static void pair_rows(int rows, const uint8_t* codes, const uint8_t* scales, const QuantRows& xq, int64_t n0,
-                      int64_t n, const OutputRows& out) {
-  if constexpr (R >= 1) {
-    if (rows == R) return tile_rows<R, 2>(codes, scales, xq, 0, n0, n, out);
-    return pair_rows<R - 1>(rows, codes, scales, xq, n0, n, out);
   }
 }
 
@@ -229,16 +203,11 @@ static void pair_rows(int rows, const uint8_t* codes, const uint8_t* scales, con
 static void gemm_tiles(const uint8_t* codes, const uint8_t* scales, const QuantRows& xq, int64_t m, int64_t n,
                        int64_t t_begin, int64_t t_end, const OutputRows& out) {
   const int64_t nb = xq.nblocks;
-  int64_t t = t_begin;
-  if (m <= kPairRows)
-    for (; t + 2 <= t_end; t += 2)
-      pair_rows<(kPairRows > 0 ? kPairRows : 1)>(static_cast<int>(m), codes + t * nb * kTileCodes,
-                                                   scales + t * nb * kTile, xq, t * kTile, n, out);
-  for (; t < t_end; ++t) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
     const uint8_t* ct = codes + t * nb * kTileCodes;
     const uint8_t* st = scales + t * nb * kTile;
     int64_t m0 = 0;
-    for (; m0 + kRowsMax <= m; m0 += kRowsMax) tile_rows<kRowsMax, 1>(ct, st, xq, m0, t * kTile, n, out);
+    for (; m0 + kRowsMax <= m; m0 += kRowsMax) tile_rows<kRowsMax>(ct, st, xq, m0, t * kTile, n, out);
     if (m > m0) tile_rest<kRowsMax - 1>(static_cast<int>(m - m0), ct, st, xq, m0, t * kTile, n, out);
   }
 }
