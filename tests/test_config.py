@@ -58,7 +58,7 @@ def test_adaptive_forms():
         (specqd(adaptive={"enabled": "on"}), "'adaptive.enabled' must be true or false"),
         (specqd(adaptive={"min_gain": -0.1}), "'adaptive.min_gain' must be a number in 0..10"),
         (specqd(adaptive={"min_gain": "5%"}), "'adaptive.min_gain' must be a number in 0..10"),
-        (specqd(adaptive={"policy": "oracle"}), "'adaptive.policy' must be one of ['cost', 'random']"),
+        (specqd(adaptive={"policy": "oracle"}), "'adaptive.policy' must be one of ['cost', 'random', 'off']"),
         (specqd(adaptive={"reprobe_after": 0}), "'adaptive.reprobe_after' must be in 1..4096"),
         (specqd(drafts={}), "'drafts' is not a known key"),
         (specqd(draft={"bits": 4}), "'draft.bits' is not a known key"),
