@@ -247,7 +247,7 @@ def brute_force_rate(policy: AdaptivePolicy, req_ids, caps) -> float:
     best = 0.0
     for ks in itertools.product(*[range(c + 1) for c in caps]):
         tokens = rows + sum(float(p[i][:k].sum()) for i, k in enumerate(ks))
-        seconds = float(policy._seconds(rows, sum(ks), max(ks)))
+        seconds = float(policy.cost.seconds(rows, sum(ks), max(ks)))
         best = max(best, tokens / seconds)
     return best
 
@@ -302,7 +302,7 @@ def _probe_rounds(batch_share: float, monkeypatch) -> list:
     req_ids = [f"r{i}" for i in range(16)]
     policy = policy_with(**settings, acceptance={r: 0.0 for r in req_ids})
     for i, r in enumerate(req_ids):  # staggered: the requests joined on different steps
-        policy._off_steps[r] = i % 8
+        policy.probes._off_steps[r] = i % 8
     rounds = [policy.decide(slots(*req_ids)) for _ in range(64)]
     assert all(max(d.k) <= 1 for d in rounds)
     assert sum(d.probes for d in rounds) >= 16  # every request got probed
@@ -431,9 +431,9 @@ def test_drafting_rows_cost_is_learned_per_drafted_token():
         k = [int(x) for x in rng.integers(0, rng.integers(1, K + 1) + 1, size=8)]  # rounds of 1..K passes
         if max(k):
             observe_round(policy, k, max(k) * 0.002 + 0.0004 * sum(k))
-    r, c, d = policy.draft_coefficients()
+    r, c, d = policy.cost.draft_coefficients()
     assert r < 0.1 * 0.002 and c == pytest.approx(0.002, rel=0.05) and d == pytest.approx(0.0004, rel=0.05)
-    assert float(policy._draft_seconds(8, 10, 3)) == pytest.approx(3 * 0.002 + 10 * 0.0004, rel=0.02)
+    assert float(policy.cost.draft_seconds(8, 10, 3)) == pytest.approx(3 * 0.002 + 10 * 0.0004, rel=0.02)
     with pytest.raises(ValueError, match="min_passes"):
         AdaptivePolicy(AdaptiveSettings(max_k=K, min_passes=1, passes_run_drafting_rows_only=True))
 
@@ -569,7 +569,7 @@ def test_a_measured_row_cost_lets_a_batch_draft_that_was_only_seen_at_one_row():
             trust_growth=0,  # (what the trust region does with a first full batch: its own test)
         )
         if row_cost is not None:
-            policy.set_draft_row_cost(row_cost)
+            policy.cost.set_draft_row_cost(row_cost)
         return policy.decide(slots(*range(16)))
 
     assert sum(decide(None).k) == 0
@@ -597,6 +597,6 @@ def test_requests_off_for_cost_alone_are_not_probed():
     caps = np.full(2, K)
     probed = set()
     for _ in range(3 * policy.settings.reprobe_after):
-        k_round, probes = policy._reprobe(slots("healthy", "collapsed"), caps, k.copy(), may_pay=True)
+        k_round, probes = policy.probes.reprobe(slots("healthy", "collapsed"), caps, k.copy(), may_pay=True)
         probed |= {r for r, kr in zip(("healthy", "collapsed"), k_round) if kr}
     assert probed == {"collapsed"}

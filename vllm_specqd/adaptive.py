@@ -379,36 +379,19 @@ class AdaptiveStats:
     step_seconds: float = 0.0  # measured target steps + drafting, for the decision's share
 
 
-class AdaptivePolicy:
-    def __init__(self, settings: AdaptiveSettings):
-        if settings.policy not in POLICIES:
-            raise ValueError(f"unknown adaptive policy {settings.policy!r}; one of {POLICIES}")
-        if settings.passes_run_drafting_rows_only and settings.min_passes:
-            raise ValueError("a pass that must run anyway (min_passes) covers the whole batch")
-        self.settings = settings
-        self.target = LineFit(settings.cost_decay)  # seconds per step vs scheduled tokens
-        # A drafting round's seconds: round + c * passes + d * (drafted tokens, or passes * rows).
-        self.draft = LinearFit(settings.cost_decay, features=2, intercept_weight=settings.draft_round_prior_weight)
-        acceptance = (
-            settings.max_k,
-            settings.prior_acceptance,
-            settings.global_acceptance_decay,
-            settings.prior_acceptance_weight,
-            settings.acceptance_offset_variance,
-            settings.acceptance_offset_drift,
-            settings.acceptance_optimism,
-        )
-        self.acceptance, self.ngram_acceptance = AcceptanceModel(*acceptance), AcceptanceModel(*acceptance)
-        self.stats = AdaptiveStats(k_histogram=[0] * (settings.max_k + 1))
-        self.last: Decision | None = None
-        self.measured_drafts = 0  # the most tokens a round drafted and had timed: the trust region's base
-        self._off_steps: dict[Hashable, int] = {}  # consecutive k = 0 steps
-        self._probe_wait: dict[Hashable, int] = {}
-        self._idle_rounds, self._idle_wait = 0, settings.reprobe_after  # rounds nobody drafted; _idle_probe
-        self._first_rates: np.ndarray | None = None  # [rows] this decision's first-position rates
-        self._rng = np.random.default_rng(settings.seed)
+class CostModel:
+    """A round's seconds: the target step's line (seconds vs scheduled tokens) and the draft round's
+    line (round + pass * passes + row * drafted tokens, or passes * rows); docs/design.md."""
 
-    # ------------------------------------------------------------------ measurements
+    def __init__(self, settings: AdaptiveSettings):
+        self.settings = settings
+        self.target = LineFit(settings.cost_decay)
+        self.draft = LinearFit(settings.cost_decay, features=2, intercept_weight=settings.draft_round_prior_weight)
+        self.measured_drafts = 0  # the most tokens a round drafted and had timed: the trust region's base
+
+    @property
+    def ready(self) -> bool:
+        return self.target.ready and self.draft.ready
 
     def set_draft_row_cost(self, seconds_per_row: float) -> None:
         """A measured cost of one more row in a draft pass: the slope's prior until rows vary."""
@@ -420,12 +403,7 @@ class AdaptivePolicy:
         r, c, d = self.draft.coefficient_tuple()
         return r, c, d
 
-    def observe_target(self, tokens: int, seconds: float) -> None:
-        self.target.observe(tokens, seconds)
-        self.stats.step_seconds += seconds
-
     def observe_draft(self, decision: Decision, seconds: float) -> None:
-        """The round that ran ``decision`` drafted for ``seconds``."""
         rows = len(decision.k)
         if decision.passes > 0 and rows > 0:
             drafted = sum(k for k, ngram in zip(decision.k, decision.ngram or [False] * rows) if not ngram)
@@ -434,88 +412,16 @@ class AdaptivePolicy:
             else:
                 self.draft.observe((decision.passes, decision.passes * rows), seconds)
             self.measured_drafts = max(self.measured_drafts, sum(decision.k))
-        self.stats.step_seconds += seconds
 
-    def observe(self, outcomes: Sequence[Outcome]) -> None:
-        for outcome in outcomes:
-            (self.ngram_acceptance if outcome.ngram else self.acceptance).observe(outcome)
-
-    def forget(self, req_id: Hashable) -> None:
-        self.acceptance.forget(req_id)
-        self.ngram_acceptance.forget(req_id)
-        self._off_steps.pop(req_id, None)
-        self._probe_wait.pop(req_id, None)
-
-    # ------------------------------------------------------------------ the decision
-
-    def decide(self, slots: Sequence[RequestSlot]) -> Decision:
-        started = time.perf_counter()
-        self.acceptance.rounds += 1
-        self.ngram_acceptance.rounds += 1
-        caps = np.fromiter((min(max(s.cap, 0), self.settings.max_k) for s in slots), dtype=np.int64, count=len(slots))
-        rows = len(slots)
-        ngram_len = np.fromiter((min(s.ngram, c) for s, c in zip(slots, caps.tolist())), dtype=np.int64, count=rows)
-        use_ngram = np.zeros(rows, dtype=bool)
-        explore = self.settings.explore_every > 0 and (self.stats.steps + 1) % self.settings.explore_every == 0
-        if self.settings.policy == "off":
-            k, expected = np.zeros(rows, dtype=np.int64), (rows + 0.0, 0.0)
-        elif self.settings.policy == "random":
-            k = self._rng.integers(0, caps + 1) if rows else caps
-            use_ngram = (ngram_len > 0) & (self._rng.random(rows) < 0.5)
-            expected = (rows + 0.0, 0.0)
-        elif self.stats.steps < self.settings.warmup_steps:  # legacy: everyone drafts K to measure
-            k, expected = caps.copy(), (rows + 0.0, 0.0)
-            use_ngram = (ngram_len > 0) & bool(self.stats.steps % 2)  # and the n-gram proposals
-        elif not (self.target.ready and self.draft.ready):
-            k, expected = self._startup_probe(caps), (rows + 0.0, 0.0)
-            use_ngram[np.flatnonzero((ngram_len > 0) & (k == 0))[:1]] = True  # and one n-gram proposal
-        else:
-            k, expected = self._best_k(slots, caps)
-            if ngram_len.any():
-                use_ngram, k, expected = self._with_ngram(slots, caps, k, expected, ngram_len)
-                if explore and not use_ngram.any():  # keep the n-gram estimates measured, a few rows at a time
-                    use_ngram = self._ngram_explore(ngram_len, k, rows, caps)
-            k = self._explore(caps * ~use_ngram, k, explore)
-        k = np.where(use_ngram, ngram_len, k)
-        may_pay = None  # probes_may_pay(), computed once and only if a probe is due
-
-        def probes_may_pay() -> bool:
-            nonlocal may_pay
-            if may_pay is None:
-                may_pay = self.settings.policy != "off" and (
-                    self.settings.policy == "random" or not self.target.ready or self._drafting_could_pay(rows, caps)
-                )
-            return may_pay
-
-        chose_drafts = bool(k.any())
-        first = self._first_rates if self._first_rates is not None and len(self._first_rates) == rows else None
-        k, probes = self._reprobe(slots, caps, k, probes_may_pay, first)
-        if self.settings.policy == "cost" and self.target.ready and self.draft.ready:
-            k, cost_probes = self._idle_probe(slots, caps, k, chose_drafts, probes_may_pay, first)
-            probes += cost_probes
-        self._first_rates = None
-        draft_k = np.where(use_ngram, 0, k)
-        passes = max(int(draft_k.max()), self.settings.min_passes) if rows and self.settings.policy != "off" else 0
-        decision = Decision(
-            k=k.tolist(),
-            ngram=use_ngram.tolist(),
-            passes=passes,
-            probes=probes,
-            expected_tokens=expected[0],
-            expected_seconds=expected[1],
-            plain_seconds=float(self._seconds(rows, 0, self.settings.min_passes)) if self.target.ready else 0.0,
-            decision_seconds=time.perf_counter() - started,
-        )
-        self._count(decision, caps)
-        self.last = decision
-        return decision
-
-    def _seconds(self, rows: int, drafts: float | np.ndarray, passes: int | np.ndarray, verified_anyway: int = 0):
+    def seconds(self, rows: int, drafts: float | np.ndarray, passes: int | np.ndarray, verified_anyway: int = 0):
         """A round of ``passes`` draft passes drafting ``drafts`` tokens in all, then its target step
         (which also verifies ``verified_anyway`` n-gram tokens)."""
-        return self.target.predict(rows + verified_anyway + drafts) + self._draft_seconds(rows, drafts, passes)
+        return self.target.predict(rows + verified_anyway + drafts) + self.draft_seconds(rows, drafts, passes)
 
-    def _draft_seconds(self, rows: int, drafts, passes):
+    def plain_seconds(self, rows: int, verified_anyway: int = 0) -> float:
+        return float(self.seconds(rows, 0, self.settings.min_passes, verified_anyway))
+
+    def draft_seconds(self, rows: int, drafts, passes):
         if not self.draft.ready:
             return 0.0 * np.asarray(passes)
         r, c, d = self.draft_coefficients()
@@ -530,111 +436,13 @@ class AdaptivePolicy:
         passes = np.maximum(passes, self.settings.min_passes)
         return np.where(passes > 0, r + passes * (c + d * rows), 0.0)
 
-    def _startup_probe(self, caps: np.ndarray) -> np.ndarray:
-        """Before both cost lines have a measurement: ``startup_probe_rows`` rows draft (their cap; two
-        with passes over the whole batch, which every row pays for), the others none."""
-        k = np.zeros_like(caps)
-        depth = caps if self.settings.passes_run_drafting_rows_only else np.minimum(caps, 2)
-        probes = np.flatnonzero(caps > 0)[: self.settings.startup_probe_rows]
-        k[probes] = depth[probes]
-        return k
-
-    def _ngram_explore(self, ngram_len: np.ndarray, k: np.ndarray, rows: int, caps: np.ndarray) -> np.ndarray:
-        """On an exploring round where no proposal was sent: those of up to an eighth of the batch (at
-        least one) of the rows that draft nothing, if drafting could pay at all."""
-        candidates = np.flatnonzero((ngram_len > 0) & (k == 0))
-        use = np.zeros(rows, dtype=bool)
-        if len(candidates) and self._drafting_could_pay(rows, caps):
-            use[candidates[: max(1, math.ceil(rows * NGRAM_EXPLORE_SHARE))]] = True
-        return use
-
     def draft_limit(self) -> float:
         """The most tokens a round may draft: ``trust_growth`` times the most a timed round drafted."""
         if self.settings.trust_growth <= 0:
             return math.inf
         return max(self.settings.max_k, self.settings.trust_growth * self.measured_drafts)
 
-    def _best_k(
-        self, slots: Sequence[RequestSlot], caps: np.ndarray, ngram: tuple[int, float] = (0, 0.0)
-    ) -> tuple[np.ndarray, tuple[float, float]]:
-        """Per request k maximising expected committed tokens per second (docs/design.md, "Adaptive speculation").
-
-        ``ngram``: (tokens, expected gain) of the n-gram proposals this step sends anyway."""
-        rows, max_k = len(slots), self.settings.max_k
-        k = np.zeros(rows, dtype=np.int64)
-        ngram_tokens, ngram_gain = ngram
-        base = rows + ngram_gain  # expected tokens before any MXFP4 draft
-        plain = (float(base), float(self._seconds(rows, 0, self.settings.min_passes, ngram_tokens)))
-        if not rows or not caps.any():
-            return k, plain
-        rates = self.acceptance.of_many([s.req_id for s in slots])  # [rows, K]
-        self._first_rates = rates[:, 0]
-        p = np.cumprod(rates, axis=1)  # [rows, K] P(drafts 1..j all accepted)
-        depth = np.broadcast_to(np.arange(1, max_k + 1), p.shape)
-        valid = depth <= caps[:, None]
-        p_items, depth_items = p[valid], depth[valid]
-        row_items = np.broadcast_to(np.arange(rows)[:, None], p.shape)[valid]
-        order = np.lexsort((depth_items, -p_items))  # best first; a request's positions stay in order
-        p_items, depth_items, row_items = p_items[order], depth_items[order], row_items[order]
-        # Every m (passes) at once: rows of [m, item] prefixes, items deeper than m skipped.
-        m = np.arange(1, int(caps.max()) + 1)[:, None]  # [M, 1]
-        allowed = depth_items[None, :] <= m  # [M, n]
-        gained = np.cumsum(np.where(allowed, p_items, 0.0), axis=1)
-        count = np.cumsum(allowed, axis=1)
-        allowed &= count <= self.draft_limit()
-        seconds = self._seconds(rows, count, m, ngram_tokens)
-        rate = np.where(allowed, (base + gained) / seconds, -1.0)
-        best_m, at = np.unravel_index(int(rate.argmax()), rate.shape)
-        if rate[best_m, at] < (1.0 + self.settings.min_gain) * plain[0] / plain[1]:
-            return k, plain
-        chosen = depth_items[: at + 1] <= best_m + 1
-        np.add.at(k, row_items[: at + 1][chosen], 1)
-        return k, (float(base + gained[best_m, at]), float(seconds[best_m, at]))
-
-    def _with_ngram(
-        self,
-        slots: Sequence[RequestSlot],
-        caps: np.ndarray,
-        k: np.ndarray,
-        expected: tuple[float, float],
-        ngram_len: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-        """The best of: MXFP4 drafts only (``k``, ``expected``), or n-gram proposals for a set of
-        requests and the best MXFP4 choice over the rest. Two sets are tried: every request whose
-        proposal pays for its verification at the plain rate, and of those the ones expected to
-        commit at least what their MXFP4 drafts would. Returns (use_ngram [rows] bool, k, expected)."""
-        rows = len(slots)
-        plain_rate = rows / float(self._seconds(rows, 0, self.settings.min_passes))
-        per_token_s = self.target.coefficients()[1]
-        gain_ngram = np.zeros(rows)
-        gain_draft = np.zeros(rows)
-        for i in np.flatnonzero(ngram_len):
-            gain_ngram[i] = float(np.cumprod(self.ngram_acceptance.of(slots[i].req_id)[: int(ngram_len[i])]).sum())
-            gain_draft[i] = float(np.cumprod(self.acceptance.of(slots[i].req_id)[: int(k[i])]).sum())
-        pays = (ngram_len > 0) & (
-            gain_ngram > (1.0 + self.settings.ngram_margin) * plain_rate * per_token_s * ngram_len
-        )
-        best = (np.zeros(rows, dtype=bool), k, expected)
-        best_rate = expected[0] / expected[1] if expected[1] > 0 else 0.0
-        for candidates in (pays, pays & (gain_ngram >= gain_draft)):
-            if not candidates.any():
-                continue
-            sent = (int(ngram_len[candidates].sum()), float(gain_ngram[candidates].sum()))
-            k_rest, expected_rest = self._best_k(slots, caps * ~candidates, sent)
-            rate = expected_rest[0] / expected_rest[1]
-            if rate > best_rate and rate >= (1.0 + self.settings.min_gain) * plain_rate:
-                best, best_rate = (candidates, k_rest, expected_rest), rate
-        return best
-
-    def _explore(self, caps: np.ndarray, k: np.ndarray, explore: bool) -> np.ndarray:
-        """One more draft for every drafting request on an exploring round."""
-        if not explore:
-            return k
-        deeper = (k > 0) & (k < caps)
-        self.stats.explorations += int(deeper.sum())
-        return k + deeper
-
-    def _drafting_could_pay(self, rows: int, caps: np.ndarray) -> bool:
+    def drafting_could_pay(self, rows: int, caps: np.ndarray) -> bool:
         """Whether one request, or every request, drafting j tokens that are all accepted would beat
         plain decoding: if not, the batch is too costly to draft whatever the acceptance, and probing
         it is waste."""
@@ -643,10 +451,44 @@ class AdaptivePolicy:
         j = np.arange(1, int(caps.max()) + 1)
         everyone = np.minimum(caps[:, None], j[None, :]).sum(axis=0)  # every row drafting up to j: passes shared
         drafts, passes = np.concatenate([j, everyone]), np.concatenate([j, j])
-        best = float(((rows + drafts) / self._seconds(rows, drafts, passes)).max())
-        return best > (1.0 + self.settings.min_gain) * rows / float(self._seconds(rows, 0, self.settings.min_passes))
+        best = float(((rows + drafts) / self.seconds(rows, drafts, passes)).max())
+        return best > (1.0 + self.settings.min_gain) * rows / self.plain_seconds(rows)
 
-    def _idle_probe(
+    def estimates(self) -> dict[str, float]:
+        out = {}
+        if self.target.ready:
+            out["target_step_s"], out["target_per_token_s"] = self.target.coefficients()
+        if self.draft.ready:
+            out["draft_round_s"], out["draft_pass_s"], out["draft_per_row_s"] = self.draft_coefficients()
+        return out
+
+
+class ProbeSchedule:
+    """Which requests the cost model's choice leaves at k = 0 draft anyway, to keep measuring: before
+    the cost lines exist (:meth:`startup`), requests whose acceptance collapsed (:meth:`reprobe`) and a
+    batch where nobody drafted for a while (:meth:`idle`)."""
+
+    def __init__(self, settings: AdaptiveSettings, acceptance: AcceptanceModel):
+        self.settings = settings
+        self.acceptance = acceptance
+        self._off_steps: dict[Hashable, int] = {}  # consecutive k = 0 steps
+        self._probe_wait: dict[Hashable, int] = {}
+        self._idle_rounds, self._idle_wait = 0, settings.reprobe_after  # rounds nobody drafted
+
+    def forget(self, req_id: Hashable) -> None:
+        self._off_steps.pop(req_id, None)
+        self._probe_wait.pop(req_id, None)
+
+    def startup(self, caps: np.ndarray) -> np.ndarray:
+        """Before both cost lines have a measurement: ``startup_probe_rows`` rows draft (their cap; two
+        with passes over the whole batch, which every row pays for), the others none."""
+        k = np.zeros_like(caps)
+        depth = caps if self.settings.passes_run_drafting_rows_only else np.minimum(caps, 2)
+        probes = np.flatnonzero(caps > 0)[: self.settings.startup_probe_rows]
+        k[probes] = depth[probes]
+        return k
+
+    def idle(
         self,
         slots: Sequence[RequestSlot],
         caps: np.ndarray,
@@ -660,7 +502,7 @@ class AdaptivePolicy:
         passes over the whole batch). A few unlucky first measurements can turn the cost model or the
         acceptance against drafting, and a batch that never drafts measures neither again. Each such
         probe that does not turn drafting back on doubles the wait (up to ``max_reprobe_after``);
-        drafting resets it. Collapsed requests are :meth:`_reprobe`'s."""
+        drafting resets it. Collapsed requests are :meth:`reprobe`'s."""
         if chose_drafts:
             self._idle_rounds, self._idle_wait = 0, self.settings.reprobe_after
             return k, 0
@@ -680,7 +522,7 @@ class AdaptivePolicy:
         self._idle_rounds, self._idle_wait = 0, min(2 * self._idle_wait, self.settings.max_reprobe_after)
         return k, 1
 
-    def _reprobe(
+    def reprobe(
         self,
         slots: Sequence[RequestSlot],
         caps: np.ndarray,
@@ -723,6 +565,206 @@ class AdaptivePolicy:
             self._probe_wait[req_id] = min(2 * wait, self.settings.max_reprobe_after)
         return k, len(due)
 
+
+class AdaptivePolicy:
+    def __init__(self, settings: AdaptiveSettings):
+        if settings.policy not in POLICIES:
+            raise ValueError(f"unknown adaptive policy {settings.policy!r}; one of {POLICIES}")
+        if settings.passes_run_drafting_rows_only and settings.min_passes:
+            raise ValueError("a pass that must run anyway (min_passes) covers the whole batch")
+        self.settings = settings
+        self.cost = CostModel(settings)
+        acceptance = (
+            settings.max_k,
+            settings.prior_acceptance,
+            settings.global_acceptance_decay,
+            settings.prior_acceptance_weight,
+            settings.acceptance_offset_variance,
+            settings.acceptance_offset_drift,
+            settings.acceptance_optimism,
+        )
+        self.acceptance, self.ngram_acceptance = AcceptanceModel(*acceptance), AcceptanceModel(*acceptance)
+        self.probes = ProbeSchedule(settings, self.acceptance)
+        self.stats = AdaptiveStats(k_histogram=[0] * (settings.max_k + 1))
+        self.last: Decision | None = None
+        self._first_rates: np.ndarray | None = None  # [rows] this decision's first-position rates
+        self._rng = np.random.default_rng(settings.seed)
+
+    # ------------------------------------------------------------------ measurements
+
+    def observe_target(self, tokens: int, seconds: float) -> None:
+        self.cost.target.observe(tokens, seconds)
+        self.stats.step_seconds += seconds
+
+    def observe_draft(self, decision: Decision, seconds: float) -> None:
+        """The round that ran ``decision`` drafted for ``seconds``."""
+        self.cost.observe_draft(decision, seconds)
+        self.stats.step_seconds += seconds
+
+    def observe(self, outcomes: Sequence[Outcome]) -> None:
+        for outcome in outcomes:
+            (self.ngram_acceptance if outcome.ngram else self.acceptance).observe(outcome)
+
+    def forget(self, req_id: Hashable) -> None:
+        self.acceptance.forget(req_id)
+        self.ngram_acceptance.forget(req_id)
+        self.probes.forget(req_id)
+
+    # ------------------------------------------------------------------ the decision
+
+    def decide(self, slots: Sequence[RequestSlot]) -> Decision:
+        started = time.perf_counter()
+        self.acceptance.rounds += 1
+        self.ngram_acceptance.rounds += 1
+        caps = np.fromiter((min(max(s.cap, 0), self.settings.max_k) for s in slots), dtype=np.int64, count=len(slots))
+        rows = len(slots)
+        ngram_len = np.fromiter((min(s.ngram, c) for s, c in zip(slots, caps.tolist())), dtype=np.int64, count=rows)
+        use_ngram = np.zeros(rows, dtype=bool)
+        explore = self.settings.explore_every > 0 and (self.stats.steps + 1) % self.settings.explore_every == 0
+        if self.settings.policy == "off":
+            k, expected = np.zeros(rows, dtype=np.int64), (rows + 0.0, 0.0)
+        elif self.settings.policy == "random":
+            k = self._rng.integers(0, caps + 1) if rows else caps
+            use_ngram = (ngram_len > 0) & (self._rng.random(rows) < 0.5)
+            expected = (rows + 0.0, 0.0)
+        elif self.stats.steps < self.settings.warmup_steps:  # legacy: everyone drafts K to measure
+            k, expected = caps.copy(), (rows + 0.0, 0.0)
+            use_ngram = (ngram_len > 0) & bool(self.stats.steps % 2)  # and the n-gram proposals
+        elif not self.cost.ready:
+            k, expected = self.probes.startup(caps), (rows + 0.0, 0.0)
+            use_ngram[np.flatnonzero((ngram_len > 0) & (k == 0))[:1]] = True  # and one n-gram proposal
+        else:
+            k, expected = self._best_k(slots, caps)
+            if ngram_len.any():
+                use_ngram, k, expected = self._with_ngram(slots, caps, k, expected, ngram_len)
+                if explore and not use_ngram.any():  # keep the n-gram estimates measured, a few rows at a time
+                    use_ngram = self._ngram_explore(ngram_len, k, rows, caps)
+            k = self._explore(caps * ~use_ngram, k, explore)
+        k = np.where(use_ngram, ngram_len, k)
+        may_pay = None  # probes_may_pay(), computed once and only if a probe is due
+
+        def probes_may_pay() -> bool:
+            nonlocal may_pay
+            if may_pay is None:
+                may_pay = self.settings.policy != "off" and (
+                    self.settings.policy == "random"
+                    or not self.cost.target.ready
+                    or self.cost.drafting_could_pay(rows, caps)
+                )
+            return may_pay
+
+        chose_drafts = bool(k.any())
+        first = self._first_rates if self._first_rates is not None and len(self._first_rates) == rows else None
+        k, probes = self.probes.reprobe(slots, caps, k, probes_may_pay, first)
+        if self.settings.policy == "cost" and self.cost.ready:
+            k, cost_probes = self.probes.idle(slots, caps, k, chose_drafts, probes_may_pay, first)
+            probes += cost_probes
+        self._first_rates = None
+        draft_k = np.where(use_ngram, 0, k)
+        passes = max(int(draft_k.max()), self.settings.min_passes) if rows and self.settings.policy != "off" else 0
+        decision = Decision(
+            k=k.tolist(),
+            ngram=use_ngram.tolist(),
+            passes=passes,
+            probes=probes,
+            expected_tokens=expected[0],
+            expected_seconds=expected[1],
+            plain_seconds=self.cost.plain_seconds(rows) if self.cost.target.ready else 0.0,
+            decision_seconds=time.perf_counter() - started,
+        )
+        self._count(decision, caps)
+        self.last = decision
+        return decision
+
+    def _ngram_explore(self, ngram_len: np.ndarray, k: np.ndarray, rows: int, caps: np.ndarray) -> np.ndarray:
+        """On an exploring round where no proposal was sent: those of up to an eighth of the batch (at
+        least one) of the rows that draft nothing, if drafting could pay at all."""
+        candidates = np.flatnonzero((ngram_len > 0) & (k == 0))
+        use = np.zeros(rows, dtype=bool)
+        if len(candidates) and self.cost.drafting_could_pay(rows, caps):
+            use[candidates[: max(1, math.ceil(rows * NGRAM_EXPLORE_SHARE))]] = True
+        return use
+
+    def _best_k(
+        self, slots: Sequence[RequestSlot], caps: np.ndarray, ngram: tuple[int, float] = (0, 0.0)
+    ) -> tuple[np.ndarray, tuple[float, float]]:
+        """Per request k maximising expected committed tokens per second (docs/design.md, "Adaptive speculation").
+
+        ``ngram``: (tokens, expected gain) of the n-gram proposals this step sends anyway."""
+        rows, max_k = len(slots), self.settings.max_k
+        k = np.zeros(rows, dtype=np.int64)
+        ngram_tokens, ngram_gain = ngram
+        base = rows + ngram_gain  # expected tokens before any MXFP4 draft
+        plain = (float(base), self.cost.plain_seconds(rows, ngram_tokens))
+        if not rows or not caps.any():
+            return k, plain
+        rates = self.acceptance.of_many([s.req_id for s in slots])  # [rows, K]
+        self._first_rates = rates[:, 0]
+        p = np.cumprod(rates, axis=1)  # [rows, K] P(drafts 1..j all accepted)
+        depth = np.broadcast_to(np.arange(1, max_k + 1), p.shape)
+        valid = depth <= caps[:, None]
+        p_items, depth_items = p[valid], depth[valid]
+        row_items = np.broadcast_to(np.arange(rows)[:, None], p.shape)[valid]
+        order = np.lexsort((depth_items, -p_items))  # best first; a request's positions stay in order
+        p_items, depth_items, row_items = p_items[order], depth_items[order], row_items[order]
+        # Every m (passes) at once: rows of [m, item] prefixes, items deeper than m skipped.
+        m = np.arange(1, int(caps.max()) + 1)[:, None]  # [M, 1]
+        allowed = depth_items[None, :] <= m  # [M, n]
+        gained = np.cumsum(np.where(allowed, p_items, 0.0), axis=1)
+        count = np.cumsum(allowed, axis=1)
+        allowed &= count <= self.cost.draft_limit()
+        seconds = self.cost.seconds(rows, count, m, ngram_tokens)
+        rate = np.where(allowed, (base + gained) / seconds, -1.0)
+        best_m, at = np.unravel_index(int(rate.argmax()), rate.shape)
+        if rate[best_m, at] < (1.0 + self.settings.min_gain) * plain[0] / plain[1]:
+            return k, plain
+        chosen = depth_items[: at + 1] <= best_m + 1
+        np.add.at(k, row_items[: at + 1][chosen], 1)
+        return k, (float(base + gained[best_m, at]), float(seconds[best_m, at]))
+
+    def _with_ngram(
+        self,
+        slots: Sequence[RequestSlot],
+        caps: np.ndarray,
+        k: np.ndarray,
+        expected: tuple[float, float],
+        ngram_len: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        """The best of: MXFP4 drafts only (``k``, ``expected``), or n-gram proposals for a set of
+        requests and the best MXFP4 choice over the rest. Two sets are tried: every request whose
+        proposal pays for its verification at the plain rate, and of those the ones expected to
+        commit at least what their MXFP4 drafts would. Returns (use_ngram [rows] bool, k, expected)."""
+        rows = len(slots)
+        plain_rate = rows / self.cost.plain_seconds(rows)
+        per_token_s = self.cost.target.coefficients()[1]
+        gain_ngram = np.zeros(rows)
+        gain_draft = np.zeros(rows)
+        for i in np.flatnonzero(ngram_len):
+            gain_ngram[i] = float(np.cumprod(self.ngram_acceptance.of(slots[i].req_id)[: int(ngram_len[i])]).sum())
+            gain_draft[i] = float(np.cumprod(self.acceptance.of(slots[i].req_id)[: int(k[i])]).sum())
+        pays = (ngram_len > 0) & (
+            gain_ngram > (1.0 + self.settings.ngram_margin) * plain_rate * per_token_s * ngram_len
+        )
+        best = (np.zeros(rows, dtype=bool), k, expected)
+        best_rate = expected[0] / expected[1] if expected[1] > 0 else 0.0
+        for candidates in (pays, pays & (gain_ngram >= gain_draft)):
+            if not candidates.any():
+                continue
+            sent = (int(ngram_len[candidates].sum()), float(gain_ngram[candidates].sum()))
+            k_rest, expected_rest = self._best_k(slots, caps * ~candidates, sent)
+            rate = expected_rest[0] / expected_rest[1]
+            if rate > best_rate and rate >= (1.0 + self.settings.min_gain) * plain_rate:
+                best, best_rate = (candidates, k_rest, expected_rest), rate
+        return best
+
+    def _explore(self, caps: np.ndarray, k: np.ndarray, explore: bool) -> np.ndarray:
+        """One more draft for every drafting request on an exploring round."""
+        if not explore:
+            return k
+        deeper = (k > 0) & (k < caps)
+        self.stats.explorations += int(deeper.sum())
+        return k + deeper
+
     def _count(self, decision: Decision, caps: np.ndarray) -> None:
         s = self.stats
         s.steps += 1
@@ -740,11 +782,7 @@ class AdaptivePolicy:
 
     def estimates(self) -> dict[str, float]:
         """The cost model's current numbers (seconds), for metrics and the log line."""
-        out = {}
-        if self.target.ready:
-            out["target_step_s"], out["target_per_token_s"] = self.target.coefficients()
-        if self.draft.ready:
-            out["draft_round_s"], out["draft_pass_s"], out["draft_per_row_s"] = self.draft_coefficients()
+        out = self.cost.estimates()
         last = self.last
         if last is not None and last.expected_seconds > 0:
             out["expected_tokens_per_s"] = last.expected_tokens / last.expected_seconds
@@ -803,10 +841,10 @@ class PolicyTrace:
             entry["ngram"] = [s.ngram for s in slots]
             entry["sent"] = [int(x) for x in decision.ngram]
         est = {}
-        if policy.target.ready:
-            est["target"] = list(policy.target.coefficients())
-        if policy.draft.ready:
-            est["draft"] = list(policy.draft_coefficients())
+        if policy.cost.target.ready:
+            est["target"] = list(policy.cost.target.coefficients())
+        if policy.cost.draft.ready:
+            est["draft"] = list(policy.cost.draft_coefficients())
         if decision.expected_seconds > 0:
             est["tokens"], est["seconds"] = decision.expected_tokens, decision.expected_seconds
             est["tok_s"] = decision.expected_tokens / decision.expected_seconds

@@ -105,7 +105,7 @@ class AdaptiveDrafter:
         with torch.inference_mode():
             one, many = time_linears(layers, 1), time_linears(layers, CALIBRATION_ROWS)
         per_row = max(0.0, (many - one) / (CALIBRATION_ROWS - 1))
-        self.policy.set_draft_row_cost(per_row)
+        self.policy.cost.set_draft_row_cost(per_row)
         logger.info(
             "specqd: adaptive: the draft's %d MXFP4 linears take %.1f ms at 1 row and %.1f ms at %d rows "
             "(%.2f ms per row, the cost model's prior)",
@@ -180,8 +180,8 @@ class AdaptiveDrafter:
         # What a step over this many tokens should take: the fitted line once it has data (it
         # includes the per-step overhead), before that the target's forward pass (CPU timers).
         reference = None
-        if self.policy.target.ready:
-            reference = float(self.policy.target.predict(tokens))
+        if self.policy.cost.target.ready:
+            reference = float(self.policy.cost.target.predict(tokens))
         elif self.target_timer is not None and self.target_timer.last_seconds is not None:
             reference = self.target_timer.last_seconds
         if reference is not None and gap > IDLE_GAP_FACTOR * reference + IDLE_GAP_SLACK_S:

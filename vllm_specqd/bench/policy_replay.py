@@ -296,7 +296,7 @@ def simulate(
     policy = None
     if chooser == "adaptive":
         policy = policy_factory(adaptive_settings)
-        policy.set_draft_row_cost(cost.draft_d * cost.calibration)
+        policy.cost.set_draft_row_cost(cost.draft_d * cost.calibration)
         choose = policy.decide
         name = "adaptive"
     else:
