@@ -47,11 +47,41 @@ def test_multilevel_accounting():
     )
     s = spec_stats.summarize(("MXFP4 self-draft", None), 4, _counters(), delta, generated_tokens=32, num_requests=2)
     level1, level2 = s["levels"]["1"], s["levels"]["2"]
-    assert level1["forward_passes"] == 12 + 30  # one shared first pass per round + level 2's windows
-    assert level1["passes_per_level1_draft_token"] == 42 / 48
+    assert level1["forward_passes"] == 30  # shared KV: d1 comes from level 1's first window; one pass per window
+    assert level1["passes_per_level1_draft_token"] == 30 / 48
     assert level2["proposer"] == "n-gram lookup" and "forward_passes" not in level2
     assert level2["acceptance_rate"] == 0.75
     assert level2["mean_accepted_length"] == (6 + 30) / 30
+    separate = spec_stats.summarize(
+        ("MXFP4 self-draft", None), 4, _counters(), delta, generated_tokens=32, num_requests=2, level1_first_pass=True
+    )
+    assert separate["levels"]["1"]["forward_passes"] == 12 + 30  # + vLLM's first pass each round (its own KV)
+
+
+def test_three_level_accounting_uses_each_levels_own_windows_and_cost():
+    delta = LevelReport(
+        levels={
+            1: LevelEntry(1, "MXFP4 self-draft", windows=30, timed_passes=20, pass_seconds=2.0, head_seconds=0.4),
+            2: LevelEntry(2, "model small", proposed_tokens=40, accepted_tokens=30, verify_windows=30, windows=44),
+            3: LevelEntry(3, "n-gram lookup", proposed_tokens=9, accepted_tokens=3, verify_windows=44),
+        },
+        target_passes=10,
+        target_pass_seconds=4.0,
+        target_head_seconds=1.0,
+    )
+    delta.levels[2].timed_passes, delta.levels[2].pass_seconds, delta.levels[2].head_seconds = 40, 0.8, 0.2
+    models = ("MXFP4 self-draft", "small model (MXFP4)", None)
+    s = spec_stats.summarize(models, 4, _counters(), delta, generated_tokens=32, num_requests=2)
+    level1, level2 = s["levels"]["1"], s["levels"]["2"]
+    assert (level1["forward_passes"], level2["forward_passes"]) == (30, 44)  # no catch-up pass of its own
+    # c with the lm_heads: level 1 (2.0 + 0.4) / 20 = 0.12 s, level 2 (0.8 + 0.2) / 40 = 0.025 s per pass;
+    # the target (4.0 + 1.0) / 10 = 0.5 s.
+    assert abs(level1["cost_ratio_c"] - 0.24) < 1e-12 and abs(level2["cost_ratio_c"] - 0.05) < 1e-12
+    assert abs(level2["ms_per_pass"] - 25.0) < 1e-9 and s["target_ms_per_pass"] == 500.0
+    assert delta.cost_ratios() == {1: delta.cost_ratio(1), 2: delta.cost_ratio(2)}
+    record = {"cost_ratio_c": level1["cost_ratio_c"], "levels": s["levels"]}
+    assert report._cost_cell(record) == "0.24 / 0.05"
+    assert "c(level/target)=L1:0.24,L2:0.05" in delta.summary()
 
 
 def test_no_speculation_takes_one_target_pass_per_token():
@@ -165,6 +195,13 @@ def test_datasets_and_methods(tmp_path):
     assert baseline_name(["ngram", "specqd-1"]) is None
     small = speculative_config(METHODS["specqd-small"], 6, tmp_path, tmp_path / "small")
     assert small["inner"]["num_speculative_tokens"] == 3 and small["inner"]["inner"]["num_speculative_tokens"] == 1
+    assert small["inner"]["quantization"] == "mxfp4"
+    two = speculative_config(METHODS["specqd-small-2"], 8, tmp_path, tmp_path / "small", inner_k=3)
+    assert two["inner"]["quantization"] == "mxfp4" and "inner" not in two["inner"]
+    unquantized = speculative_config(METHODS["specqd-small-bf16"], 6, tmp_path, tmp_path / "small")
+    assert "quantization" not in unquantized["inner"] and unquantized["inner"]["inner"]["method"] == "ngram"
+    for name in ("specqd-small", "specqd-small-2", "specqd-small-bf16"):
+        assert from_dict(speculative_config(METHODS[name], 6, tmp_path, tmp_path / "small")).levels()
     separate = speculative_config(METHODS["specqd-1-separate-kv"], 6, tmp_path, None, specqd_draft={"lm_head": "mxfp4"})
     assert separate["draft"] == {"lm_head": "mxfp4", "kv_cache": "separate"}
     adaptive = speculative_config(METHODS["specqd-adaptive"], 6, tmp_path, None, specqd_adaptive={"min_gain": 0.5})

@@ -57,11 +57,12 @@ class ToyModel:
             return _mix(self.seed, 2, checksum) % VOCAB
         return _mix(self.seed, 3, *tokens[-2:]) % VOCAB
 
-    def greedy_next_tokens(self, req_ids, windows, start_positions):
+    def greedy_next_tokens(self, req_ids, windows, start_positions, needed_from=None):
         assert len(req_ids) == len(windows) == len(start_positions) > 0
         self.calls.append(list(zip(req_ids, start_positions, windows)))
         out = []
-        for req_id, window, start in zip(req_ids, windows, start_positions):
+        needed_from = needed_from or [0] * len(windows)
+        for req_id, window, start, skip in zip(req_ids, windows, start_positions, needed_from):
             assert len(window) >= 1
             cache = self.cache.setdefault(req_id, [])
             assert 0 <= start <= len(cache), f"window at {start} skips unprocessed KV ({len(cache)})"
@@ -73,7 +74,8 @@ class ToyModel:
                 checksum = _mix(cache[-1][1] if cache else 0, int(token))
                 cache.append((int(token), checksum))
                 choices.append(self._choose([t for t, _ in cache[-2:]], checksum))
-            out.append(choices)
+            assert 0 <= skip < len(window), (skip, len(window))
+            out.append([-1] * skip + choices[skip:])  # unread choices: a wrong token, never a draft
         return out
 
     def plain_greedy(self, tokens, n: int) -> list[int]:
@@ -380,3 +382,25 @@ def test_ngram_matches_vllm():
         k = int(rng.integers(1, 6))
         expected = vllm_find(tokens, min_n, max_n, 1_000_000, k).tolist()
         assert find_ngram_continuation(tokens, min_n, max_n, k).tolist() == expected, (tokens.tolist(), min_n, max_n, k)
+
+
+def test_inner_level_catches_up_in_its_first_window_of_the_next_round():
+    """An inner level is never marked valid from outside: next round, its first window starts where
+    what it holds stops matching (the tokens it drafted and the level above kept cost nothing)."""
+    big = ToyModel(21)
+    small = ToyModel(22, parent=big, agreement=0.9)
+    inner = SpeculativeLevel(small, NgramProposer(1, 3, 1), 1, name="level2")
+    top = SpeculativeLevel(big, inner, 3)
+    context = RequestContext("r", np.array([1, 2, 3, 4, 1, 2]))
+    drafts = top.propose([context], [6])[0]
+    assert drafts == big.plain_greedy(context.tokens, 6)
+    held = inner.kv_tokens("r")
+    assert len(held) > len(context.tokens)  # it holds tokens it drafted itself
+    # The target keeps three drafts and samples its own token.
+    committed = np.concatenate([context.tokens, drafts[:3], [(drafts[3] + 1) % VOCAB]])
+    small.calls.clear()
+    assert top.propose([RequestContext("r", committed)], [4])[0] == big.plain_greedy(committed, 4)
+    (_, start, window), *_ = small.calls[0]
+    same = next((i for i, (a, b) in enumerate(zip(held, committed)) if a != b), min(len(held), len(committed)))
+    assert start == min(same, len(committed) - 1) > len(context.tokens)
+    assert window[: len(committed) - start] == committed[start:].tolist()  # the pending tokens, then guesses

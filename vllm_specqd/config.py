@@ -101,7 +101,7 @@ class ModelLevel:
     model: str  # a local HF checkpoint directory
     quantization: str | None = None  # "mxfp4": direct-cast its linears, as level 1's
     scale_rule: str = DEFAULT_SCALE_RULE
-    cpu_kernel: str = DEFAULT_CPU_KERNEL
+    cpu_kernel: str | None = None  # None: level 1's draft.cpu_kernel
     inner: InnerLevel | None = None
 
 
@@ -280,7 +280,7 @@ def _parse_inner(
     inner = None
     if raw.get("inner") is not None:
         inner = _parse_inner(raw["inner"], f"{path}.inner", k, seen, model_chain, check_paths)
-    cpu_kernel = _choice(raw, "cpu_kernel", f"{path}.cpu_kernel", CPU_KERNELS, DEFAULT_CPU_KERNEL)
+    cpu_kernel = _choice(raw, "cpu_kernel", f"{path}.cpu_kernel", CPU_KERNELS, None)
     return ModelLevel(k, model, quantization=quantization, scale_rule=scale_rule, cpu_kernel=cpu_kernel, inner=inner)
 
 

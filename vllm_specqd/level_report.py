@@ -27,12 +27,14 @@ PUBLISH_INTERVAL_S = 0.5
 SETTLE_TIMEOUT_S = 30.0
 COUNTERS = (
     "forward_passes",
+    "windows",
     "proposed_tokens",
     "accepted_tokens",
     "verify_windows",
     "verify_windows_without_proposal",
     "timed_passes",
     "pass_seconds",
+    "head_seconds",
 )
 KV_MODES = ("shared", "separate", "none")  # "none": an n-gram level holds no KV
 
@@ -48,16 +50,21 @@ class LevelEntry:
     kv_cache: str = "none"  # one of KV_MODES
     kv_bytes_per_token: int = 0  # KV bytes per token the level adds (0 when shared or "none")
     forward_passes: int | None = None  # model levels
+    windows: int | None = None  # model levels in a chain: (request, pass) pairs its model ran, first passes aside
     proposed_tokens: int | None = None  # levels >= 2
     accepted_tokens: int | None = None
     verify_windows: int | None = None
     verify_windows_without_proposal: int | None = None
     timed_passes: int | None = None  # model levels: forward passes timed (wall clock, in the worker)
     pass_seconds: float | None = None  # their total time
+    head_seconds: float | None = None  # the lm_head (compute_logits) after those passes, total
 
     @property
     def mean_pass_seconds(self) -> float | None:
-        return self.pass_seconds / self.timed_passes if self.timed_passes else None
+        """One forward pass, its lm_head included where timed."""
+        if not self.timed_passes:
+            return None
+        return (self.pass_seconds + (self.head_seconds or 0.0)) / self.timed_passes
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -164,6 +171,7 @@ class LevelReport:
     busy: bool = False  # the worker held requests when it wrote this: a final write follows when it empties
     target_passes: int | None = None  # the target's forward passes, timed like the levels'
     target_pass_seconds: float | None = None
+    target_head_seconds: float | None = None  # the target's lm_head (compute_logits), total
     adaptive: AdaptiveReport | None = None  # level 1's per-step draft lengths, when adaptive is on
     bf16_gemm_layers: int = 0  # the worker's linears on specqd's bf16 GEMM (adapter/target_gemm.py)
 
@@ -171,12 +179,26 @@ class LevelReport:
         """c: the level's mean forward pass over the target's mean forward pass, measured in the run.
 
         At batch 1 a level-1 pass drafts one token per request and a target pass verifies K + 1,
-        which is the ratio the speculative-decoding speedup formula takes."""
+        which is the ratio the speculative-decoding speedup formula takes. Any model level has one
+        (a small model's passes over the target's); None for an n-gram level. Passes count with
+        their lm_head (compute_logits) where the report has its time, the target's as a level's."""
         entry = self.levels.get(level)
         mean = entry.mean_pass_seconds if entry is not None else None
         if mean is None or not self.target_passes:
             return None
-        return mean / (self.target_pass_seconds / self.target_passes)
+        return mean / self.mean_target_pass_seconds
+
+    @property
+    def mean_target_pass_seconds(self) -> float | None:
+        """One target forward pass, its lm_head included where timed."""
+        if not self.target_passes:
+            return None
+        return (self.target_pass_seconds + (self.target_head_seconds or 0.0)) / self.target_passes
+
+    def cost_ratios(self) -> dict[int, float]:
+        """c of every model level whose passes were timed, by level."""
+        ratios = {number: self.cost_ratio(number) for number in sorted(self.levels)}
+        return {number: c for number, c in ratios.items() if c is not None}
 
     def passes_per_generated_token(self, level: int) -> float | None:
         passes = self.levels[level].forward_passes
@@ -198,6 +220,7 @@ class LevelReport:
             rounds=delta(self.rounds, before.rounds),
             target_passes=delta(self.target_passes, before.target_passes),
             target_pass_seconds=delta(self.target_pass_seconds, before.target_pass_seconds),
+            target_head_seconds=delta(self.target_head_seconds, before.target_head_seconds),
             adaptive=self.adaptive.minus(before.adaptive) if self.adaptive is not None else None,
         )
 
@@ -239,8 +262,8 @@ class LevelReport:
                 )
             parts.append(f"level{number}[{', '.join(bits)}]")
         prefix = f"generated={self.generated_tokens} " if self.generated_tokens is not None else ""
-        cost = self.cost_ratio(1)
-        suffix = f" c(level1/target)={cost:.2f}" if cost is not None else ""
+        costs = self.cost_ratios()
+        suffix = (" c(level/target)=" + ",".join(f"L{n}:{c:.2f}" for n, c in costs.items())) if costs else ""
         if self.adaptive is not None:
             suffix += " " + self.adaptive.summary()
         return prefix + " ".join(parts) + suffix

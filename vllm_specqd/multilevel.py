@@ -52,13 +52,17 @@ class WindowModel(Protocol):
         req_ids: Sequence[Hashable],
         windows: Sequence[Sequence[int]],
         start_positions: Sequence[int],
+        needed_from: Sequence[int] | None = None,
     ) -> list[list[int]]:
         """windows[i] are the tokens at positions start_positions[i] ..
         start_positions[i] + len(windows[i]) - 1 of request req_ids[i]. The
         model attends to its KV cache for the positions before
         start_positions[i] and writes KV for every window token (overwriting
         what was there). Returns, for each window token, the model's greedy
-        choice for the position after it (same ragged shape as `windows`)."""
+        choice for the position after it (same ragged shape as `windows`).
+        ``needed_from[i]``: the choices of window i's first needed_from[i] tokens
+        are not read (tokens only caught up into KV); the model may skip them
+        (their logits) and put any value there."""
         ...
 
 
@@ -108,6 +112,12 @@ class SpeculativeLevel:
     asked about). A new context may differ from it after the level above
     rejected tokens; KV is reused up to their common prefix and everything
     after it is pending and goes into the next window again.
+
+    Across calls the level keeps what its KV holds: a level below level 1 catches up on the
+    tokens the levels above committed since its last call in its first window of the next call
+    (pending tokens), not in a pass of its own, so tokens it drafted itself and were kept cost it
+    nothing more. Whoever knows that the model's KV for a request is gone (blocks reallocated)
+    calls `forget`.
 
     Window cap: a request that has j of its n tokens asks the inner proposer
     for at most min(inner_max_tokens, n - j - 1) tokens, so no window writes KV
@@ -159,7 +169,9 @@ class SpeculativeLevel:
             kv_limits = [len(contexts[i].tokens) + max_new_tokens[i] - 1 for i in active]
             guesses = self._ask_inner(extended, still_needed)
             starts, windows = self._build_windows(extended, guesses, kv_limits)
-            greedy = self.model.greedy_next_tokens([c.req_id for c in extended], windows, starts)
+            # Pending tokens before a context's last one are only caught up: their choices are unread.
+            needed_from = [len(c.tokens) - 1 - start for c, start in zip(extended, starts)]
+            greedy = self.model.greedy_next_tokens([c.req_id for c in extended], windows, starts, needed_from)
             self.stats.forward_passes += 1
             assert len(greedy) == len(windows)
             for i, context, guess, start, window, choices in zip(active, extended, guesses, starts, windows, greedy):

@@ -1,7 +1,7 @@
 """One drafting round per function, each on a :class:`SpecQDProposer` and the target's step.
 
 ``shared_kv_round``: single-token level-1 passes over the target's own KV (QSpec).
-``chain_round``: ``first_pass`` gives d1, then the chain of inner levels gives d2..dK.
+``chain_round``: the chain of levels gives d1..dK (with a separate-KV level 1, ``first_pass`` gives d1).
 docs/design.md draws both. The proposer picks which one runs (``SpecQDProposer._pick_path``).
 """
 
@@ -75,15 +75,19 @@ def shared_kv_round(
 def chain_round(
     proposer, step: TargetStep, k: int, limits: list[int] | None = None
 ) -> torch.Tensor | list[list[int]]:  # [batch_size, k] int64, or per-request lists cut to ``limits``
-    """A first level-1 pass gives d1; the speculative chain continues every context + d1.
+    """The speculative chain drafts d1..dK for every committed context.
 
+    Shared KV: level 1's first window starts at the token the target just sampled (its KV is the
+    target's up to there), so d1 comes from the chain too. Separate KV: vLLM's first pass gives d1
+    and catches level 1's own KV up (``first_pass``); the chain continues every context + d1. Inner
+    model levels catch their own KV up in their first window (the tokens they do not hold yet).
     ``limits`` (adaptive): request i's drafts, d1 included. Greedy drafting makes d1..dK exactly
     what the MXFP4 draft alone gives, whatever the inner levels guess.
     """
     internals.begin_round(proposer, k)
     runner, chain, stats = proposer.runner, proposer.chain, proposer.stats
     contexts = step.committed_contexts(runner)
-    first = first_pass(proposer, step).tolist()
+    first = None if proposer.shared_kv else first_pass(proposer, step).tolist()
     req_ids = internals.batch_req_ids(runner, len(contexts))
     tables = block_tables(proposer, step)
     for window_model in [chain.model, *proposer.inner_window_models]:
@@ -91,48 +95,47 @@ def chain_round(
     discarded = internals.discarded_rows(runner, len(contexts))
     requests, wanted = [], []
     for i, (req_id, context) in enumerate(zip(req_ids, contexts)):
-        for level in chain.chain():
-            level.mark_kv_valid(req_id, context)
-        cap = 0 if discarded[i] else request_draft_cap(runner, req_id, k, len(context), proposer.max_model_len)
+        # Level 1's KV is exact for the committed context: the target's, but for the sampled token
+        # (shared), or its own after the first pass. Inner levels keep what they hold.
+        chain.mark_kv_valid(req_id, context if first is not None else context[:-1])
+        n = 0 if discarded[i] else request_draft_cap(runner, req_id, k, len(context), proposer.max_model_len)
         if limits is not None:
-            cap = min(cap, limits[i])
-        wanted.append(max(0, cap - 1))  # d2..dK
-        requests.append(RequestContext(req_id, np.append(context, first[i])))
+            n = min(n, limits[i])
+        if not discarded[i] and (limits is None or limits[i] > 0):
+            n = max(n, 1)  # d1 always, as one level drafts it
+        if first is None:
+            wanted.append(n)
+            requests.append(RequestContext(req_id, context))
+        else:
+            wanted.append(max(0, n - 1))  # d2..dK
+            requests.append(RequestContext(req_id, np.append(context, first[i])))
         stats.count_round(req_id, len(context), discarded[i])
     stats.forget_missing(req_ids)
-    rest = chain.propose(requests, wanted)
+    drafts = chain.propose(requests, wanted)
     stats.publish()
+    if first is not None:
+        drafts = [[first[i], *d] for i, d in enumerate(drafts)]
     if limits is not None:
-        return [[first[i], *rest[i]][: limits[i]] for i in range(len(contexts))]
-    drafts = [[first[i], *rest[i]] + [first[i]] * (k - 1 - len(rest[i])) for i in range(len(contexts))]
-    return torch.tensor(drafts, dtype=torch.int64, device=step.next_token_ids.device)
+        return [d[: limits[i]] for i, d in enumerate(drafts)]
+    pad = step.next_token_ids.tolist()  # rows with fewer than k drafts (cut by their budget, or discarded)
+    padded = [d + [d[0] if d else pad[i]] * (k - len(d)) for i, d in enumerate(drafts)]
+    return torch.tensor(padded, dtype=torch.int64, device=step.next_token_ids.device)
 
 
 def first_pass(proposer, step: TargetStep) -> torch.Tensor:  # [batch_size] d1 per request
-    """The round's first level-1 pass, which gives d1; inner models catch their own KV up.
-
-    With a shared KV the MXFP4 draft runs only the token the target just sampled; with a
-    separate KV it runs vLLM's first pass over the target's whole input (its KV must follow).
-    """
-    inputs = None
-    if not proposer.shared_kv or proposer.inner_window_models:
-        inputs = internals.first_pass_inputs(
-            proposer,
-            step.token_ids,
-            step.next_token_ids,
-            step.positions,
-            step.hidden_states,
-            step.token_indices_to_sample,
-            step.attn_metadata,
-            step.num_rejected,
-        )
-    if proposer.shared_kv:
-        proposer.level1_model.bind_batch({}, block_tables(proposer, step))
-        hidden = proposer.level1_model.decode_step(step.next_token_ids, step.sampled_positions, proposer.max_model_len)
-    else:
-        hidden = internals.run_first_pass(proposer, inputs, step.mm_embed_inputs)[inputs.sample_rows]
-    for window_model in proposer.inner_window_models:
-        window_model.forward_in_one_group(inputs.input_ids, inputs.positions, inputs.cad)
+    """vLLM's first pass of a separate-KV level 1 over the target's whole input: d1, and the
+    draft's own KV caught up on every kept row and the sampled token."""
+    inputs = internals.first_pass_inputs(
+        proposer,
+        step.token_ids,
+        step.next_token_ids,
+        step.positions,
+        step.hidden_states,
+        step.token_indices_to_sample,
+        step.attn_metadata,
+        step.num_rejected,
+    )
+    hidden = internals.run_first_pass(proposer, inputs, step.mm_embed_inputs)[inputs.sample_rows]
     proposer.stats.first_passes += 1
     return internals.greedy_sample(proposer, hidden)
 

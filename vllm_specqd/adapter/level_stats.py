@@ -34,7 +34,7 @@ class LevelStatsPublisher:
         path = report_path(vllm_config.instance_id)
         # Every TP rank drafts the same tokens; one of them reports.
         self.writer = ReportWriter(path if get_tensor_model_parallel_rank() == 0 else None)
-        self.first_passes = 0  # level-1 passes outside the inner chain (vLLM's loop or our first pass)
+        self.first_passes = 0  # level-1 passes outside the chain (one level's, or a separate-KV first pass)
         self.generated_tokens = 0
         self.rounds = 0
         self.levels: dict[int, LevelEntry] = {}  # what each level is and adds; counters come from snapshot()
@@ -43,19 +43,21 @@ class LevelStatsPublisher:
         self._last_log = float("-inf")  # the first report is logged at once
         self.target_timer: PassTimer | None = None  # forward-pass timers (CPU engines), see time_passes()
         self.level_timers: dict[int, PassTimer] = {}
+        self.head_timers: dict[int, HeadTimer] = {}  # level -> its lm_head's timer; 0: the target's
         self.adaptive = None  # the AdaptiveDrafter, when adaptive speculation is on
         atexit.register(_publish_at_exit, weakref.ref(self))
 
     def time_passes(self, target: nn.Module, levels: dict[int, nn.Module]) -> None:
-        """Time the target's and each model level's forward passes (for c); CPU only."""
+        """Time the target's and each model level's forward passes and lm_heads (for c); CPU only."""
         if next(target.parameters()).device.type != "cpu":
             return
         self.target_timer = PassTimer(target)
         self.level_timers = {level: PassTimer(model) for level, model in levels.items()}
+        self.head_timers = {0: HeadTimer(target), **{level: HeadTimer(model) for level, model in levels.items()}}
 
     def start_timing(self) -> None:
         """From the first drafting step on: warm-up and profiling passes are not counted."""
-        for timer in [self.target_timer, *self.level_timers.values()]:
+        for timer in [self.target_timer, *self.level_timers.values(), *self.head_timers.values()]:
             if timer is not None:
                 timer.enabled = True
 
@@ -95,8 +97,9 @@ class LevelStatsPublisher:
         levels = {number: replace(entry) for number, entry in self.levels.items()}
         levels[1].forward_passes = self.first_passes
         for depth, level in enumerate(self.chain.chain() if self.chain is not None else [], start=1):
-            # Inner models run every first pass too (their KV must follow the target's).
-            levels[depth].forward_passes = self.first_passes + level.stats.forward_passes
+            # Inner models run no pass outside the chain: they catch up in their own first window.
+            levels[depth].forward_passes = (self.first_passes if depth == 1 else 0) + level.stats.forward_passes
+            levels[depth].windows = level.stats.windows
             if depth + 1 not in levels:  # the innermost level is a model: nobody proposes to it
                 break
             s = level.stats
@@ -118,11 +121,14 @@ class LevelStatsPublisher:
             )
         for number, timer in self.level_timers.items():
             levels[number].timed_passes, levels[number].pass_seconds = timer.passes, timer.seconds
+            if number in self.head_timers:
+                levels[number].head_seconds = self.head_timers[number].seconds
         report = LevelReport(
             levels=levels, tracked_requests=self.tracked_requests(), bf16_gemm_layers=target_gemm.installed_count()
         )
         if self.target_timer is not None:
             report.target_passes, report.target_pass_seconds = self.target_timer.passes, self.target_timer.seconds
+            report.target_head_seconds = self.head_timers[0].seconds
         if self.chain is not None:
             report.generated_tokens, report.rounds = self.generated_tokens, self.rounds
         if self.adaptive is not None:
@@ -136,6 +142,27 @@ class LevelStatsPublisher:
         if report is not None and now - self._last_log >= LOG_INTERVAL_S:
             self._last_log = now
             logger.info("specqd levels: %s", report.summary())
+
+
+class HeadTimer:
+    """Wall time of a model's ``compute_logits`` (its lm_head) once :attr:`enabled`: part of a pass's
+    cost that the forward hooks of :class:`PassTimer` do not see (vLLM calls it after ``forward``)."""
+
+    def __init__(self, model: nn.Module):
+        self.enabled = False
+        self.seconds = 0.0
+        compute_logits = model.compute_logits
+
+        def timed(*args, **kwargs):
+            if not self.enabled:
+                return compute_logits(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return compute_logits(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        model.compute_logits = timed
 
 
 def _publish_at_exit(ref: weakref.ref) -> None:

@@ -91,6 +91,12 @@ class SpecQDProposer(DraftModelProposer):
             )
         if runner is not None:
             internals.on_request_removed(runner, self._forget_request)
+            internals.on_request_resumed(runner, self._forget_kv)
+
+    def _forget_kv(self, req_id: str) -> None:
+        """A preempted request resumed in new KV blocks: what the inner levels held of it is gone."""
+        if self.chain is not None:
+            self.chain.forget(req_id)
 
     def _forget_request(self, req_id: str) -> None:
         """vLLM dropped a request (finished or aborted): free its per-level state at once."""
@@ -188,10 +194,6 @@ class SpecQDProposer(DraftModelProposer):
                 self, window_model.layer_names, kv_cache_config, kernel_block_sizes
             )
             self._bind(window_model, window_model.layer_names, bindings)
-            window_model.first_pass_kv = internals.first_pass_kv(self)
-            window_model.block_table_of = lambda gid, num_reqs: internals.group_block_tables(
-                self.runner, [gid], num_reqs
-            )[gid]
             group_ids.update(binding.kv_cache_gid for binding in bindings)
             kv_bytes = internals.kv_bytes_per_token(self.vllm_config, window_model.layer_names)
             self.stats.set_level(level, kv_bytes_per_token=kv_bytes)

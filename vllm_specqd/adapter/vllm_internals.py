@@ -73,6 +73,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.worker.gpu_input_batch:InputBatch", "block_table", "v1/worker/gpu_input_batch.py:183"),
     Internal("vllm.v1.worker.block_table:BlockTable", "get_device_tensor", "v1/worker/block_table.py:188"),
     Internal(RUNNER, "_on_request_state_removed", "v1/worker/gpu_model_runner.py:1156"),
+    Internal(RUNNER, "_update_states", "v1/worker/gpu_model_runner.py:1172"),
+    Internal("vllm.v1.core.sched.output:CachedRequestData", "resumed_req_ids", "v1/core/sched/output.py:143"),
     # Adaptive speculation hands vLLM per-request draft lists of any length (adaptive_drafter.py):
     # the runner passes a list on as it is, cuts the draft probabilities to each request's count,
     # and the scheduler schedules each request's list, empty included.
@@ -262,16 +264,6 @@ def attention_bindings_by_group(
     return bindings
 
 
-def first_pass_kv(proposer: DraftModelProposer) -> tuple[int, int]:
-    """(KV cache group id, block size) of the metadata in vLLM's first drafting pass.
-
-    The runner hands a DraftModelProposer the common metadata of KV cache group 0 (the first
-    group's, gpu_model_runner.py:2517-2545), and set_inputs_first_pass recomputes its slot mapping
-    with the drafter's block size (llm_base_proposer.py:935-943, block_size set at :1768).
-    """
-    return 0, proposer.block_size
-
-
 def kv_bytes_per_token(vllm_config: VllmConfig, layer_names) -> int:
     """KV-cache bytes one token takes in the given layers' own KV: page_size_bytes / block_size of each
     layer's spec (Attention.get_kv_cache_spec, model_executor/layers/attention/attention.py:606;
@@ -446,6 +438,23 @@ def on_request_removed(runner, callback: Callable[[str], None]) -> None:
         callback(req_id)
 
     runner._on_request_state_removed = on_removed
+
+
+def on_request_resumed(runner, callback: Callable[[str], None]) -> None:
+    """Call ``callback(req_id)`` for each request resumed from preemption, before the runner's step
+    uses it: its KV blocks were freed and it got new ones (``req_state.block_ids`` replaced).
+
+    GPUModelRunner._update_states reads ``scheduler_output.scheduled_cached_reqs.resumed_req_ids``
+    (gpu_model_runner.py:1220, :1335, the block ids replaced at :1426); wrapped on this runner only.
+    """
+    update = runner._update_states
+
+    def update_states(scheduler_output):
+        for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+            callback(req_id)
+        return update(scheduler_output)
+
+    runner._update_states = update_states
 
 
 # ---------------------------------------------------------------- layers: KV sharing

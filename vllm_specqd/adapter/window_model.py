@@ -15,8 +15,7 @@ slot_mapping [bt[0,0]*16+5, +6, +7, bt[1,0]*16+9], in each KV cache group's bloc
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 import torch.nn as nn
@@ -44,11 +43,6 @@ class VllmWindowModel:
         self.device = device
         self.layer_names: list[str] = []
         self.kv_groups: list[AttentionBinding] = []
-        # Set with kv_groups where this model catches up from vLLM's first-pass inputs
-        # (forward_in_one_group): the KV cache group and block size that metadata was built for, and
-        # (group id, num_reqs) -> the running batch's block table in another group.
-        self.first_pass_kv: tuple[int, int] | None = None
-        self.block_table_of: Callable[[int, int], torch.Tensor] | None = None
         # Set per drafting round by bind_batch().
         self._row_of: dict[Hashable, int] = {}
         self._block_tables: dict[int, torch.Tensor] = {}  # KV cache group id -> [num_reqs, max_blocks]
@@ -80,52 +74,6 @@ class VllmWindowModel:
             slot_mapping=slot_mapping,
         ):
             return self.model(input_ids=input_ids, positions=positions, inputs_embeds=None)
-
-    def forward_in_one_group(
-        self,
-        input_ids: torch.Tensor,  # [num_tokens] int32
-        positions: torch.Tensor,  # [num_tokens] int64
-        cad: CommonAttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, hidden]
-        """A pass over vLLM's first-pass inputs, whose metadata is built for one KV cache group and
-        block size (``first_pass_kv``); this model's layers in other groups get that group's block
-        table and their slots in it (:meth:`_in_group`)."""
-        if len(self.kv_groups) == 1 and self.first_pass_kv is None:
-            return self.forward(input_ids, positions, {self.kv_groups[0].kv_cache_gid: cad})
-        cads = {
-            g.kv_cache_gid: cad
-            if (g.kv_cache_gid, g.block_size) == self.first_pass_kv
-            else self._in_group(cad, positions, g)
-            for g in self.kv_groups
-        }
-        return self.forward(input_ids, positions, cads)
-
-    def _in_group(
-        self,
-        cad: CommonAttentionMetadata,
-        positions: torch.Tensor,  # [num_tokens] int64, the tokens of cad's queries
-        kv_group: AttentionBinding,
-    ) -> CommonAttentionMetadata:
-        """``cad`` (same queries and sequence lengths) with ``kv_group``'s block table and slot mapping.
-
-        A token writes nowhere where vLLM's slot mapping says so (rejected rows, positions past
-        max_model_len); the others write slot bt[row, pos // size] * size + pos % size in the group's
-        block table bt, with its own block size. Example: requests of 3 and 2 tokens at positions
-        [7, 8, 9, 4, 5], block size 64: rows [0, 0, 0, 1, 1], slots [bt[0, 0] * 64 + 7, ..., bt[1, 0] * 64 + 5].
-        """
-        assert self.block_table_of is not None, (
-            f"{self.name}: no block tables for KV cache group {kv_group.kv_cache_gid}"
-        )
-        table = self.block_table_of(kv_group.kv_cache_gid, cad.num_reqs)
-        lens = (cad.query_start_loc_cpu[1:] - cad.query_start_loc_cpu[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(cad.num_reqs), lens).to(table.device)
-        size = kv_group.block_size
-        clamped = positions.long().clamp(max=self.vllm_config.model_config.max_model_len - 1).to(table.device)
-        block_ids = table[rows, clamped // size]
-        slot_mapping = (block_ids.to(self.device, torch.int64) * size + (clamped % size).to(self.device)).masked_fill(
-            cad.slot_mapping[: positions.shape[0]] == PADDING_SLOT_ID, PADDING_SLOT_ID
-        )
-        return dataclasses.replace(cad, block_table_tensor=table, slot_mapping=slot_mapping)
 
     def _cads(
         self,
@@ -207,7 +155,14 @@ class VllmWindowModel:
         req_ids: Sequence[Hashable],
         windows: Sequence[Sequence[int]],
         start_positions: Sequence[int],
+        needed_from: Sequence[int] | None = None,
     ) -> list[list[int]]:
+        """One pass over the windows (their KV written); the lm_head runs only on the rows whose
+        choices are read (from ``needed_from[i]`` on in window i), the others get -1.
+
+        Example: windows [p1 p2 c g1] and [c' g'] with needed_from [2, 0]: one 6-row pass, logits
+        for 4 rows (c, g1, c', g'); choices [[-1, -1, x, y], [u, v]].
+        """
         assert len(req_ids) == len(windows) == len(start_positions)
         lens = [len(w) for w in windows]
         assert min(lens) >= 1, lens
@@ -226,6 +181,15 @@ class VllmWindowModel:
         positions = positions_cpu.to(dev)
         cads = self._cads(rows[token_req], positions, None, len(lens), query_start_loc_cpu, seq_lens_cpu, rows)
         hidden = self.forward(input_ids_cpu.to(dev), positions, cads)
-        choices = self.model.compute_logits(hidden).argmax(dim=-1).tolist()
         bounds = query_start_loc_cpu.tolist()
-        return [choices[bounds[i] : bounds[i + 1]] for i in range(len(lens))]
+        skip = [0] * len(lens) if needed_from is None else [int(n) for n in needed_from]
+        assert all(0 <= n < length for n, length in zip(skip, lens)), (skip, lens)
+        if any(skip):
+            rows = torch.cat([torch.arange(bounds[i] + skip[i], bounds[i + 1]) for i in range(len(lens))])
+            hidden = hidden[rows.to(hidden.device)]
+        choices = self.model.compute_logits(hidden).argmax(dim=-1).tolist()
+        out, at = [], 0
+        for n, length in zip(skip, lens):
+            out.append([-1] * n + choices[at : at + length - n])
+            at += length - n
+        return out

@@ -16,7 +16,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from vllm_specqd.bench.methods import METHODS, parse_methods
+from vllm_specqd.bench.methods import DEFAULT_METHODS, METHODS, parse_methods
 
 QUICK = {"num_prompts": 2, "max_tokens": 16}
 
@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         "60%% (24) on HumanEval continuations",
     )
     p.add_argument("--dataset", choices=("humaneval", "chat", "both"), default="both")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {','.join(METHODS)}")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma list of: {','.join(METHODS)} (default: all but specqd-small-2 and specqd-small-bf16)",
+    )
     p.add_argument("--num-prompts", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument(
@@ -151,7 +155,7 @@ def _select_methods(args, parser):
     except ValueError as error:
         parser.error(str(error))
     if args.model and not args.small_model and any(m.needs_small_model for m in methods):
-        if args.methods != ",".join(METHODS):
+        if args.methods != ",".join(DEFAULT_METHODS):
             parser.error("specqd-small with --model needs --small-model (a same-tokenizer small checkpoint)")
         print("[bench] skipping specqd-small: --model given without --small-model")
         methods = [m for m in methods if not m.needs_small_model]

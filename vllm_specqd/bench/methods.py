@@ -64,8 +64,25 @@ METHODS: dict[str, Method] = {
             ("MXFP4 self-draft", "small model (MXFP4)", None),
             needs_small_model=True,
         ),
+        # The paper's configuration without its optional n-gram level, and the small model unquantized.
+        Method(
+            "specqd-small-2",
+            "specqd, two levels: MXFP4 self-draft <- small MXFP4 model",
+            ("MXFP4 self-draft", "small model (MXFP4)"),
+            needs_small_model=True,
+        ),
+        Method(
+            "specqd-small-bf16",
+            "specqd, three levels: MXFP4 self-draft <- small model in the run's dtype <- n-gram",
+            ("MXFP4 self-draft", "small model (run's dtype)", None),
+            needs_small_model=True,
+        ),
     )
 }
+SMALL_MODEL_METHODS = ("specqd-small", "specqd-small-2", "specqd-small-bf16")
+# What `bench` runs without --methods: every method but the small-model variants of the three-level
+# sweep (benchmarks/sweep_three_level.py), which only add engines to a default run.
+DEFAULT_METHODS = tuple(name for name in METHODS if name not in ("specqd-small-2", "specqd-small-bf16"))
 
 
 def method_named(name: str) -> Method | None:
@@ -147,16 +164,14 @@ def speculative_config(
         config["draft"] = {**config.get("draft", {}), "kv_cache": "separate"}
     if base in ("specqd-ngram", "specqd-adaptive-ngram"):
         config["inner"] = _ngram(inner)
-    elif base == "specqd-small":
+    elif base in SMALL_MODEL_METHODS:
         if small_dir is None:
-            raise ValueError("specqd-small needs a small same-tokenizer model (--small-model)")
-        config["inner"] = {
-            "method": "draft_model",
-            "model": str(small_dir),
-            "quantization": "mxfp4",
-            "num_speculative_tokens": inner,
-            "inner": _ngram(max(1, inner // 2)),
-        }
+            raise ValueError(f"{base} needs a small same-tokenizer model (--small-model)")
+        config["inner"] = {"method": "draft_model", "model": str(small_dir), "num_speculative_tokens": inner}
+        if base != "specqd-small-bf16":
+            config["inner"]["quantization"] = "mxfp4"
+        if base != "specqd-small-2":
+            config["inner"]["inner"] = _ngram(max(1, inner // 2))
     return config
 
 

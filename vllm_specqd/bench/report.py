@@ -30,7 +30,8 @@ OFFLINE_COLUMNS = {
     "L1 passes/draft tok": "forward passes of the level-1 draft model per level-1 draft token, per request: "
     "1.00 for one level (K passes for K tokens); below 1 when inner levels let one pass check several tokens",
     "c": "measured in the engine (specqd level report, CPU): the level-1 draft's mean forward pass over the "
-    "target's mean forward pass during the timed run (at batch 1: one drafted token vs one K+1-token verification)",
+    "target's mean forward pass during the timed run (at batch 1: one drafted token vs one K+1-token verification); "
+    "with inner model levels, each one's after it (L1 / L2 / ...: a small model's pass, lm_head included)",
     "+weights MiB": "weight bytes speculation adds over the target: for specqd what each level's model really "
     "added in the engine (level report: MXFP4 codes + scales, a small model's own embeddings and norms), a full "
     "copy of the checkpoint for draft_model",
@@ -52,6 +53,8 @@ LEVEL_COLUMNS = {
     "mean acc. len": "tokens the level above gains per verification (accepted + 1 bonus)",
     "passes/tok": "this level's model forward passes per generated token, per request (n-gram: none)",
     "passes/L1 draft tok": "the same per level-1 draft token",
+    "ms/pass": "model levels: the mean wall time of one forward pass (lm_head included), timed in the worker",
+    "c": "model levels: ms/pass over the target's mean forward pass in the same run",
     "per-position (L1)": "level 1 only: fraction of drafts whose i-th token was accepted, i = 1..K",
 }
 
@@ -138,13 +141,23 @@ def offline_cells(record: dict) -> dict[str, str]:
         "target passes/tok": fmt(record["target_passes_per_generated_token"]),
         "L1 passes/tok": fmt(level1.get("passes_per_generated_token"), none="-"),
         "L1 passes/draft tok": fmt(level1.get("passes_per_level1_draft_token"), none="-"),
-        "c": fmt(record.get("cost_ratio_c"), none="-"),
+        "c": _cost_cell(record),
         "+weights MiB": fmt(memory["added_weight_bytes"] / MiB, ".1f"),
         "+CPU copy MiB": fmt(memory["cpu_dequantized_copy_bytes"] / MiB, ".1f"),
         "KV": ", ".join(mode for mode in memory.get("kv_cache", {}).values() if mode != "none") or "-",
         "+KV B/tok": fmt(memory["added_kv_bytes_per_token"], "d"),
         "KV cap. tok": fmt(memory["kv_capacity_tokens"], "d"),
     }
+
+
+def _cost_cell(record: dict) -> str:
+    """Level 1's c, then each inner model level's: "0.18" or "0.21 / 0.07"."""
+    inner = [
+        entry.get("cost_ratio_c")
+        for level, entry in sorted(record.get("levels", {}).items())
+        if level != "1" and entry.get("cost_ratio_c") is not None
+    ]
+    return " / ".join(fmt(c, none="-") for c in [record.get("cost_ratio_c"), *inner])
 
 
 def offline_row(record: dict) -> list[str]:
@@ -165,6 +178,8 @@ def level_rows(record: dict) -> list[list[str]]:
                 fmt(entry["mean_accepted_length"]),
                 fmt(entry.get("passes_per_generated_token"), none="-"),
                 fmt(entry.get("passes_per_level1_draft_token"), none="-"),
+                fmt(entry.get("ms_per_pass"), ".1f", none="-"),
+                fmt(entry.get("cost_ratio_c"), none="-"),
                 per_pos or "-",
             ]
         )

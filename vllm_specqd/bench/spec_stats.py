@@ -19,9 +19,10 @@ requests; N requests, G generated tokens):
   (vLLM drafts for the whole batch before it retires finished requests).
 * passes of a model level, per request, over all R rounds: one level of
   drafting runs K passes per round (K * R); with inner levels, level L's model
-  runs the round's shared first pass plus one pass per window of the level
-  below it: R + W_{L+1}. Per level-1 draft token divides by K * R, so one
-  level gives exactly 1.
+  runs one pass per window of its own (``windows`` in the level report; older
+  reports: W_{L+1}, the windows that checked the level below's proposals),
+  plus, for a level 1 with its own KV, the round's first pass (R). Per
+  level-1 draft token divides by K * R, so one level gives exactly 1.
 * with inner levels the adapter drafts only the tokens a request can still
   use (its max_tokens budget) and pads the rest of the K slots; vLLM counts
   the padding as proposed and rejected, so near the end of each request
@@ -116,12 +117,21 @@ def drafting_rounds(c: SpecCounters, num_requests: int) -> int:
     return c.num_drafts + num_requests if c.num_drafts else 0
 
 
-def model_passes(level: int, num_levels: int, k: int, rounds: int, level_delta: LevelReport | None) -> int:
-    """Per-request forward passes of the model at ``level`` (see the module docstring)."""
+def model_passes(
+    level: int, num_levels: int, k: int, rounds: int, level_delta: LevelReport | None, first_pass: bool = False
+) -> int:
+    """Per-request forward passes of the model at ``level`` (see the module docstring).
+
+    ``first_pass``: level 1 runs a first pass of its own each round (its separate KV catches up)."""
     if num_levels == 1:
         return k * rounds
-    below = level_delta.levels.get(level + 1) if level_delta is not None else None
-    return rounds + ((below.verify_windows or 0) if below is not None else 0)
+    levels = level_delta.levels if level_delta is not None else {}
+    entry, below = levels.get(level), levels.get(level + 1)
+    if entry is not None and entry.windows is not None:
+        windows = entry.windows
+    else:
+        windows = (below.verify_windows or 0) if below is not None else 0
+    return (rounds if level == 1 and first_pass else 0) + windows
 
 
 def target_passes(c: SpecCounters, generated_tokens: int, num_requests: int) -> int:
@@ -136,10 +146,12 @@ def summarize(
     level_delta: LevelReport | None,
     generated_tokens: int,
     num_requests: int,
+    level1_first_pass: bool = False,
 ) -> dict:
     """Per-level acceptance and pass counts of one method's timed run (JSON-ready: level keys are strings).
 
-    ``level_delta``: the specqd level report's counter deltas over the run (None for other methods).
+    ``level_delta``: the specqd level report's counter deltas over the run (None for other methods);
+    its ``cost_ratio`` gives each model level's c. ``level1_first_pass``: a separate-KV level 1.
     """
     levels = {}
     rounds = drafting_rounds(counters, num_requests)
@@ -150,15 +162,21 @@ def summarize(
             entry = inner_acceptance(level_delta.levels.get(level) if level_delta is not None else None)
         entry["proposer"] = model or "n-gram lookup"
         if model is not None and model not in MODEL_FREE:
-            passes = model_passes(level, len(level_models), k, rounds, level_delta)
+            passes = model_passes(level, len(level_models), k, rounds, level_delta, level1_first_pass)
             entry["forward_passes"] = passes
+            timed = level_delta.levels.get(level) if level_delta is not None else None
+            entry["cost_ratio_c"] = level_delta.cost_ratio(level) if level_delta is not None else None
+            mean = timed.mean_pass_seconds if timed is not None else None
+            entry["ms_per_pass"] = 1e3 * mean if mean is not None else None
             entry["passes_per_generated_token"] = _ratio(passes, generated_tokens)
             entry["passes_per_level1_draft_token"] = _ratio(passes, k * rounds)
             entry["passes_per_round"] = _ratio(passes, rounds)
         levels[str(level)] = entry
     target = target_passes(counters, generated_tokens, num_requests)
+    target_seconds = level_delta.mean_target_pass_seconds if level_delta is not None else None
     return {
         "levels": levels,
+        "target_ms_per_pass": 1e3 * target_seconds if target_seconds is not None else None,
         "drafting_rounds": rounds,
         "target_passes": target,
         "target_passes_per_generated_token": _ratio(target, generated_tokens),
