@@ -1,13 +1,16 @@
 """`python -m vllm_specqd demo` (`make demo`): the bundled model with and without specqd, side by side.
 
-Offline `LLM.generate` over 6 HumanEval + 4 chat prompts (64 tokens, float32),
-greedy, four engines in turn: no speculation, vLLM's n-gram, specqd with one level
-and K drafts every step (the MXFP4 self-draft), and specqd's defaults with an n-gram
-level (adaptive: per request and step, plain decoding, MXFP4 drafts or the n-gram's
-proposal).
+Offline `LLM.generate` over 6 HumanEval + 4 chat prompts (64 tokens), greedy, one
+request at a time in bf16: the setting speculative decoding is for (the paper's: batch 1,
+a memory-bound decode step). Four engines in turn: no speculation, vLLM's n-gram, specqd
+with one level and K drafts every step (the MXFP4 self-draft), and specqd's defaults with
+an n-gram level (adaptive: per request and step, plain decoding, MXFP4 drafts or the
+n-gram's proposal). Engines run eagerly (`enforce_eager`): four compiled start-ups would
+take minutes; `bench` measures vLLM's default compiled mode.
 Prints tokens/s, acceptance (mean accepted length, per position, per level)
-and whether the outputs match no speculation token for token. Engines run with
-tcmalloc + libiomp5 preloaded, as vLLM's CPU docs ask (vllm_specqd/bench/preload.py).
+and whether the outputs match no speculation token for token (in bf16 a near-tie may
+flip; `--dtype float32` is token-identical). Engines run with tcmalloc + libiomp5
+preloaded, as vLLM's CPU docs ask (vllm_specqd/bench/preload.py).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=10, help="60%% HumanEval, 40%% chat")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=6, help="level-1 draft tokens per round")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--batch-size", type=int, default=4, help="prompts per generate call")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per generate call")
     return p
 
 
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = parse_methods(DEMO_METHODS)
     print(
         f"[demo] {target}: {n_code} HumanEval + {args.num_prompts - n_code} chat prompts, "
-        f"{args.max_tokens} tokens, K={args.k}, {args.dtype}; starting {len(methods)} engines in turn, "
+        f"{args.max_tokens} tokens, K={args.k}, {args.dtype}, batch {args.batch_size}, eager; "
+        f"starting {len(methods)} engines in turn, "
         f"LD_PRELOAD={os.environ.get('LD_PRELOAD') or '(none)'}"
     )
     records = run_methods(methods, prompts, settings)
