@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_specqd.bench.cpu_info import cpu_description
 from vllm_specqd.kernels import cpu_ops
 
 # hidden, q width, kv width, intermediate, layers; lm_head rows (vocab) or 0.
@@ -48,9 +48,6 @@ MODELS = {
 QUICK = dict(models="smollm2-135m", m="1,8", threads="1", reps=2, large_m="")
 ISAS = ("avx512vnni", "avx512bw", "avx2")
 NEVER = -1  # large_m of the multi-row op: no row count takes its dequantize + GEMM path
-# Cloud VMs often report just "AMD EPYC": name the core from family/model where known.
-_AMD_CORES = {(25, 1): "Zen 3 Milan", (25, 17): 'Zen 4 "Genoa"', (25, 160): "Zen 4c Bergamo", (26, None): "Zen 5"}
-CPUINFO_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile")
 
 
 @dataclass
@@ -108,29 +105,6 @@ def layer_shapes(spec: dict) -> list[tuple[int, int]]:
     if spec["vocab"]:
         shapes.append((spec["vocab"], h))
     return shapes
-
-
-def cpu_description() -> tuple[str, list[str]]:
-    """(model name with family/model numbers, the SIMD flags that matter here) from /proc/cpuinfo."""
-    name, family, model, flags = platform.processor() or platform.machine(), "", "", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name" and name in ("", platform.machine(), platform.processor()):
-                name = value
-            elif key == "cpu family" and not family:
-                family = value
-            elif key == "model" and not model:
-                model = value
-            elif key == "flags" and not flags:
-                have = set(value.split())
-                flags = [f for f in CPUINFO_FLAGS if f in have]
-    except OSError:
-        pass
-    if family:
-        core = _AMD_CORES.get((int(family), int(model)), _AMD_CORES.get((int(family), None), ""))
-        name += f", CPU family {family} model {model}" + (f" ({core})" if core and "AMD" in name else "")
-    return name, flags
 
 
 def time_pass(calls, reps: int) -> float:

@@ -414,3 +414,17 @@ def test_specqd_outputs_are_also_compared_with_no_speculation_on_the_same_gemm()
     lines = report.notes({"dtype": "bfloat16"}, records)
     assert any(line.startswith("specqd-1: token-identical to `none-specqd-gemm`") for line in lines)
     assert any("specqd-ngram (1)" in line for line in lines)
+
+
+def test_cpu_description_names_the_core_and_its_flags(tmp_path):
+    from vllm_specqd.bench.cpu_info import cpu_description
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+        "flags\t\t: fpu avx2 fma avx512f avx512bw avx512_bf16\n\nprocessor\t: 1\ncpu family\t: 99\n"
+    )
+    name, flags = cpu_description(info)
+    assert name.endswith('AMD EPYC, CPU family 25 model 17 (Zen 4 "Genoa")'), name
+    assert flags == ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"]
+    assert cpu_description(tmp_path / "missing")[1] == []

@@ -62,9 +62,11 @@ LEVEL_COLUMNS = {
 def machine_description() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    from vllm_specqd.bench.cpu_info import cpu_description
+
+    cpu, flags = cpu_description()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
+    return f"{cpu} ({' '.join(flags) or 'no AVX2'}), {os.cpu_count()} cores, {gpu}"
 
 
 def run_metadata(extra: dict) -> dict:
