@@ -42,7 +42,7 @@ MP = dict(distributed_executor_backend="mp", **TP_ENGINE)
 ONE_LEVEL = specqd_spec(K)
 NGRAM = specqd_spec(K, ngram_level(2))
 INSPECTED = ("model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.down_proj")
-TIMING_FIELDS = ("timed_passes", "pass_seconds")
+TIMING_FIELDS = ("timed_passes", "pass_seconds", "head_seconds")
 
 
 def cpu_worker_binding() -> str:
