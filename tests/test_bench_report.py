@@ -193,6 +193,8 @@ def test_datasets_and_methods(tmp_path):
     assert ordered == ["none", "none-specqd-gemm", "specqd-1", "ngram"]
     assert baseline_name(ordered) == "none" and baseline_name(ordered[1:]) == "none-specqd-gemm"
     assert baseline_name(["ngram", "specqd-1"]) is None
+    assert [m.name for m in parse_methods("none-again,specqd-off,none")] == ["none", "specqd-off", "none-again"]
+    assert speculative_config(METHODS["none-again"], 6, tmp_path, None) is None
     small = speculative_config(METHODS["specqd-small"], 6, tmp_path, tmp_path / "small")
     assert small["inner"]["num_speculative_tokens"] == 3 and small["inner"]["inner"]["num_speculative_tokens"] == 1
     assert small["inner"]["quantization"] == "mxfp4"

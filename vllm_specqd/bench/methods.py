@@ -14,6 +14,7 @@ from vllm_specqd.config import CPU_KERNELS
 
 NGRAM_LOOKUP = {"prompt_lookup_min": 2, "prompt_lookup_max": 5}
 SAME_GEMM_BASELINE = "none-specqd-gemm"  # no speculation with the bf16 GEMM specqd gives its targets
+NOISE_FLOOR = "none-again"
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("none", "no speculation", ()),
+        # `none` again, last in the run: how far the machine drifts between two identical engines.
+        Method(NOISE_FLOOR, "no speculation again, run after the other methods (the run's noise floor)", ()),
         # The same GEMM specqd gives the target where vLLM's oneDNN declines bf16 (adapter/target_gemm.py):
         # what no speculation gains from that kernel alone.
         Method(SAME_GEMM_BASELINE, "no speculation, specqd's bf16 GEMM", (), env=(("VLLM_SPECQD_BF16_GEMM", "all"),)),
@@ -82,7 +85,7 @@ METHODS: dict[str, Method] = {
 SMALL_MODEL_METHODS = ("specqd-small", "specqd-small-2", "specqd-small-bf16")
 # What `bench` runs without --methods: every method but the small-model variants of the three-level
 # sweep (benchmarks/sweep_three_level.py), which only add engines to a default run.
-DEFAULT_METHODS = tuple(name for name in METHODS if name not in ("specqd-small-2", "specqd-small-bf16"))
+DEFAULT_METHODS = tuple(name for name in METHODS if name not in ("specqd-small-2", "specqd-small-bf16", NOISE_FLOOR))
 
 
 def method_named(name: str) -> Method | None:
@@ -110,7 +113,7 @@ def parse_methods(text: str) -> list[Method]:
     # The baseline first: every other method is compared with it.
     return sorted(
         (method_named(n) for n in dict.fromkeys(names)),
-        key=lambda m: (m.name != "none", m.name != SAME_GEMM_BASELINE),
+        key=lambda m: (m.name != "none", m.name != SAME_GEMM_BASELINE, m.name == NOISE_FLOOR),
     )
 
 

@@ -3,7 +3,7 @@
 Two loads. ``prompts`` (the default): per concurrency level c, max(num_prompts, c) completions
 requests with the OpenAI client (prompts reused in order), at most c in flight; output tokens/s =
 completion tokens / wall time of the level; latency per request end to end. ``random``: vLLM's own
-load generator, ``vllm bench serve --dataset-name random`` with max(64, 2c) prompts of random
+load generator, ``vllm bench serve --dataset-name random`` with max(128, 2c) prompts of random
 tokens and ``--ignore-eos`` (its output tokens/s and latencies; no texts, so no identity check).
 vLLM's level-1 counters come from /metrics and the levels below from the server's specqd level
 report, both read before and after each level: deltas of that level alone.
@@ -39,6 +39,8 @@ from vllm_specqd.bench.spec_stats import (
 from vllm_specqd.level_report import STATS_DIR_ENV, LevelReport, read_settled_report
 
 REQUEST_TIMEOUT_S = 3600.0
+# At concurrency 16, eight waves: start-up probes and one slow wave weigh little.
+RANDOM_MIN_PROMPTS = 128
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def run_level(server, stats_dir: Path, prompts: list[Prompt], settings: ServeSet
 
 def run_level_random(server, stats_dir: Path, settings: ServeSettings, concurrency: int, result_path: Path) -> dict:
     """One concurrency level of vLLM's own random load (`vllm bench serve`), its JSON kept at ``result_path``."""
-    num_prompts = max(64, 2 * concurrency)
+    num_prompts = max(RANDOM_MIN_PROMPTS, 2 * concurrency)
     command = vllm_command(
         "bench", "serve", "--base-url", server.base_url, "--model", server.model, "--tokenizer", server.model,
         "--dataset-name", "random", "--random-input-len", str(settings.random_input_len),
