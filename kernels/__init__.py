@@ -86,11 +86,6 @@ class CpuKernel:
     n: int  # output features
     k: int  # input features
 
-    @property
-    def act_bits(self) -> int | str:
-        """What the activations become: 8 or 16 (integer bits per 32-block), or "amx" (bf16)."""
-        return "amx" if self.name == "amx" else _ACT_BITS.get(self.name, 8)
-
     def prepare(
         self,
         packed: torch.Tensor,  # [N, K_pad/2] uint8, canonical

@@ -5,7 +5,7 @@ which drives the adapter through every case the cost policy can produce: per-req
 different lengths in one batch, empty ones, whole rounds without a draft pass, and fewer passes
 than K. The outputs are compared with the no-speculation engine (`reference_run`, conftest.py).
 Its draft runs `cpu_kernel: "auto"`: the AMX kernel where the CPU has AMX-BF16 (then this is the
-AMX kernel's engine test, with passes over 1..6 rows), else w4a8.
+AMX kernel's engine test, with passes over 1..6 rows), else the multi-row kernel.
 
 A second engine adds an n-gram inner level: the random policy then also sends n-gram proposals
 straight to the target for about half the requests that have one, beside MXFP4 drafts in one batch.
@@ -75,7 +75,7 @@ def test_ngram_proposals_and_mxfp4_drafts_go_to_the_target_side_by_side(ngram_di
 def test_auto_kernel_is_amx_where_the_cpu_has_it(adaptive_run):
     from vllm_specqd.kernels.cpu_ops import amx_available
 
-    assert adaptive_run.draft["cpu_act_bits"] == (["amx"] if amx_available() else [8])
+    assert adaptive_run.draft["cpu_kernels"] == (["amx"] if amx_available() else ["multirow"])
 
 
 def test_rounds_mixed_k_zero_and_k_positive_requests(adaptive_run):

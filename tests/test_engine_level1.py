@@ -62,7 +62,7 @@ def test_draft_is_mxfp4_and_shares_target_weights(spec_run):
     assert draft["shares_embed_tokens"] and draft["shares_final_norm"]
     # Default draft.lm_head "mxfp4": the draft has its own direct-cast head, run by the native kernel.
     assert draft["mxfp4_lm_head"] and not draft["shares_lm_head"]
-    assert draft["cpu_act_bits"] == [8]  # default draft.cpu_kernel "w4a8"
+    assert draft["cpu_kernels"] == ["multirow"]  # default draft.cpu_kernel
     # Every decoder linear is MXFP4 (4 per layer: qkv, o, gate_up, down).
     assert len(draft["mxfp4_layers"]) == 30 * 4
     assert draft["unshared_bf16_params"] == []

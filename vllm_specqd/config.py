@@ -33,10 +33,11 @@ MAX_SPECULATIVE_TOKENS = 16
 QUANTIZATIONS = ("mxfp4",)
 DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
 # How MXFP4 linears run on CPU (vllm_specqd/kernels/__init__.py): "multirow" (int8 activations,
-# each weight block decoded once per call for every row), the AMX kernel (bf16 activations), the
-# per-row native kernels with int8 or int16 activations, "auto" (AMX where the CPU has it, else
-# multirow), or a once-dequantized copy through vLLM's GEMM (a debugging aid: it costs a
-# full-precision copy).
+# each weight block decoded once per call for every row; the default: without AMX the fastest at
+# every row count, 1 included), the AMX kernel (bf16 activations; faster from a few rows on where
+# the CPU has AMX), the per-row native kernels with int8 or int16 activations, "auto" (AMX where
+# the CPU has it, else multirow), or a once-dequantized copy through vLLM's GEMM (a debugging aid:
+# it costs a full-precision copy).
 CPU_KERNELS = ("auto", "multirow", "amx", "w4a8", "w4a16", "dequantized")
 LM_HEADS = ("shared", "mxfp4")
 # "shared": the draft reads the target's KV for the committed context and writes only the slots of
@@ -53,7 +54,7 @@ DEFAULT_SCALE_RULE = "mse"
 # (docs/design.md, "The MXFP4 draft, made in memory").
 DEFAULT_DRAFT_SAMPLE_METHOD = "probabilistic"
 DEFAULT_DRAFT_SAMPLE_METHOD_WITH_INNER = "greedy"
-DEFAULT_CPU_KERNEL = "w4a8"
+DEFAULT_CPU_KERNEL = "multirow"
 DEFAULT_LM_HEAD = "mxfp4"
 DEFAULT_KV_CACHE = "shared"
 DEFAULT_LM_HEAD_RESCORE_TOP_K = 8

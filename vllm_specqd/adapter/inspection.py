@@ -49,8 +49,8 @@ def describe_draft(worker, layer: str | None = None, layers: tuple[str, ...] = (
         shares_embed_tokens=draft.model.embed_tokens is target.model.embed_tokens,
         shares_lm_head=draft.lm_head is target.lm_head,
         mxfp4_lm_head=isinstance(draft.lm_head, MXFP4LMHead),
-        # Activation bits of the native CPU kernel per MXFP4 layer ("amx": the AMX kernel; None: neither).
-        cpu_act_bits=sorted(
+        # The native CPU kernels of the MXFP4 layers and head (None: the torch twin).
+        cpu_kernels=sorted(
             {
                 kernel_label(m)
                 for m in draft.modules()

@@ -78,7 +78,6 @@ class DequantizedGemm:
     """
 
     name = DEQUANTIZED
-    act_bits = None
 
     def __init__(self, layer: torch.nn.Module):
         self.layer = layer
@@ -98,10 +97,10 @@ def canonical_mxfp4(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]
     return kernel.canonical(layer.weight_packed, layer.weight_scale)
 
 
-def kernel_label(layer: torch.nn.Module) -> int | str | None:
-    """What the layer's CPU kernel makes of activations: 8 / 16 (int bits), "amx" (bf16), None (no native kernel)."""
+def kernel_label(layer: torch.nn.Module) -> str | None:
+    """The layer's native CPU kernel ("multirow", "amx", "w4a8", "w4a16"), None without one."""
     kernel = getattr(layer, "specqd_kernel", None)
-    return None if kernel is None else kernel.act_bits
+    return None if kernel is None else kernel.name
 
 
 def finalize_mxfp4_layer(layer: torch.nn.Module, cpu_kernel_name: str) -> int:
