@@ -98,7 +98,7 @@ def canonical_mxfp4(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def kernel_label(layer: torch.nn.Module) -> str | None:
-    """The layer's native CPU kernel ("multirow", "amx", "w4a8", "w4a16"), None without one."""
+    """The layer's CPU kernel ("multirow", "amx", "w4a8", "w4a16", "dequantized"), None for the torch twin."""
     kernel = getattr(layer, "specqd_kernel", None)
     return None if kernel is None else kernel.name
 
